@@ -1,0 +1,45 @@
+"""The Keras tutorial's recipe, exactly: MNIST CNN, SGD 0.01 momentum 0.9, batch 32, 10 epochs.
+
+Run (offline, with the IDX files in ../shared/data/mnist):
+
+  python launch.py --config=configs/default.py --workdir=runs/default \
+      --config.data.manual_dir=../shared/data/mnist
+
+Measured on a 2-core x86 CPU (jax 0.10.2): see README.md "Results" for accuracy and time.
+"""
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+
+  # Data
+  config.dataset = 'mnist'             # tfds name: 'mnist' or 'fashion_mnist'
+  config.validation_fraction = 0.1     # share of the training split held out for validation
+  config.data = ml_collections.ConfigDict()
+  config.data.data_dir = ''            # where tfds keeps prepared datasets ('' = tfds's default)
+  config.data.manual_dir = ''          # folder with the four IDX .gz files; '' = download via tfds
+  config.data.verify_checksums = True  # check MNIST's decompressed SHA-256 pins when preparing
+  config.data.max_train_examples = 0   # use only this many training examples (0 = all)
+
+  # Model: Conv-Pool-Conv-Conv-Pool-Dense-Dense, 159,254 parameters
+  config.model = ml_collections.ConfigDict()
+  config.model.conv_features = (32, 64, 64)  # output channels of the 3x3 VALID convolutions
+  config.model.pool_after = (0, 2)           # conv layers (0-based) followed by 2x2 max pooling
+  config.model.dense_features = 100          # width of the hidden dense layer
+  config.model.num_classes = 10              # output classes
+  config.model.conv_impl = 'auto'            # 'lax' | 'im2col' | 'auto' (im2col on CPU)
+  config.model.pool_impl = 'auto'            # 'lax' | 'reshape' | 'auto' (reshape on CPU)
+
+  # Optimization
+  config.batch_size = 32               # global batch, split across all devices
+  config.num_epochs = 10               # passes over the training examples
+  config.learning_rate = 0.01          # SGD learning rate
+  config.momentum = 0.9                # SGD momentum
+  config.seed = 0                      # one seed for init, validation split and example order
+
+  # Evaluation, logging, checkpoints
+  config.eval_batch_size = 1000        # batch for validation/test (padded; multiple of devices)
+  config.checkpoint_keep = 3           # latest checkpoints kept (the best one is kept as well)
+  config.plots = True                  # draw the pictures under workdir/plots at the end
+  return config

@@ -1,0 +1,34 @@
+"""Checks on config values, run before any work so a bad value costs nothing."""
+from __future__ import annotations
+
+from digitjax.data import SUPPORTED_DATASETS
+from digitjax.errors import UserError
+
+
+def validate(config) -> None:
+  """Raises UserError naming the first field whose value cannot work."""
+  checks = [
+      ('dataset', config.dataset in SUPPORTED_DATASETS, f'one of {SUPPORTED_DATASETS}'),
+      ('batch_size', config.batch_size > 0, 'a positive integer'),
+      ('eval_batch_size', config.eval_batch_size > 0, 'a positive integer'),
+      ('num_epochs', config.num_epochs >= 1, 'at least 1'),
+      ('learning_rate', config.learning_rate > 0, 'positive'),
+      ('momentum', 0 <= config.momentum < 1, 'in [0, 1)'),
+      ('validation_fraction', 0 <= config.validation_fraction < 1, 'in [0, 1)'),
+      ('data.max_train_examples', config.data.max_train_examples >= 0, '0 (all) or positive'),
+      ('checkpoint_keep', config.checkpoint_keep >= 1, 'at least 1'),
+      ('model.conv_features', len(config.model.conv_features) >= 1
+       and all(f > 0 for f in config.model.conv_features), 'a non-empty list of positive widths'),
+      ('model.dense_features', config.model.dense_features > 0, 'positive'),
+      ('model.num_classes', config.model.num_classes >= 2, 'at least 2'),
+      ('model.conv_impl', config.model.conv_impl in ('auto', 'lax', 'im2col'),
+       "'auto', 'lax' or 'im2col'"),
+      ('model.pool_impl', config.model.pool_impl in ('auto', 'lax', 'reshape'),
+       "'auto', 'lax' or 'reshape'"),
+  ]
+  for field, ok, expected in checks:
+    if not ok:
+      value = config
+      for part in field.split('.'):
+        value = value[part]
+      raise UserError(f'config.{field}={value!r} is invalid: it must be {expected}')

@@ -1,0 +1,309 @@
+"""Training: the state, the jitted steps, and the step-based loop of `train_and_evaluate`."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from digitjax import checkpoint as ckpt_lib
+from digitjax import configlib, data, metrics as metrics_lib, model as model_lib, parallel
+from digitjax.errors import UserError
+from digitjax.metrics import log
+
+
+class NonFiniteLossError(UserError):
+  pass
+
+
+# ---------------------------------------------------------------------------------------------
+# State and steps
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  return optax.sgd(config.learning_rate, momentum=config.momentum)
+
+
+def create_train_state(config, rng) -> train_state.TrainState:
+  model = model_lib.build_model(config.model)
+  params = model.init(rng, jnp.zeros((1,) + data.IMAGE_SHAPE, jnp.float32))['params']
+  return train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                       tx=make_optimizer(config))
+
+
+def _images(batch):
+  """uint8 pixels travel to the device; [0, 1] floats are made there."""
+  return batch['image'].astype(jnp.float32) / 255.0
+
+
+def _loss_and_metrics(logits, labels):
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return loss, {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}
+
+
+def train_step(state, batch):
+  """One SGD step on a batch: pure, (state, batch) -> (state, metrics)."""
+  def loss_fn(params):
+    logits = state.apply_fn({'params': params}, _images(batch))
+    return _loss_and_metrics(logits, batch['label'])
+
+  grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+  return state.apply_gradients(grads=grads), metrics
+
+
+def eval_step(state, batch):
+  """Logits of a batch; loss and accuracy are computed from them (see `evaluate`)."""
+  return state.apply_fn({'params': state.params}, _images(batch))
+
+
+def _empty_sums():
+  return {'loss': jnp.zeros(()), 'accuracy': jnp.zeros(()), 'steps': jnp.zeros((), jnp.int32),
+          'first_nonfinite_step': jnp.full((), jnp.iinfo(jnp.int32).max, jnp.int32)}
+
+
+def _train_and_accumulate(state, sums, batch):
+  """train_step plus running sums of its metrics, kept on device until they are logged."""
+  step = state.step
+  state, m = train_step(state, batch)
+  bad = ~jnp.isfinite(m['loss'])
+  sums = {'loss': sums['loss'] + m['loss'], 'accuracy': sums['accuracy'] + m['accuracy'],
+          'steps': sums['steps'] + 1,
+          'first_nonfinite_step': jnp.where(bad, jnp.minimum(sums['first_nonfinite_step'], step),
+                                            sums['first_nonfinite_step'])}
+  return state, sums
+
+
+def _read_sums(sums) -> dict:
+  sums = jax.device_get(sums)
+  n = max(int(sums['steps']), 1)
+  first_bad = int(sums['first_nonfinite_step'])
+  return {'loss': float(sums['loss']) / n, 'accuracy': float(sums['accuracy']) / n,
+          'first_nonfinite_step': None if first_bad == np.iinfo(np.int32).max else first_bad}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  logits = logits.astype(np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  return {'loss': float(-logp[np.arange(len(labels)), labels].mean()),
+          'accuracy': float((logits.argmax(-1) == labels).mean())}
+
+
+class Evaluator:
+  """Logits for a whole split in fixed-size padded batches: one compiled program for all splits."""
+
+  def __init__(self, mesh, batch_size: int):
+    parallel.check_divisible('eval_batch_size', batch_size, mesh)
+    self.mesh, self.batch_size = mesh, batch_size
+    self._sharding = parallel.batch_sharding(mesh)
+    self._step = jax.jit(eval_step, out_shardings=parallel.replicated(mesh))
+
+  def logits(self, state, images: np.ndarray) -> np.ndarray:
+    n, b = len(images), self.batch_size
+    per_process = b // jax.process_count()
+    outputs = []
+    for start in range(0, n, b):
+      chunk = images[start:start + b]
+      if len(chunk) < b:
+        chunk = np.concatenate([chunk, np.zeros((b - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+      mine = chunk[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
+      outputs.append(self._step(state, parallel.to_global({'image': mine}, self._sharding)))
+    if not outputs:
+      return np.zeros((0, 0), np.float32)
+    return np.concatenate(jax.device_get(outputs))[:n]
+
+  def evaluate(self, state, split: dict[str, np.ndarray]) -> dict[str, float]:
+    return classification_metrics(self.logits(state, split['image']), split['label'])
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+class _StopSignals:
+  """SIGTERM/SIGINT ask the loop to stop after the current step; a second signal is ignored."""
+
+  def __init__(self):
+    self.received = None
+
+  def __enter__(self):
+    self._old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: no signal handling
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.received is None:
+      self.received = signal.Signals(signum).name
+      logging.warning('%s received: stopping after this step and saving a checkpoint',
+                      self.received)
+    else:
+      logging.warning('%s received again: still saving the checkpoint, please wait',
+                      signal.Signals(signum).name)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+class Preempted(Exception):
+  """The run stopped on a signal after saving a checkpoint; launch.py exits non-zero."""
+
+
+def _write_json_atomic(path: str, obj) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def _epoch_line(epoch, num_epochs, seconds, record):
+  return (f'Epoch {epoch}/{num_epochs} - {seconds:.1f}s - loss: {record["train_loss"]:.4f} - '
+          f'accuracy: {record["train_accuracy"]:.4f} - val_loss: {record["val_loss"]:.4f} - '
+          f'val_accuracy: {record["val_accuracy"]:.4f}')
+
+
+def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
+  """Trains per config, checkpointing to and resuming from `workdir`; returns the final state.
+
+  Writes workdir/metrics.jsonl, TensorBoard files, checkpoints/ and results.json.
+  """
+  configlib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh()
+  parallel.check_divisible('batch_size', config.batch_size, mesh)
+
+  splits = data.load_splits(config)
+  n_train = len(splits.train['label'])
+  steps_per_epoch = n_train // config.batch_size
+  if steps_per_epoch == 0:
+    raise UserError(f'batch_size={config.batch_size} exceeds the {n_train} training examples; '
+                    f'lower config.batch_size')
+  total_steps = steps_per_epoch * config.num_epochs
+  log(f'{config.dataset}: {n_train} train, {len(splits.val["label"])} validation, '
+      f'{len(splits.test["label"])} test examples; {steps_per_epoch} steps of '
+      f'{config.batch_size} per epoch')
+
+  model = model_lib.build_model(config.model)
+  log(model_lib.summary_table(model))
+  state = create_train_state(config, jax.random.key(config.seed))
+  state = jax.device_put(state, parallel.replicated(mesh))
+  num_params = model_lib.count_params(state.params)
+
+  config_dict = config.to_dict()
+  checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), config.checkpoint_keep)
+  restored, meta, step = checkpoints.restore_newest(state, config_dict)
+  if restored is None:
+    step, train_seconds = 0, 0.0
+  else:
+    state, train_seconds = restored, meta['train_seconds']
+    log(f'Resuming from checkpoint at step {step} (epoch {step // steps_per_epoch + 1}, '
+        f'step {step % steps_per_epoch} of it)')
+
+  results_path = os.path.join(workdir, 'results.json')
+  if step >= total_steps and os.path.exists(results_path):
+    with open(results_path) as f:
+      results = json.load(f)
+    if results.get('checkpoint_step') == step:
+      log(f'Already trained to step {step}; results from {results_path}: '
+          f'test_accuracy {results["test_accuracy"]:.4f}, test_loss {results["test_loss"]:.4f}')
+      checkpoints.close()
+      return state
+
+  evaluator = Evaluator(mesh, config.eval_batch_size)
+  writer = metrics_lib.MetricWriter(workdir)
+  sharding = parallel.batch_sharding(mesh)
+  local_batch = config.batch_size // jax.process_count()
+  batch_spec = {'image': jax.ShapeDtypeStruct((config.batch_size,) + data.IMAGE_SHAPE, jnp.uint8,
+                                              sharding=sharding),
+                'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=sharding)}
+  compile_start = time.perf_counter()
+  sums = jax.device_put(_empty_sums(), parallel.replicated(mesh))
+  step_fn = jax.jit(_train_and_accumulate, donate_argnums=(0, 1)).lower(
+      state, sums, batch_spec).compile()
+  compile_seconds = time.perf_counter() - compile_start
+  log(f'Compiled the train step in {compile_seconds:.1f}s on {jax.device_count()} '
+      f'{jax.default_backend()} device(s)')
+
+  def save(epoch_done: bool, record=None):
+    meta = {'step': step, 'epoch': step / steps_per_epoch, 'train_seconds': train_seconds,
+            'resume_fields': ckpt_lib.resume_fields(config_dict), 'config': config_dict}
+    checkpoints.save(step, state, meta,
+                     {'val_accuracy': record['val_accuracy']} if epoch_done and record else None)
+
+  record = None
+  with _StopSignals() as stop:
+    while step < total_steps:
+      epoch = step // steps_per_epoch
+      perm = np.asarray(data.epoch_permutation(config.seed, epoch, n_train))
+      progress = metrics_lib.Progress(steps_per_epoch, f'Epoch {epoch + 1}/{config.num_epochs}')
+      sums = jax.device_put(_empty_sums(), parallel.replicated(mesh))
+      epoch_start = time.perf_counter()
+      for batch in data.host_batches(splits.train, perm, config.batch_size,
+                                     step % steps_per_epoch, jax.process_index(),
+                                     jax.process_count()):
+        state, sums = step_fn(state, sums, parallel.to_global(batch, sharding))
+        step += 1
+        if progress.due():
+          progress.show(step - epoch * steps_per_epoch, _read_sums(sums)['loss'])
+        if stop.received:
+          break
+      train = _read_sums(sums)
+      train_seconds += time.perf_counter() - epoch_start
+      progress.clear()
+      if train['first_nonfinite_step'] is not None:
+        raise NonFiniteLossError(
+            f'the training loss became non-finite at step {train["first_nonfinite_step"]}; '
+            f'nothing after the last checkpoint ({checkpoints.steps()[-1:] or "none"}) was '
+            f'saved; lower config.learning_rate')
+      if stop.received:
+        save(epoch_done=False)
+        checkpoints.wait()
+        log(f'Stopped by {stop.received} at step {step}; checkpoint saved; run the same command '
+            f'to resume')
+        raise Preempted(f'stopped by {stop.received} at step {step}; checkpoint saved')
+      val = evaluator.evaluate(state, splits.val)
+      record = {'epoch': epoch + 1, 'train_loss': train['loss'],
+                'train_accuracy': train['accuracy'], 'val_loss': val['loss'],
+                'val_accuracy': val['accuracy'],
+                'epoch_seconds': time.perf_counter() - epoch_start}
+      log(_epoch_line(epoch + 1, config.num_epochs, record['epoch_seconds'], record))
+      writer.write(step, record)
+      save(epoch_done=True, record=record)
+
+  test = evaluator.evaluate(state, splits.test)
+  history = metrics_lib.read_history(workdir)
+  results = {
+      'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
+      'val_accuracy': history[-1]['val_accuracy'] if history else None,
+      'val_loss': history[-1]['val_loss'] if history else None,
+      'num_params': num_params, 'epochs_completed': step // steps_per_epoch,
+      'checkpoint_step': step, 'train_seconds': train_seconds,
+      'seconds_per_epoch': train_seconds / max(step / steps_per_epoch, 1e-9),
+      'compile_seconds': compile_seconds, 'devices': jax.device_count(),
+      'backend': jax.default_backend(), 'config': config_dict,
+  }
+  log(f'Test: loss {test["loss"]:.4f} - accuracy {test["accuracy"]:.4f} '
+      f'({len(splits.test["label"])} images)')
+  if parallel.is_main_process():
+    _write_json_atomic(results_path, results)
+  writer.write(step, {'test_loss': test['loss'], 'test_accuracy': test['accuracy']})
+  writer.close()
+  checkpoints.wait()
+  checkpoints.close()
+  return state
