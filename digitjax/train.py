@@ -286,7 +286,8 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
       writer.write(step, record)
       save(epoch_done=True, record=record)
 
-  test = evaluator.evaluate(state, splits.test)
+  test_logits = evaluator.logits(state, splits.test['image'])
+  test = classification_metrics(test_logits, splits.test['label'])
   history = metrics_lib.read_history(workdir)
   results = {
       'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
@@ -304,6 +305,9 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
     _write_json_atomic(results_path, results)
   writer.write(step, {'test_loss': test['loss'], 'test_accuracy': test['accuracy']})
   writer.close()
+  if config.plots and parallel.is_main_process():
+    from digitjax import report  # matplotlib is imported only when pictures are drawn
+    report.draw_all(workdir, splits, test_logits, history)
   checkpoints.wait()
   checkpoints.close()
   return state
