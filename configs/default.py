@@ -38,6 +38,10 @@ def get_config():
   config.momentum = 0.9                # SGD momentum
   config.seed = 0                      # one seed for init, validation split and example order
 
+  # Input and speed (these change how fast, not what is computed)
+  config.input_pipeline = 'auto'       # 'device' (split on device, lax.scan) | 'tfds' | 'auto'
+  config.chunk_steps = 100             # steps per compiled scan call with the 'device' input
+
   # Evaluation, logging, checkpoints
   config.eval_batch_size = 1000        # batch for validation/test (padded; multiple of devices)
   config.checkpoint_keep = 3           # latest checkpoints kept (the best one is kept as well)

@@ -16,6 +16,7 @@ from flax.training import train_state
 
 from digitjax import checkpoint as ckpt_lib
 from digitjax import configlib, data, metrics as metrics_lib, model as model_lib, parallel
+from digitjax import pipeline
 from digitjax.errors import UserError
 from digitjax.metrics import log
 
@@ -227,18 +228,12 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
 
   evaluator = Evaluator(mesh, config.eval_batch_size)
   writer = metrics_lib.MetricWriter(workdir)
-  sharding = parallel.batch_sharding(mesh)
-  local_batch = config.batch_size // jax.process_count()
-  batch_spec = {'image': jax.ShapeDtypeStruct((config.batch_size,) + data.IMAGE_SHAPE, jnp.uint8,
-                                              sharding=sharding),
-                'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=sharding)}
-  compile_start = time.perf_counter()
   sums = jax.device_put(_empty_sums(), parallel.replicated(mesh))
-  step_fn = jax.jit(_train_and_accumulate, donate_argnums=(0, 1)).lower(
-      state, sums, batch_spec).compile()
-  compile_seconds = time.perf_counter() - compile_start
+  feeder = pipeline.make_input(config.input_pipeline, splits.train, config.batch_size, mesh,
+                               _train_and_accumulate, config.chunk_steps)
+  compile_seconds = feeder.compile(state, sums)
   log(f'Compiled the train step in {compile_seconds:.1f}s on {jax.device_count()} '
-      f'{jax.default_backend()} device(s)')
+      f'{jax.default_backend()} device(s), {pipeline.resolve(config.input_pipeline)} input')
 
   def save(epoch_done: bool, record=None):
     meta = {'step': step, 'epoch': step / steps_per_epoch, 'train_seconds': train_seconds,
@@ -250,17 +245,14 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   with _StopSignals() as stop:
     while step < total_steps:
       epoch = step // steps_per_epoch
-      perm = np.asarray(data.epoch_permutation(config.seed, epoch, n_train))
+      perm = data.epoch_permutation(config.seed, epoch, n_train)
       progress = metrics_lib.Progress(steps_per_epoch, f'Epoch {epoch + 1}/{config.num_epochs}')
       sums = jax.device_put(_empty_sums(), parallel.replicated(mesh))
       epoch_start = time.perf_counter()
-      for batch in data.host_batches(splits.train, perm, config.batch_size,
-                                     step % steps_per_epoch, jax.process_index(),
-                                     jax.process_count()):
-        state, sums = step_fn(state, sums, parallel.to_global(batch, sharding))
-        step += 1
+      for state, sums, done in feeder.run(state, sums, perm, step % steps_per_epoch):
+        step = epoch * steps_per_epoch + done
         if progress.due():
-          progress.show(step - epoch * steps_per_epoch, _read_sums(sums)['loss'])
+          progress.show(done, _read_sums(sums)['loss'])
         if stop.received:
           break
       train = _read_sums(sums)
