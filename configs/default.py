@@ -21,6 +21,7 @@ def get_config():
   config.data.manual_dir = ''          # folder with the four IDX .gz files; '' = download via tfds
   config.data.verify_checksums = True  # check MNIST's decompressed SHA-256 pins when preparing
   config.data.max_train_examples = 0   # use only this many training examples (0 = all)
+  config.data.cache_decoded = True     # keep tfds's decoded arrays beside the prepared dataset
 
   # Model: Conv-Pool-Conv-Conv-Pool-Dense-Dense, 159,254 parameters
   config.model = ml_collections.ConfigDict()

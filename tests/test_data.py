@@ -147,3 +147,20 @@ def test_process_shares_make_up_the_global_batch():
     assert np.array_equal(joined, batch['label'])
   resumed = list(data.host_batches(split, perm, 8, first_step=5))
   assert np.array_equal(resumed[0]['label'], whole[5]['label'])
+
+
+def test_decoded_cache_matches_tfds_and_follows_the_files(tmp_path):
+  src = write_dataset(tmp_path / 'idx', n_train=60, n_test=20, seed=9)
+  builder = data.prepare('mnist', str(tmp_path / 'tfds'), str(src), verify_checksums=False)
+  first = data.read_split(builder, 'train')
+  cache = tmp_path / 'tfds' / 'mnist' / '3.0.1' / 'digitjax-decoded-train.npz'
+  assert cache.exists()
+  cached = data.read_split(builder, 'train')
+  uncached = data.read_split(builder, 'train', cache=False)
+  for arrays in (cached, uncached):
+    np.testing.assert_array_equal(arrays['image'], first['image'])
+    np.testing.assert_array_equal(arrays['label'], first['label'])
+  # A damaged cache is ignored and rewritten.
+  cache.write_bytes(b'garbage')
+  np.testing.assert_array_equal(data.read_split(builder, 'train')['label'], first['label'])
+  assert cache.stat().st_size > 1000
