@@ -63,6 +63,25 @@ def resolve_impl(impl: str, cpu_choice: str, other_choice: str) -> str:
   return cpu_choice if jax.default_backend() == 'cpu' else other_choice
 
 
+def used_input_size(size: int, num_convs: int, pool_after) -> int:
+  """How many leading input rows (or columns) can reach the output at all.
+
+  VALID pooling drops an odd last row; every input row that fed only that row is dead work. For
+  28x28 MNIST: 28 -> conv 26 -> pool 13 -> conv 11 -> conv 9 -> pool 4 uses just 26 input rows,
+  so the convolutions compute 24, 10 and 8 rows instead of 26, 11 and 9 (~20% fewer FLOPs) and
+  the outputs are exactly the same.
+  """
+  for i in range(num_convs):
+    size = size - 2
+    if i in pool_after:
+      size //= 2
+  for i in reversed(range(num_convs)):
+    if i in pool_after:
+      size *= 2
+    size += 2
+  return size
+
+
 class CNN(nn.Module):
   """The tutorial's Keras Sequential CNN."""
   conv_features: Sequence[int] = (32, 64, 64)
@@ -71,11 +90,15 @@ class CNN(nn.Module):
   num_classes: int = 10
   conv_impl: str = 'lax'                 # 'lax' (XLA convolution) or 'im2col'
   pool_impl: str = 'lax'                 # 'lax' (nn.max_pool) or 'reshape'
+  skip_dead_rows: bool = True            # crop input rows no output depends on (same outputs)
 
   @nn.compact
   def __call__(self, x_BxHxWxC):
     conv_fn = im2col_conv if self.conv_impl == 'im2col' else None
     x = x_BxHxWxC
+    if self.skip_dead_rows:
+      h, w = (used_input_size(n, len(self.conv_features), self.pool_after) for n in x.shape[1:3])
+      x = x[:, :h, :w, :]
     for i, features in enumerate(self.conv_features):
       x = nn.Conv(features, (3, 3), padding='VALID', kernel_init=nn.initializers.he_uniform(),
                   conv_general_dilated=conv_fn, name=f'conv{i + 1}')(x)
@@ -118,8 +141,8 @@ def summary_table(model: CNN, image_shape=(28, 28, 1)) -> str:
     return out
 
   def init(rng, x):
-    with nn.intercept_methods(interceptor):
-      return model.init(rng, x)
+    with nn.intercept_methods(interceptor):  # the shapes of the layers as Keras defines them
+      return model.clone(skip_dead_rows=False).init(rng, x)
 
   variables = jax.eval_shape(init, jax.random.key(0), x)
   total = count_params(variables['params'])

@@ -25,10 +25,11 @@ def test_summary_table_lists_layers_and_total():
   assert table.rstrip().endswith('Total params: 159,254')
 
 
-@pytest.mark.parametrize('conv_impl,pool_impl', [('im2col', 'lax'), ('lax', 'reshape'),
-                                                 ('im2col', 'reshape')])
+@pytest.mark.parametrize('conv_impl,pool_impl', [('lax', 'lax'), ('im2col', 'lax'),
+                                                 ('lax', 'reshape'), ('im2col', 'reshape')])
 def test_fast_layers_match_reference_outputs_and_gradients(conv_impl, pool_impl):
-  reference = model_lib.CNN(conv_impl='lax', pool_impl='lax')
+  # The reference is the plain Keras-shaped network: nn.Conv, nn.max_pool, every row computed.
+  reference = model_lib.CNN(conv_impl='lax', pool_impl='lax', skip_dead_rows=False)
   fast = model_lib.CNN(conv_impl=conv_impl, pool_impl=pool_impl)
   params = reference.init(jax.random.key(1), jnp.zeros((1, 28, 28, 1)))['params']
   x = jax.random.uniform(jax.random.key(2), (8, 28, 28, 1))
@@ -46,6 +47,12 @@ def test_fast_layers_match_reference_outputs_and_gradients(conv_impl, pool_impl)
   g_fast = jax.grad(lambda p: loss(fast, p))(params)
   for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_used_input_size_drops_only_rows_no_output_sees():
+  assert model_lib.used_input_size(28, 3, (0, 2)) == 26
+  assert model_lib.used_input_size(30, 3, (0, 2)) == 30  # 28 -> 14 -> 12 -> 10 -> 5: all used
+  assert model_lib.used_input_size(28, 1, ()) == 28
 
 
 def test_im2col_conv_falls_back_for_other_convolutions():

@@ -1,0 +1,114 @@
+"""digitjax vs the Keras tutorial, one epoch of the tutorial recipe, same machine, same run.
+
+  python benchmarks/compare.py --data ../shared/data/mnist --repeats 3
+
+Each repeat runs, as separate processes: the Keras tutorial job (benchmarks/keras_tutorial.py)
+and `launch.py` with configs/default.py for one epoch, once per input pipeline. Reported per
+framework (medians over repeats): training images/s and s/epoch (steps only: no compile, no
+validation), compile seconds, seconds from process start to the first finished step, the whole
+job's wall time (start, imports, data, compile, train, validate, checkpoint, test, save), and
+peak RSS. tfds prepares MNIST once before the timed runs (a one-off, like Keras's download).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_IMAGES = 54000
+
+
+def run_process(cmd, env=None):
+  """(wall seconds, stdout, stderr) of one child process; it reports its own peak RSS."""
+  start = time.perf_counter()
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=env)
+  out, err = proc.communicate()
+  wall = time.perf_counter() - start
+  if proc.returncode:
+    sys.exit(f'{cmd[1]} failed ({proc.returncode}):\n{err[-3000:]}')
+  return wall, out, err
+
+
+def keras_run(data):
+  with tempfile.TemporaryDirectory() as out:
+    cmd = ['/usr/bin/env', 'python3', '-c',
+           'import resource, runpy, sys, json; sys.argv = sys.argv[1:]; '
+           'runpy.run_path(sys.argv[0], run_name="__main__"); '
+           'print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))',
+           'benchmarks/keras_tutorial.py', '--data', data, '--epochs', '1', '--out', out]
+    wall, stdout, _ = run_process(cmd)
+  lines = [json.loads(l) for l in stdout.splitlines() if l.startswith('{')]
+  r = {**lines[0], **lines[1]}
+  return {'images_per_s': TRAIN_IMAGES / r['train_seconds'], 'epoch_seconds': r['train_seconds'],
+          'steady_step_ms': r['steady_step_ms'], 'compile_seconds': r['first_step_seconds'],
+          'start_to_first_step_seconds': r['start_to_first_step_seconds'], 'job_seconds': wall,
+          'peak_rss_mib': r['peak_rss_mib'], 'test_accuracy': r['test_accuracy']}
+
+
+def digitjax_run(data, data_dir, pipeline, extra=()):
+  with tempfile.TemporaryDirectory() as workdir:
+    cmd = [sys.executable, '-c',
+           'import resource, runpy, sys; sys.argv = sys.argv[1:]\n'
+           'try:\n  runpy.run_path(sys.argv[0], run_name="__main__")\n'
+           'finally:\n  print("PEAK_RSS_MIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)',
+           'launch.py', '--config=configs/default.py', f'--workdir={workdir}',
+           f'--config.data.manual_dir={data}', f'--config.data.data_dir={data_dir}',
+           '--config.num_epochs=1', '--config.plots=False', f'--config.input_pipeline={pipeline}',
+           *extra]
+    wall, stdout, _ = run_process(cmd)
+    with open(os.path.join(workdir, 'results.json')) as f:
+      r = json.load(f)
+  rss = float(stdout.rsplit('PEAK_RSS_MIB', 1)[1].split()[0])
+  steps = TRAIN_IMAGES // r['config']['batch_size']
+  return {'images_per_s': steps * r['config']['batch_size'] / r['train_seconds'],
+          'epoch_seconds': r['train_seconds'],
+          'steady_step_ms': 1000 * r['train_seconds'] / steps,
+          'compile_seconds': r['compile_seconds'],
+          'start_to_first_step_seconds': r['start_to_first_step_seconds'], 'job_seconds': wall,
+          'peak_rss_mib': rss, 'test_accuracy': r['test_accuracy']}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--data', default=os.path.join(ROOT, '..', 'shared', 'data', 'mnist'))
+  parser.add_argument('--data-dir', default=os.path.join(tempfile.gettempdir(), 'digitjax_bench_tfds'))
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--pipelines', default='device,tfds')
+  parser.add_argument('--skip-keras', action='store_true')
+  args = parser.parse_args()
+  data = os.path.abspath(args.data)
+  sys.path.insert(0, ROOT)
+  from digitjax import data as data_lib
+  data_lib.prepare('mnist', args.data_dir, data)  # one-off preparation, not timed
+
+  runs = {}
+  for repeat in range(args.repeats):
+    if not args.skip_keras:
+      runs.setdefault('keras', []).append(keras_run(data))
+    for pipeline in args.pipelines.split(','):
+      runs.setdefault(f'digitjax[{pipeline}]', []).append(digitjax_run(data, args.data_dir, pipeline))
+    print(f'repeat {repeat + 1}/{args.repeats} done', file=sys.stderr, flush=True)
+
+  keys = ['images_per_s', 'epoch_seconds', 'steady_step_ms', 'compile_seconds',
+          'start_to_first_step_seconds', 'job_seconds', 'peak_rss_mib', 'test_accuracy']
+  med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items()}
+  spread = {name: {k: (min(r[k] for r in rs), max(r[k] for r in rs)) for k in keys}
+            for name, rs in runs.items()}
+  print(f"{'':<18}" + ''.join(f'{k[:14]:>16}' for k in keys))
+  for name in med:
+    print(f'{name:<18}' + ''.join(f'{med[name][k]:>16.3f}' for k in keys))
+  if 'keras' in med:
+    for name in med:
+      if name != 'keras':
+        print(f'{name} / keras: images/s x{med[name]["images_per_s"] / med["keras"]["images_per_s"]:.2f}, '
+              f'job x{med["keras"]["job_seconds"] / med[name]["job_seconds"]:.2f} faster')
+  print(json.dumps({'median': med, 'min_max': spread, 'repeats': args.repeats}))
+
+
+if __name__ == '__main__':
+  main()
