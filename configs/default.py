@@ -43,6 +43,16 @@ def get_config():
   config.input_pipeline = 'auto'       # 'device' (split on device, lax.scan) | 'tfds' | 'auto'
   config.chunk_steps = 100             # steps per compiled scan call with the 'device' input
 
+  # Many hosts (see README "Running on many devices and hosts")
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.mode = 'auto'           # 'auto' (when a cluster is detected) | 'on' | 'off'
+  config.distributed.coordinator_address = ''  # 'host:port' of process 0 ('' = from environment)
+  config.distributed.num_processes = 0         # 0 = from the environment
+  config.distributed.process_id = -1           # -1 = from the environment
+  config.distributed.cpu_collectives = 'gloo'  # CPU collectives across processes
+  config.distributed.initialization_timeout = 300  # seconds to wait for every process to join
+  config.distributed.allow_several_cpu_devices = False  # in one process they hang (README)
+
   # Evaluation, logging, checkpoints
   config.eval_batch_size = 1000        # batch for validation/test (padded; multiple of devices)
   config.checkpoint_keep = 3           # latest checkpoints kept (the best one is kept as well)

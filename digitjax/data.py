@@ -241,8 +241,13 @@ def holdout_indices(n: int, fraction: float, seed: int, max_examples: int = 0):
 
 def load_splits(config) -> Splits:
   """Train/val/test arrays for config.dataset: prepared by tfds, validation held out by seed."""
+  from digitjax import parallel
   d = config.data
-  builder = prepare(config.dataset, d.data_dir or None, d.manual_dir or None, d.verify_checksums)
+  args = (config.dataset, d.data_dir or None, d.manual_dir or None, d.verify_checksums)
+  if parallel.is_main_process():  # one writer: the others wait, then read what it prepared
+    prepare(*args)
+  parallel.barrier('digitjax:data-prepared')
+  builder = prepare(*args)
   full_train = read_split(builder, 'train', d.cache_decoded)
   test = read_split(builder, 'test', d.cache_decoded)
   train_idx, val_idx = holdout_indices(len(full_train['label']), config.validation_fraction,
