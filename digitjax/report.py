@@ -1,5 +1,182 @@
-"""Pictures of a run (placeholder until the report issue lands)."""
+"""Pictures of a run, as PNG files under workdir/plots.
+
+Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing needs a display
+and no global backend or figure registry is touched in the caller's process.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure
+
+PLOT_FILES = ('samples.png', 'class_counts.png', 'curves.png', 'confusion_matrix.png',
+              'predictions.png', 'mistakes.png')
+SPLIT_COLORS = {'train': '#4c72b0', 'val': '#dd8452', 'test': '#55a868'}
+DPI = 100
 
 
-def draw_all(workdir, splits, test_logits, history):
-  return []
+def _figure(width: float, height: float) -> Figure:
+  fig = Figure(figsize=(width, height), dpi=DPI, layout='constrained')
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _save(fig: Figure, path: str) -> str:
+  # Written aside and renamed, so an interrupted report never leaves a truncated PNG behind.
+  tmp = path + '.tmp'
+  fig.savefig(tmp, format='png', facecolor='white')
+  os.replace(tmp, path)
+  return path
+
+
+def _digit_grid(fig: Figure, images: np.ndarray, titles: list[str], colors: list[str],
+                cols: int = 3) -> None:
+  rows = max(1, -(-len(images) // cols))
+  for i, (image, title, color) in enumerate(zip(images, titles, colors)):
+    ax = fig.add_subplot(rows, cols, i + 1)
+    ax.imshow(image.squeeze(), cmap='gray', vmin=0, vmax=255, interpolation='nearest')
+    ax.set_title(title, color=color, fontsize=11)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def draw_samples(train: dict, path: str) -> str:
+  """The tutorial's first figure: the first nine training images, with their labels."""
+  fig = _figure(6, 6.4)
+  n = min(9, len(train['label']))
+  _digit_grid(fig, train['image'][:n], [f'Label: {l}' for l in train['label'][:n]], ['black'] * n)
+  fig.suptitle('First training images', fontsize=13)
+  return _save(fig, path)
+
+
+def draw_class_counts(counts: dict[str, list[int]], path: str) -> str:
+  """Examples per digit in each split, side by side: is any class rare?"""
+  fig = _figure(9, 4.5)
+  ax = fig.add_subplot()
+  digits = np.arange(len(next(iter(counts.values()))))
+  width = 0.8 / len(counts)
+  for i, (name, values) in enumerate(counts.items()):
+    ax.bar(digits + (i - (len(counts) - 1) / 2) * width, values, width,
+           label=f'{name} ({sum(values):,})', color=SPLIT_COLORS.get(name))
+  ax.set_xticks(digits)
+  ax.set_xlabel('digit')
+  ax.set_ylabel('examples')
+  ax.set_title('Examples per digit')
+  ax.set_ylim(0, 1.2 * max(1, *(max(v) for v in counts.values())))  # headroom for the legend
+  ax.legend(title='split (total)', ncol=len(counts), loc='upper center')
+  ax.grid(axis='y', alpha=0.3)
+  return _save(fig, path)
+
+
+def draw_curves(history: list[dict], path: str) -> str:
+  """Train and validation loss and accuracy per epoch, side by side."""
+  fig = _figure(11, 4.5)
+  epochs = [r['epoch'] for r in history]
+  for i, metric in enumerate(('loss', 'accuracy')):
+    ax = fig.add_subplot(1, 2, i + 1)
+    for prefix, label in (('train', 'train'), ('val', 'validation')):
+      ax.plot(epochs, [r[f'{prefix}_{metric}'] for r in history], marker='o', label=label,
+              color=SPLIT_COLORS[prefix])
+    ax.set_xlabel('epoch')
+    ax.set_ylabel(metric)
+    ax.set_title(f'{metric.capitalize()} per epoch')
+    ax.grid(alpha=0.3)
+    if epochs:
+      ax.legend()
+      ax.set_xticks(epochs[::-(-len(epochs) // 12)])  # whole epochs, at most a dozen labels
+    else:
+      ax.set_xticks([])
+      ax.set_yticks([])
+      ax.text(0.5, 0.5, 'no epoch recorded yet', ha='center', va='center',
+              transform=ax.transAxes)
+  return _save(fig, path)
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+  """matrix[true, predicted] = count."""
+  return np.bincount(labels * num_classes + predictions,
+                     minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def draw_confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int,
+                          path: str) -> str:
+  matrix = confusion_matrix(labels, predictions, num_classes)
+  fig = _figure(7.5, 6.5)
+  ax = fig.add_subplot()
+  # A power norm keeps the few mistakes visible beside a diagonal a hundred times larger.
+  image = ax.imshow(matrix, cmap='Blues', norm=PowerNorm(0.3, vmin=0, vmax=max(matrix.max(), 1)))
+  threshold = 0.5 * matrix.max()
+  for t in range(num_classes):
+    for p in range(num_classes):
+      if matrix[t, p]:
+        ax.text(p, t, str(matrix[t, p]), ha='center', va='center', fontsize=8,
+                color='white' if matrix[t, p] > threshold else 'black')
+  ax.set_xticks(range(num_classes))
+  ax.set_yticks(range(num_classes))
+  ax.set_xlabel('predicted digit')
+  ax.set_ylabel('true digit')
+  accuracy = np.trace(matrix) / max(matrix.sum(), 1)
+  ax.set_title(f'Test confusion matrix ({matrix.sum():,} images, accuracy {accuracy:.2%})')
+  fig.colorbar(image, ax=ax, label='images')
+  return _save(fig, path)
+
+
+def draw_predictions(test: dict, predictions: np.ndarray, path: str) -> str:
+  """The tutorial's last figure: the first nine test images titled with the prediction."""
+  fig = _figure(6, 6.6)
+  n = min(9, len(predictions))
+  right = predictions[:n] == test['label'][:n]
+  _digit_grid(fig, test['image'][:n], [f'Prediction: {p}' for p in predictions[:n]],
+              ['black' if r else 'red' for r in right])
+  fig.suptitle('First test images (red: wrong)', fontsize=13)
+  return _save(fig, path)
+
+
+def most_confident_mistakes(probabilities: np.ndarray, labels: np.ndarray,
+                            count: int) -> np.ndarray:
+  """Indices of up to `count` wrong predictions, the most confident first."""
+  predictions = probabilities.argmax(-1)
+  wrong = np.flatnonzero(predictions != labels)
+  return wrong[np.argsort(-probabilities[wrong, predictions[wrong]], kind='stable')][:count]
+
+
+def draw_mistakes(test: dict, probabilities: np.ndarray, path: str, count: int = 16) -> str:
+  """The wrong test predictions the model was surest of: bad labels or real blind spots."""
+  predictions = probabilities.argmax(-1)
+  wrong = np.flatnonzero(predictions != test['label'])
+  worst = most_confident_mistakes(probabilities, test['label'], count)
+  cols = 4
+  fig = _figure(7, max(3.0, 2.1 * -(-len(worst) // cols) + 0.6))
+  titles = [f'true {test["label"][i]}, predicted {predictions[i]}\n'
+            f'confidence {probabilities[i, predictions[i]]:.4f}' for i in worst]
+  _digit_grid(fig, test['image'][worst], titles, ['black'] * len(worst), cols=cols)
+  if not len(worst):
+    ax = fig.add_subplot()
+    ax.axis('off')
+    ax.text(0.5, 0.5, f'No mistakes on the {len(predictions):,} test images', ha='center',
+            va='center', fontsize=14)
+  fig.suptitle(f'Most confident mistakes ({len(wrong):,} of {len(predictions):,} test images '
+               f'wrong)', fontsize=12)
+  return _save(fig, path)
+
+
+def draw_all(workdir: str, splits, test_logits: np.ndarray, history: list[dict]) -> list[str]:
+  """All the run's pictures under workdir/plots; returns their paths."""
+  plots = os.path.join(workdir, 'plots')
+  os.makedirs(plots, exist_ok=True)
+  path = lambda name: os.path.join(plots, name)
+  probabilities = np.asarray(jax.nn.softmax(test_logits.astype(np.float32), axis=-1))
+  predictions = probabilities.argmax(-1)
+  return [
+      draw_samples(splits.train, path('samples.png')),
+      draw_class_counts(splits.counts(), path('class_counts.png')),
+      draw_curves(history, path('curves.png')),
+      draw_confusion_matrix(splits.test['label'], predictions, probabilities.shape[-1],
+                            path('confusion_matrix.png')),
+      draw_predictions(splits.test, predictions, path('predictions.png')),
+      draw_mistakes(splits.test, probabilities, path('mistakes.png')),
+  ]

@@ -1,0 +1,91 @@
+"""The run's pictures: drawn at the end of training and again by --mode=report."""
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, small_config
+from digitjax import data, report, train
+from test_evaluate import workdir_snapshot
+
+# Pictures of digits are mostly black and white; charts mostly white with lines and text.
+MIN_STD = {'samples.png': 60, 'predictions.png': 60, 'mistakes.png': 20, 'class_counts.png': 20,
+           'curves.png': 15, 'confusion_matrix.png': 20}
+
+
+def check_plot(path, min_std):
+  with Image.open(path) as image:
+    image.verify()  # a complete, valid PNG
+  with Image.open(path) as image:
+    assert image.format == 'PNG'
+    assert 300 <= min(image.size) and max(image.size) <= 2000, image.size
+    pixels = np.asarray(image.convert('L'), np.float64)
+  assert pixels.std() > min_std, (path, pixels.std())  # not blank
+
+
+@pytest.fixture(scope='module')
+def run(idx_dir, tfds_dir, tmp_path_factory):
+  """A synthetic run of two epochs with config.plots on: training draws the pictures."""
+  config = small_config(idx_dir, tfds_dir, num_epochs=2, plots=True)
+  workdir = str(tmp_path_factory.mktemp('report_run'))
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def test_training_draws_every_picture(run):
+  _, workdir = run
+  assert sorted(os.listdir(os.path.join(workdir, 'plots'))) == sorted(report.PLOT_FILES)
+  for name in report.PLOT_FILES:
+    check_plot(os.path.join(workdir, 'plots', name), MIN_STD[name])
+
+
+def test_report_mode_redraws_them_without_training_or_touching_the_run(run):
+  config, workdir = run
+  plots = os.path.join(workdir, 'plots')
+  drawn_in_training = {n: Image.open(os.path.join(plots, n)).convert('RGB')
+                       for n in ('samples.png', 'confusion_matrix.png')}
+  shutil.rmtree(plots)
+  before = workdir_snapshot(workdir)
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / 'launch.py'), '--config=configs/default.py',
+       f'--workdir={workdir}', '--mode=report',
+       f'--config.data.manual_dir={config.data.manual_dir}',
+       f'--config.data.data_dir={config.data.data_dir}', '--config.data.verify_checksums=False',
+       '--config.eval_batch_size=50'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'Drew 6 pictures of checkpoint step 44 (latest)' in proc.stdout
+  assert 'Epoch' not in proc.stdout
+  assert workdir_snapshot(workdir, skip=('plots',)) == before
+  for name in report.PLOT_FILES:
+    check_plot(os.path.join(plots, name), MIN_STD[name])
+  # The same checkpoint and data give the same pictures as at the end of training.
+  for name, image in drawn_in_training.items():
+    assert np.array_equal(np.asarray(Image.open(os.path.join(plots, name)).convert('RGB')),
+                          np.asarray(image))
+
+
+def test_confusion_counts_and_pictures_of_mistakes_and_of_an_empty_history(tmp_path):
+  labels = np.array([0, 1, 2, 2, 9, 9, 9])
+  predictions = np.array([0, 1, 2, 7, 9, 4, 9])
+  matrix = report.confusion_matrix(labels, predictions, 10)
+  assert matrix.sum() == 7 and np.trace(matrix) == 5
+  assert matrix[2, 7] == matrix[9, 4] == 1 and matrix[9, 9] == 2
+  # Ten test digits of which the model gets three wrong, the 9 most confidently.
+  rng = np.random.default_rng(0)
+  test = {'image': rng.integers(0, 255, (10, 28, 28, 1)).astype(np.uint8),
+          'label': np.arange(10, dtype=np.int32)}
+  logits = np.eye(10, dtype=np.float32)[np.array([0, 1, 2, 3, 4, 5, 6, 1, 3, 0])]
+  logits *= np.linspace(1, 9, 10, dtype=np.float32)[:, None]
+  probabilities = np.asarray(jax.nn.softmax(logits))
+  assert report.most_confident_mistakes(probabilities, test['label'], 2).tolist() == [9, 8]
+  splits = data.Splits(train=test, val=test, test=test)
+  paths = report.draw_all(str(tmp_path), splits, logits, history=[])
+  assert [os.path.basename(p) for p in paths] == list(report.PLOT_FILES)
+  for name in report.PLOT_FILES:
+    check_plot(tmp_path / 'plots' / name, 10)  # an empty history still gives labelled axes
