@@ -29,6 +29,7 @@ def get_config():
   config.model.pool_after = (0, 2)           # conv layers (0-based) followed by 2x2 max pooling
   config.model.dense_features = 100          # width of the hidden dense layer
   config.model.num_classes = 10              # output classes
+  config.model.dropout_rate = 0.0            # dropout before the dense layers (0 = none)
   config.model.conv_impl = 'auto'            # 'lax' | 'im2col' | 'auto' (im2col on CPU)
   config.model.pool_impl = 'auto'            # 'lax' | 'reshape' | 'auto' (reshape on CPU)
 
@@ -38,6 +39,23 @@ def get_config():
   config.learning_rate = 0.01          # SGD learning rate
   config.momentum = 0.9                # SGD momentum
   config.seed = 0                      # one seed for init, validation split and example order
+  config.schedule = 'constant'         # learning rate: 'constant' | 'cosine' | 'onecycle'
+  config.warmup_epochs = 0.0           # linear warmup from 0 ('constant' and 'cosine')
+  config.onecycle_pct_start = 0.3      # share of the steps spent rising ('onecycle')
+  config.nesterov = False              # Nesterov momentum
+  config.weight_decay = 0.0            # decoupled L2 added to the gradients (0 = none)
+  config.plateau = ml_collections.ConfigDict()
+  config.plateau.enabled = False       # Keras ReduceLROnPlateau-style rule on the epoch's loss
+  config.plateau.factor = 0.5          # multiply the learning rate by this on a plateau
+  config.plateau.patience = 3          # epochs without improvement before reducing
+  config.plateau.cooldown = 0          # epochs to wait after a reduction
+
+  # On-device augmentation (random affine per image, keys from (seed, step))
+  config.augment = ml_collections.ConfigDict()
+  config.augment.enabled = False       # the tutorial trains on the images as they are
+  config.augment.rotation = 10.0       # degrees, uniform in [-rotation, rotation]
+  config.augment.zoom = 0.1            # scale uniform in [1 - zoom, 1 + zoom]
+  config.augment.shift = 0.1           # shift, fraction of the image size, per axis
 
   # Input and speed (these change how fast, not what is computed)
   config.input_pipeline = 'auto'       # 'device' (split on device, lax.scan) | 'tfds' | 'auto'

@@ -1,17 +1,32 @@
 """Checkpoints with orbax: one CheckpointManager under workdir/checkpoints.
 
 Each checkpoint holds the train state (step, params, optimizer state) and a small JSON record
-(epoch, seconds trained, the config fields a resumed run must share). The latest `keep` are kept,
-plus the best by validation accuracy. Restoring tries the newest first and falls back, loudly,
-to older ones when a checkpoint is damaged; it never starts over silently.
+(epoch, seconds trained, the config fields a resumed run must share, and a SHA-256 of the state's
+arrays). The latest `keep` are kept, plus the best by validation accuracy (orbax writes the
+metric beside each checkpoint, so "best" survives restarts).
+
+Orbax writes a checkpoint into `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` when
+complete, so a crash mid-save leaves only a tmp directory, which is never restored (it is removed
+when the next run opens the directory). Restoring tries the newest checkpoint first; one that is
+truncated, unreadable or whose arrays do not hash to the recorded digest is reported, moved to
+workdir/damaged_checkpoints/ and the next older one is tried. With none readable it is an error:
+a run never starts over silently on top of existing checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import gc
+import glob
+import hashlib
+import json
 import logging
 import os
+import sys
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -21,6 +36,19 @@ from digitjax.errors import UserError
 RESUME_FIELDS = ('dataset', 'seed', 'batch_size', 'validation_fraction', 'data.max_train_examples',
                  'model.conv_features', 'model.pool_after', 'model.dense_features',
                  'model.num_classes')
+TMP_SUFFIX = '.orbax-checkpoint-tmp'
+
+
+class CheckpointMismatch(UserError):
+  """The checkpoint is intact but belongs to another config."""
+
+
+class CheckpointWriteError(UserError):
+  pass
+
+
+class DamagedCheckpoint(Exception):
+  pass
 
 
 def _get(config_dict: dict, dotted: str):
@@ -34,82 +62,237 @@ def resume_fields(config_dict: dict) -> dict[str, Any]:
   return {f: _get(config_dict, f) for f in RESUME_FIELDS}
 
 
+def _dotted(path) -> str:
+  """A tree path as orbax names the array: opt_state.0.trace.conv1.bias."""
+  parts = []
+  for key in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+  return '.'.join(parts)
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """Array name -> shape, for arrays and orbax's array metadata alike."""
+  return {_dotted(p): tuple(getattr(x, 'shape', ()))  # a Python int step has shape ()
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def state_digest(state) -> str:
+  """SHA-256 over every array of `state`: its name, shape and values.
+
+  Values are hashed as float64, exact for float32 and int32, so a restore into another integer
+  type (a Python int step, say) still matches.
+  """
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(state)):
+    leaf = np.ascontiguousarray(leaf, np.float64)
+    digest.update(f'{_dotted(path)}:{leaf.shape};'.encode())
+    digest.update(leaf.tobytes())
+  return digest.hexdigest()
+
+
+def _reason(e: BaseException) -> str:
+  """One short line for an exception; storage errors by their OS name (TensorStore's are long)."""
+  text = str(e)
+  for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG, errno.EIO):
+    if os.strerror(code) in text:
+      return os.strerror(code)
+  first = text.splitlines()[0].split(' See full TensorStore details')[0] if text else ''
+  return f'{type(e).__name__}: {first[:200]}'
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads():
+  """A failed orbax restore leaves its other reads as coroutines whose errors Python prints
+  later as 'Exception ignored in ...' with whole TensorStore specs; the failure itself is
+  reported once, by us."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, 'cr_code', None)
+    if code is None or 'orbax' not in code.co_filename:
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    gc.collect()  # the leftover coroutines die here, while the hook is still ours
+    sys.unraisablehook = previous
+
+
 class Checkpoints:
   """Thin wrapper over ocp.CheckpointManager for this package's state and metadata."""
 
   def __init__(self, directory: str, keep: int = 3, read_only: bool = False):
-    self.directory = os.path.abspath(directory)
+    self.directory, self.read_only = os.path.abspath(directory), read_only
+    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+      raise UserError(f'{self.directory} is not a directory, so checkpoints cannot be written '
+                      f'there; move it away or use another --workdir')
+    if not read_only:
+      self._report_unfinished()
+      self._set_aside_unreadable_metrics()
+    # Mid-epoch checkpoints carry no metrics: they rank below every evaluated one.
+    val_accuracy = lambda m: m.get('val_accuracy', -1.0)
     policy = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
-        policies.BestN(get_metric_fn=lambda m: m['val_accuracy'], n=1,
-                       keep_checkpoints_without_metrics=False),
+        policies.BestN(get_metric_fn=val_accuracy, n=1, keep_checkpoints_without_metrics=False),
     ])
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
-                                           read_only=read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=('state', 'meta'))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, best_fn=val_accuracy, best_mode='max',
+        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                           item_names=('state', 'meta'))
+    except Exception as e:
+      raise UserError(f'cannot open checkpoints in {self.directory}: {_reason(e)}') from e
+    self._pending = None  # step of a save that may still be running in the background
+
+  def _report_unfinished(self) -> None:
+    unfinished = sorted(glob.glob(os.path.join(glob.escape(self.directory), f'*{TMP_SUFFIX}*')))
+    if unfinished:
+      logging.warning('Ignoring %d unfinished checkpoint save(s) of an interrupted run, which '
+                      'are removed: %s', len(unfinished),
+                      ', '.join(os.path.basename(p) for p in unfinished))
+
+  def _set_aside_unreadable_metrics(self) -> None:
+    """Orbax reads every checkpoint's metric file on opening and fails on a rotten one. Such a
+    file is renamed; its checkpoint stays, restorable, though no longer a candidate for best."""
+    for path in glob.glob(os.path.join(glob.escape(self.directory), '*', 'metrics', 'metrics')):
+      try:
+        with open(path) as f:
+          json.load(f)
+      except (OSError, ValueError) as e:
+        logging.warning('Unreadable metrics file %s (%s); renamed to %s.damaged', path,
+                        _reason(e), os.path.basename(path))
+        os.replace(path, path + '.damaged')
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
+
+  def _steps_on_disk(self) -> list[int]:
+    """Complete checkpoints in the directory (the manager also lists a save that failed)."""
+    names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
+    return sorted(int(n) for n in names if n.isdigit())
 
   def best_step(self) -> int | None:
     scored = [(m['val_accuracy'], s) for s in self.steps()
               if (m := self.manager.metrics(s)) and 'val_accuracy' in m]
     return max(scored)[1] if scored else None
 
+  # -------------------------------------------------------------------------------------------
+  # Saving
+
   def save(self, step: int, state, meta: dict, metrics: dict | None = None) -> None:
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)),
-                      metrics=metrics, force=True)
+    """Starts saving `state` at `step` in the background; errors surface here or in `wait`."""
+    meta = {**meta, 'arrays_sha256': state_digest(state)}
+    metrics = {k: v for k, v in (metrics or {}).items() if np.isfinite(v)}  # NaN: nothing measured
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)),
+                        metrics=metrics, force=True)
+    except Exception as e:
+      raise self._write_error(self._pending or step, e) from e
+    self._pending = step
+
+  def wait(self) -> None:
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._write_error(self._pending, e) from e
+    self._pending = None
+
+  def _write_error(self, step, e: Exception) -> CheckpointWriteError:
+    kept = [s for s in self._steps_on_disk() if s != step]
+    return CheckpointWriteError(
+        f'could not write checkpoint {step} in {self.directory}: {_reason(e)}; the checkpoints '
+        f'saved before ({kept or "none"}) are intact; free space or fix the path, then run the '
+        f'same command to resume')
+
+  def close(self) -> None:
+    self.manager.close()
+
+  # -------------------------------------------------------------------------------------------
+  # Restoring
 
   def read_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def restore(self, step: int, target):
-    """Restores `step` into the structure, shapes and shardings of `target`."""
+    """Restores `step` into the structure, shapes and shardings of `target`, checking its digest."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    return restored['state'], restored['meta']
+    state, meta = restored['state'], restored['meta']
+    if meta.get('arrays_sha256') not in (None, state_digest(state)):
+      raise DamagedCheckpoint('its arrays differ from the ones saved (SHA-256 mismatch)')
+    return state, meta
 
   def restore_newest(self, target, config_dict: dict, steps: list[int] | None = None):
     """(state, meta, step) from the newest readable checkpoint, or (None, None, None) if none.
 
-    A damaged checkpoint is reported and skipped; a checkpoint of another config is an error.
+    A damaged checkpoint is reported, skipped, and once an older one is restored moved aside;
+    a checkpoint of another config is an error.
     """
     steps = sorted(self.steps() if steps is None else steps, reverse=True)
-    errors = []
-    for step in steps:
-      try:
-        meta = self.read_meta(step)
-      except Exception as e:  # damaged metadata: try an older checkpoint
-        errors.append(f'step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}')
-        logging.warning('Checkpoint %s/%d is unreadable (%s); trying an older one',
-                        self.directory, step, errors[-1])
-        continue
-      self.check_compatible(meta, config_dict, step)
-      try:
-        state, meta = self.restore(step, target)
+    damaged = []
+    with _quiet_failed_reads():
+      for step in steps:
+        try:
+          meta = self.read_meta(step)
+          self.check_compatible(meta, config_dict, step)
+          self.check_shapes(step, target)
+          state, meta = self.restore(step, target)
+        except CheckpointMismatch:
+          raise
+        except Exception as e:  # damaged: try an older checkpoint
+          damaged.append((step, _reason(e)))
+          logging.warning('Checkpoint %s/%d is damaged (%s); trying an older one',
+                          self.directory, step, damaged[-1][1])
+          continue
+        self._set_aside([s for s, _ in damaged])
         return state, meta, step
-      except Exception as e:
-        errors.append(f'step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}')
-        logging.warning('Checkpoint %s/%d is unreadable (%s); trying an older one',
-                        self.directory, step, errors[-1])
-    if errors:
-      raise UserError(f'no readable checkpoint in {self.directory} ({"; ".join(errors)}); move '
-                      f'the damaged checkpoints away to start over, or use another --workdir')
+    if damaged:
+      errors = '; '.join(f'step {s}: {r}' for s, r in damaged)
+      raise UserError(f'no readable checkpoint in {self.directory} ({errors}); move the damaged '
+                      f'checkpoints away to start over, or use another --workdir')
     return None, None, None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves damaged checkpoints out of the way of the steps the resumed run will save."""
+    if not steps or self.read_only:
+      return
+    aside = os.path.join(os.path.dirname(self.directory), 'damaged_checkpoints')
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      dest, n = os.path.join(aside, str(step)), 1
+      while os.path.exists(dest):
+        dest, n = os.path.join(aside, f'{step}.{n}'), n + 1
+      os.rename(os.path.join(self.directory, str(step)), dest)
+      logging.warning('Moved damaged checkpoint %d to %s', step, dest)
+    self.manager.reload()
 
   def check_compatible(self, meta: dict, config_dict: dict, step: int) -> None:
     saved, current = meta.get('resume_fields', {}), resume_fields(config_dict)
     diffs = [f'{k}={saved[k]!r} in the checkpoint but {current[k]!r} in the config'
              for k in RESUME_FIELDS if k in saved and saved[k] != current[k]]
     if diffs:
-      raise UserError(f'checkpoint {self.directory}/{step} does not fit the config: '
-                      f'{"; ".join(diffs)}; use the checkpoint\'s settings or a new --workdir')
+      raise CheckpointMismatch(f'checkpoint {self.directory}/{step} does not fit the config: '
+                               f'{"; ".join(diffs)}; use the checkpoint\'s settings or a new '
+                               f'--workdir')
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
-  def close(self) -> None:
-    self.manager.close()
+  def check_shapes(self, step: int, target) -> None:
+    """The saved arrays against `target`'s, by name: a model that changed is named, not traced."""
+    saved = _shapes(ocp.StandardCheckpointHandler().metadata(
+        self.manager.directory / str(step) / 'state'))
+    wanted = _shapes(target)
+    params_first = lambda name: (not name.startswith('params.'), name)
+    for name in sorted(saved.keys() | wanted.keys(), key=params_first):
+      if saved.get(name) != wanted.get(name):
+        state = lambda d: f'of shape {d[name]}' if name in d else 'absent'
+        raise CheckpointMismatch(
+            f'checkpoint {self.directory}/{step} does not fit the config: array {name} is '
+            f'{state(saved)} in the checkpoint but {state(wanted)} in the model; use the '
+            f'checkpoint\'s settings or a new --workdir')

@@ -91,9 +91,10 @@ class CNN(nn.Module):
   conv_impl: str = 'lax'                 # 'lax' (XLA convolution) or 'im2col'
   pool_impl: str = 'lax'                 # 'lax' (nn.max_pool) or 'reshape'
   skip_dead_rows: bool = True            # crop input rows no output depends on (same outputs)
+  dropout_rate: float = 0.0              # dropout before each dense layer when training
 
   @nn.compact
-  def __call__(self, x_BxHxWxC):
+  def __call__(self, x_BxHxWxC, train: bool = False):
     conv_fn = im2col_conv if self.conv_impl == 'im2col' else None
     x = x_BxHxWxC
     if self.skip_dead_rows:
@@ -106,8 +107,10 @@ class CNN(nn.Module):
       if i in self.pool_after:
         x = max_pool_2x2(x, self.pool_impl)
     x = x.reshape(x.shape[0], -1)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.relu(nn.Dense(self.dense_features, kernel_init=nn.initializers.he_uniform(),
                          name='dense1')(x))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     # The tutorial's output layer keeps Keras's default glorot_uniform initializer.
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.glorot_uniform(),
                     name='dense2')(x)
@@ -119,6 +122,7 @@ def build_model(model_config, num_classes: int | None = None) -> CNN:
              pool_after=tuple(model_config.pool_after),
              dense_features=model_config.dense_features,
              num_classes=num_classes or model_config.num_classes,
+             dropout_rate=model_config.dropout_rate,
              conv_impl=resolve_impl(model_config.conv_impl, 'im2col', 'lax'),
              pool_impl=resolve_impl(model_config.pool_impl, 'reshape', 'lax'))
 

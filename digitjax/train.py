@@ -14,9 +14,10 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from digitjax import checkpoint as ckpt_lib
+from digitjax import augment as augment_lib, checkpoint as ckpt_lib
 from digitjax import configlib, data, metrics as metrics_lib, model as model_lib, parallel
 from digitjax import pipeline
+from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
 from digitjax.metrics import log
 
@@ -29,15 +30,53 @@ class NonFiniteLossError(UserError):
 # State and steps
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-  return optax.sgd(config.learning_rate, momentum=config.momentum)
+class TrainState(train_state.TrainState):
+  """flax's TrainState plus the run's PRNG key: step k draws from fold_in(rng, k), so dropout
+  and augmentation depend only on (seed, step) and a resumed run repeats them exactly."""
+  rng: jax.Array
 
 
-def create_train_state(config, rng) -> train_state.TrainState:
+def learning_rate_schedule(config, steps_per_epoch: int) -> optax.ScalarOrSchedule:
+  """config.schedule: 'constant' (the tutorial's), 'cosine' or 'onecycle'; optional warmup."""
+  total = max(config.num_epochs * steps_per_epoch, 1)
+  warmup = int(config.warmup_epochs * steps_per_epoch)
+  lr = config.learning_rate
+  if config.schedule == 'onecycle':
+    return optax.cosine_onecycle_schedule(total, lr, pct_start=config.onecycle_pct_start)
+  if config.schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 0), total)
+  if warmup:
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
+                                 optax.constant_schedule(lr)], [warmup])
+  return lr  # a plain float: exactly optax.sgd(0.01, momentum=0.9), as in the tutorial
+
+
+def make_optimizer(config, steps_per_epoch: int = 1) -> optax.GradientTransformationExtraArgs:
+  """SGD with momentum (the tutorial's), optionally with weight decay and Keras's plateau rule."""
+  tx = optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum,
+                 nesterov=config.nesterov)
+  if config.weight_decay:
+    tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
+  if config.plateau.enabled:
+    # Watches the training loss averaged over each epoch (the `value` every step passes).
+    tx = optax.chain(tx, optax.contrib.reduce_on_plateau(
+        factor=config.plateau.factor, patience=config.plateau.patience,
+        cooldown=config.plateau.cooldown, accumulation_size=steps_per_epoch))
+  return optax.with_extra_args_support(tx)
+
+
+def create_train_state(config, rng, steps_per_epoch: int = 1) -> TrainState:
+  """Parameters from `rng`; `steps_per_epoch` sizes the learning-rate schedule."""
   model = model_lib.build_model(config.model)
   params = model.init(rng, jnp.zeros((1,) + data.IMAGE_SHAPE, jnp.float32))['params']
-  return train_state.TrainState.create(apply_fn=model.apply, params=params,
-                                       tx=make_optimizer(config))
+  return TrainState.create(apply_fn=model.apply, params=params,
+                           tx=make_optimizer(config, steps_per_epoch),
+                           rng=jax.random.key_data(jax.random.fold_in(rng, 0x5eed)))
+
+
+def augment_ranges(config) -> augment_lib.AffineRanges | None:
+  a = config.augment
+  return augment_lib.AffineRanges(a.rotation, a.zoom, a.shift) if a.enabled else None
 
 
 def _images(batch):
@@ -50,14 +89,27 @@ def _loss_and_metrics(logits, labels):
   return loss, {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}
 
 
-def train_step(state, batch):
-  """One SGD step on a batch: pure, (state, batch) -> (state, metrics)."""
+def train_step(state, batch, augment: augment_lib.AffineRanges | None = None):
+  """One SGD step on a batch: pure, (state, batch) -> (state, metrics).
+
+  `augment` (static) applies random affine transforms on device before the forward pass.
+  """
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  images = _images(batch)
+  if augment is not None:
+    images = augment_lib.random_affine(jax.random.fold_in(key, 0), images, augment)
+
   def loss_fn(params):
-    logits = state.apply_fn({'params': params}, _images(batch))
+    logits = state.apply_fn({'params': params}, images, train=True,
+                            rngs={'dropout': jax.random.fold_in(key, 1)})
     return _loss_and_metrics(logits, batch['label'])
 
   grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
-  return state.apply_gradients(grads=grads), metrics
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params,
+                                       value=metrics['loss'])
+  state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                        opt_state=opt_state)
+  return state, metrics
 
 
 def eval_step(state, batch):
@@ -70,10 +122,10 @@ def _empty_sums():
           'first_nonfinite_step': jnp.full((), jnp.iinfo(jnp.int32).max, jnp.int32)}
 
 
-def _train_and_accumulate(state, sums, batch):
+def _train_and_accumulate(state, sums, batch, augment=None):
   """train_step plus running sums of its metrics, kept on device until they are logged."""
   step = state.step
-  state, m = train_step(state, batch)
+  state, m = train_step(state, batch, augment)
   bad = ~jnp.isfinite(m['loss'])
   sums = {'loss': sums['loss'] + m['loss'], 'accuracy': sums['accuracy'] + m['accuracy'],
           'steps': sums['steps'] + 1,
@@ -95,6 +147,8 @@ def _read_sums(sums) -> dict:
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  if not len(labels):  # an empty split (validation_fraction=0): nothing to measure
+    return {'loss': float('nan'), 'accuracy': float('nan')}
   logits = logits.astype(np.float64)
   logp = logits - logits.max(-1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -166,6 +220,21 @@ class Preempted(Exception):
   """The run stopped on a signal after saving a checkpoint; launch.py exits non-zero."""
 
 
+def _stop_for_signal(signal_name: str, step: int, checkpoints) -> None:
+  checkpoints.wait()
+  log(f'Stopped by {signal_name} at step {step}; checkpoint saved; run the same command to resume')
+  raise Preempted(f'stopped by {signal_name} at step {step}; checkpoint saved')
+
+
+def _process_age() -> float | None:
+  """Seconds since this process started (imports included), or None where unknown."""
+  try:
+    import psutil
+    return time.time() - psutil.Process().create_time()
+  except Exception:
+    return None
+
+
 def _write_json_atomic(path: str, obj) -> None:
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
@@ -182,10 +251,17 @@ def _epoch_line(epoch, num_epochs, seconds, record):
 def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   """Trains per config, checkpointing to and resuming from `workdir`; returns the final state.
 
-  Writes workdir/metrics.jsonl, TensorBoard files, checkpoints/ and results.json.
+  Writes workdir/metrics.jsonl, TensorBoard files, checkpoints/ and results.json. The workdir
+  is locked for the run: a second run on it refuses to start.
   """
   configlib.validate(config)
+  with workdir_lib.claim(workdir, exclusive=parallel.is_main_process()):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   os.makedirs(workdir, exist_ok=True)
+  parallel.check_cpu_layout(config.distributed.allow_several_cpu_devices)
   mesh = parallel.make_mesh()
   parallel.check_divisible('batch_size', config.batch_size, mesh)
 
@@ -202,7 +278,7 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
 
   model = model_lib.build_model(config.model)
   log(model_lib.summary_table(model))
-  state = create_train_state(config, jax.random.key(config.seed))
+  state = create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
   state = jax.device_put(state, parallel.replicated(mesh))
   num_params = model_lib.count_params(state.params)
 
@@ -230,7 +306,9 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   writer = metrics_lib.MetricWriter(workdir)
   sums = jax.device_put(_empty_sums(), parallel.replicated(mesh))
   feeder = pipeline.make_input(config.input_pipeline, splits.train, config.batch_size, mesh,
-                               _train_and_accumulate, config.chunk_steps)
+                               functools.partial(_train_and_accumulate,
+                                                 augment=augment_ranges(config)),
+                               config.chunk_steps)
   compile_seconds = feeder.compile(state, sums)
   log(f'Compiled the train step in {compile_seconds:.1f}s on {jax.device_count()} '
       f'{jax.default_backend()} device(s), {pipeline.resolve(config.input_pipeline)} input')
@@ -241,7 +319,7 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
     checkpoints.save(step, state, meta,
                      {'val_accuracy': record['val_accuracy']} if epoch_done and record else None)
 
-  record = None
+  record, first_step_seconds = None, None
   with _StopSignals() as stop:
     while step < total_steps:
       epoch = step // steps_per_epoch
@@ -251,8 +329,14 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
       epoch_start = time.perf_counter()
       for state, sums, done in feeder.run(state, sums, perm, step % steps_per_epoch):
         step = epoch * steps_per_epoch + done
+        if first_step_seconds is None:  # one sync, to report start-up time honestly
+          jax.block_until_ready(sums)
+          first_step_seconds = _process_age()
         if progress.due():
           progress.show(done, _read_sums(sums)['loss'])
+        # Run no further ahead than this call: otherwise async dispatch queues the whole epoch
+        # and a signal is only seen after it.
+        jax.block_until_ready(sums)
         if stop.received:
           break
       train = _read_sums(sums)
@@ -263,12 +347,9 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
             f'the training loss became non-finite at step {train["first_nonfinite_step"]}; '
             f'nothing after the last checkpoint ({checkpoints.steps()[-1:] or "none"}) was '
             f'saved; lower config.learning_rate')
-      if stop.received:
+      if stop.received and step % steps_per_epoch:  # mid-epoch: save this step, no evaluation
         save(epoch_done=False)
-        checkpoints.wait()
-        log(f'Stopped by {stop.received} at step {step}; checkpoint saved; run the same command '
-            f'to resume')
-        raise Preempted(f'stopped by {stop.received} at step {step}; checkpoint saved')
+        _stop_for_signal(stop.received, step, checkpoints)
       val = evaluator.evaluate(state, splits.val)
       record = {'epoch': epoch + 1, 'train_loss': train['loss'],
                 'train_accuracy': train['accuracy'], 'val_loss': val['loss'],
@@ -277,7 +358,10 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
       log(_epoch_line(epoch + 1, config.num_epochs, record['epoch_seconds'], record))
       writer.write(step, record)
       save(epoch_done=True, record=record)
+      if stop.received:  # came at the epoch's last step or during its evaluation
+        _stop_for_signal(stop.received, step, checkpoints)
 
+  checkpoints.wait()  # a failed last save is an error before results.json points at it
   test_logits = evaluator.logits(state, splits.test['image'])
   test = classification_metrics(test_logits, splits.test['label'])
   history = metrics_lib.read_history(workdir)
@@ -288,7 +372,8 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
       'num_params': num_params, 'epochs_completed': step // steps_per_epoch,
       'checkpoint_step': step, 'train_seconds': train_seconds,
       'seconds_per_epoch': train_seconds / max(step / steps_per_epoch, 1e-9),
-      'compile_seconds': compile_seconds, 'devices': jax.device_count(),
+      'compile_seconds': compile_seconds, 'start_to_first_step_seconds': first_step_seconds,
+      'devices': jax.device_count(),
       'backend': jax.default_backend(), 'config': config_dict,
   }
   log(f'Test: loss {test["loss"]:.4f} - accuracy {test["accuracy"]:.4f} '
