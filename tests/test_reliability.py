@@ -1,0 +1,433 @@
+"""Issue 6, end to end: killed, preempted or fed bad input, a run loses nothing and resumes
+bit-exactly. Each behaviour is driven through `python launch.py` in real subprocesses; a few
+finer points (array shapes, a `checkpoints` file, validation_fraction=0) are checked in-process.
+
+One uninterrupted reference run (module fixture) is the yardstick: interrupted runs must end with
+its exact arrays, and damaged copies of its workdir feed the fallback and error tests.
+"""
+import os
+import pathlib
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, synthetic_digits, write_idx
+from digitjax import workdir as workdir_lib
+
+EPOCHS = 5
+STEPS_PER_EPOCH = 225  # 2000 training examples less 10% for validation, in batches of 8
+TOTAL = EPOCHS * STEPS_PER_EPOCH
+TIMEOUT = 300  # seconds for one run; generous, the CPU may be shared
+
+
+# ---------------------------------------------------------------------------------------------
+# Running launch.py
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+  """Synthetic digits with 20% wrong labels, so the loss never reaches zero and every step
+  changes the parameters (a wrong example order would show)."""
+  root = tmp_path_factory.mktemp('reliability')
+  idx = root / 'idx'
+  idx.mkdir()
+  for prefix, n, seed in (('train', 2000, 0), ('t10k', 100, 1)):
+    images, labels = synthetic_digits(n, seed)
+    noisy = np.random.default_rng(seed).random(n) < 0.2
+    labels[noisy] = (labels[noisy] + 1) % 10
+    write_idx(idx / f'{prefix}-images-idx3-ubyte.gz', images)
+    write_idx(idx / f'{prefix}-labels-idx1-ubyte.gz', labels)
+  return idx, root / 'tfds'
+
+
+def command(workdir, data, *overrides):
+  idx, tfds = data
+  return [sys.executable, str(ROOT / 'launch.py'), '--config=configs/default.py',
+          f'--workdir={workdir}', f'--config.data.manual_dir={idx}',
+          f'--config.data.data_dir={tfds}', '--config.data.verify_checksums=False',
+          '--config.batch_size=8', f'--config.num_epochs={EPOCHS}',
+          '--config.eval_batch_size=50', '--config.plots=False',
+          '--config.chunk_steps=5',  # the device input's scan: a signal is acted on within 5 steps
+          # Randomness drawn per step, which a resumed run must draw again identically.
+          '--config.model.dropout_rate=0.25', '--config.augment.enabled=True',
+          *overrides]
+
+
+def run(workdir, data, *overrides):
+  return subprocess.run(command(workdir, data, *overrides), cwd=ROOT, capture_output=True,
+                        text=True, timeout=TIMEOUT)
+
+
+class Background:
+  """A launch.py run in the background, its output in files that the test can poll."""
+
+  def __init__(self, workdir, data, logs: pathlib.Path):
+    self.out, self.err = logs.with_suffix('.stdout'), logs.with_suffix('.stderr')
+    with open(self.out, 'w') as out, open(self.err, 'w') as err:
+      self.proc = subprocess.Popen(command(workdir, data), cwd=ROOT, stdout=out, stderr=err)
+
+  def stdout(self) -> str:
+    return self.out.read_text()
+
+  def stderr(self) -> str:
+    return self.err.read_text()
+
+  def wait_for(self, condition, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+      assert self.proc.poll() is None, f'the run ended before {what}:\n{self.stderr()[-3000:]}'
+      assert time.monotonic() < deadline, f'timed out waiting for {what}'
+      time.sleep(0.01)
+
+  def epoch_seconds(self, epoch: int) -> float | None:
+    """Seconds that `epoch` took, once its line is out (the first includes warm-up)."""
+    line = re.search(rf'Epoch {epoch}/\d+ - ([\d.]+)s', self.stdout())
+    return float(line.group(1)) if line else None
+
+  def finish(self) -> int:
+    return self.proc.wait(timeout=TIMEOUT)
+
+
+def last_error_line(proc) -> str:
+  return proc.stderr.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading checkpoints
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  return sorted(int(p.name) for p in (pathlib.Path(workdir) / 'checkpoints').iterdir()
+                if p.name.isdigit())
+
+
+def arrays(workdir, step=TOTAL) -> dict[str, np.ndarray]:
+  """Every array of a checkpoint's train state (step, params, optimizer state), by name."""
+  import jax
+  import orbax.checkpoint as ocp
+  tree = ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / 'checkpoints' / str(step) /
+                                            'state')
+  return {jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+  assert a.keys() == b.keys()
+  different = [k for k in a if a[k].dtype != b[k].dtype or not np.array_equal(a[k], b[k])]
+  assert not different, f'arrays differ: {different}'
+
+
+@pytest.fixture(scope='module')
+def reference(data, tmp_path_factory):
+  """An uninterrupted run: its workdir, finished at step TOTAL."""
+  workdir = tmp_path_factory.mktemp('reference') / 'run'
+  proc = run(workdir, data)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert checkpoint_steps(workdir)[-1] == TOTAL
+  assert not (workdir / workdir_lib.LOCK_FILE).exists()  # released on exit
+  return workdir
+
+
+@pytest.fixture
+def copy_of_reference(reference, tmp_path):
+  """A copy of the finished reference run, without results.json (so it is not 'done')."""
+  workdir = tmp_path / 'copy'
+  shutil.copytree(reference, workdir)
+  (workdir / 'results.json').unlink()
+  return workdir
+
+
+def data_file(step_dir: pathlib.Path) -> pathlib.Path:
+  """The largest file of a checkpoint: the one holding the arrays' bytes."""
+  return max((p for p in step_dir.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Bit-exact resume after SIGKILL; 6. the stale lock it leaves is taken over
+
+
+def test_sigkill_at_a_random_step_then_restart_ends_bit_identical(reference, data, tmp_path):
+  workdir = tmp_path / 'run'
+  run_ = Background(workdir, data, tmp_path / 'killed')
+  first = workdir / 'checkpoints' / str(STEPS_PER_EPOCH)
+  run_.wait_for(first.is_dir, 'the first checkpoint')
+  seed = random.randrange(2**32)
+  delay = random.Random(seed).uniform(0, 1.5) * run_.epoch_seconds(1)
+  time.sleep(delay)
+  assert run_.proc.poll() is None, f'the run finished before the kill (delay {delay:.2f}s)'
+  run_.proc.kill()
+  assert run_.finish() == -signal.SIGKILL
+  steps = checkpoint_steps(workdir)
+  assert steps and steps[-1] < TOTAL, steps
+  assert (workdir / workdir_lib.LOCK_FILE).exists()  # left behind by the killed process
+
+  restarted = run(workdir, data)
+  assert restarted.returncode == 0, restarted.stderr[-3000:]
+  note = f'(kill {delay:.2f}s after the first checkpoint, seed {seed}, checkpoints {steps})'
+  assert f'Resuming from checkpoint at step {steps[-1]} ' in restarted.stdout, note
+  assert 'Taking over the stale lock' in restarted.stderr
+  assert_bit_identical(arrays(workdir), arrays(reference))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Preemption: SIGTERM mid-epoch; a second signal while saving; 6. the lock while it runs
+
+
+def test_sigterm_mid_epoch_saves_that_step_and_resumes_to_the_same_parameters(
+    reference, data, tmp_path):
+  workdir = tmp_path / 'run'
+  run_ = Background(workdir, data, tmp_path / 'preempted')
+  run_.wait_for(lambda: run_.epoch_seconds(2), 'the end of epoch 2')
+  lock = (workdir / workdir_lib.LOCK_FILE).read_text().split()
+  assert lock[0] == str(run_.proc.pid)  # the lock names its owner
+  time.sleep(0.4 * run_.epoch_seconds(2))  # into the middle of epoch 3
+  run_.proc.send_signal(signal.SIGTERM)
+  run_.wait_for(lambda: 'SIGTERM received' in run_.stderr(), 'the signal to be noticed')
+  run_.proc.send_signal(signal.SIGTERM)  # a second one, while it saves
+  assert run_.finish() == 143, run_.stderr()[-3000:]
+
+  stopped = re.search(r'Stopped by SIGTERM at step (\d+); checkpoint saved', run_.stdout())
+  assert stopped, run_.stdout()[-2000:]
+  step = int(stopped.group(1))
+  assert step % STEPS_PER_EPOCH, f'step {step} is not mid-epoch'
+  assert 'received again' in run_.stderr()
+  assert checkpoint_steps(workdir)[-1] == step  # kept: among the latest, though without metrics
+  assert not (workdir / workdir_lib.LOCK_FILE).exists()
+  assert not list((workdir / 'checkpoints').glob('*orbax-checkpoint-tmp*'))
+
+  resumed = run(workdir, data)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  epoch, within = divmod(step, STEPS_PER_EPOCH)
+  assert (f'Resuming from checkpoint at step {step} (epoch {epoch + 1}, step {within} of it)'
+          in resumed.stdout)
+  assert f'Epoch {epoch}/{EPOCHS}' not in resumed.stdout  # no epoch is redone
+  assert_bit_identical(arrays(workdir), arrays(reference))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Damaged checkpoints
+
+
+def test_damaged_newest_checkpoints_fall_back_and_unfinished_saves_are_ignored(
+    reference, copy_of_reference, data):
+  workdir = copy_of_reference
+  checkpoints = workdir / 'checkpoints'
+  *older, previous, newest = checkpoint_steps(workdir)
+  big = data_file(checkpoints / str(newest))
+  with open(big, 'r+b') as f:  # truncated
+    f.truncate(big.stat().st_size // 2)
+  big = data_file(checkpoints / str(previous))
+  with open(big, 'r+b') as f:  # same size, some bytes rotten
+    f.seek(big.stat().st_size // 2)
+    f.write(bytes(4096))
+  # A save killed before orbax renamed it into place: complete-looking, but never to be restored.
+  unfinished = checkpoints / f'{TOTAL + 1000}.orbax-checkpoint-tmp-1700000000'
+  shutil.copytree(reference / 'checkpoints' / str(newest), unfinished)
+
+  proc = run(workdir, data)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Ignoring 1 unfinished checkpoint save' in proc.stderr
+  assert f'checkpoints/{newest} is damaged' in proc.stderr
+  assert f'checkpoints/{previous} is damaged' in proc.stderr
+  assert f'Resuming from checkpoint at step {older[-1]} ' in proc.stdout
+  assert not unfinished.exists()
+  assert sorted(os.listdir(workdir / 'damaged_checkpoints')) == sorted([str(previous), str(newest)])
+  assert_bit_identical(arrays(workdir), arrays(reference))
+
+
+def test_no_readable_checkpoint_is_an_error_and_nothing_starts_over(copy_of_reference, data):
+  workdir = copy_of_reference
+  steps = checkpoint_steps(workdir)
+  for step in steps:
+    (workdir / 'checkpoints' / str(step) / 'meta' / 'metadata').write_text('{"trunc')
+  proc = run(workdir, data)
+  assert proc.returncode == 2
+  line = last_error_line(proc)
+  assert line.startswith(f'error: no readable checkpoint in {workdir / "checkpoints"} (step ')
+  assert all(f'step {s}:' in line for s in steps)
+  assert 'Epoch' not in proc.stdout
+  assert checkpoint_steps(workdir) == steps  # nothing moved, nothing new
+  assert not (workdir / 'damaged_checkpoints').exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. A config that does not fit the checkpoint
+
+
+def test_changed_layer_width_is_a_one_line_error(copy_of_reference, data):
+  steps = checkpoint_steps(copy_of_reference)
+  proc = run(copy_of_reference, data, '--config.model.conv_features=(32,48,64)')
+  assert proc.returncode == 2
+  assert last_error_line(proc) == (
+      f'error: checkpoint {copy_of_reference / "checkpoints"}/{TOTAL} does not fit the config: '
+      f'model.conv_features=[32, 64, 64] in the checkpoint but [32, 48, 64] in the config; use '
+      f'the checkpoint\'s settings or a new --workdir')
+  assert 'Traceback' not in proc.stderr
+  assert checkpoint_steps(copy_of_reference) == steps
+
+
+def test_shapes_are_checked_even_when_the_record_says_nothing(reference, tmp_path):
+  """Without the config record (older checkpoints), the arrays' shapes still name the change."""
+  import jax
+  from conftest import small_config
+  from digitjax import checkpoint as ckpt_lib, train
+  config = small_config(tmp_path, tmp_path, **{'model.dense_features': 64})
+  target = train.create_train_state(config, jax.random.key(0))
+  checkpoints = ckpt_lib.Checkpoints(reference / 'checkpoints', read_only=True)
+  with pytest.raises(ckpt_lib.CheckpointMismatch,
+                     match=r'array params\.dense1\.bias is of shape \(100,\) in the '
+                           r'checkpoint but of shape \(64,\) in the model'):
+    checkpoints.check_shapes(TOTAL, target)
+  checkpoints.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Invalid config values, each through launch.py
+
+
+@pytest.mark.parametrize('override, message', [
+    ('batch_size=-8', 'config.batch_size=-8 is invalid: it must be a positive integer'),
+    ('learning_rate=0.0', 'config.learning_rate=0.0 is invalid: it must be positive'),
+    ('learning_rate=-0.01', 'config.learning_rate=-0.01 is invalid: it must be positive'),
+    ('validation_fraction=1.0', 'config.validation_fraction=1.0 is invalid: it must be in [0, 1)'),
+    ('validation_fraction=-0.1',
+     'config.validation_fraction=-0.1 is invalid: it must be in [0, 1)'),
+    ('dataset=cifar10',
+     "config.dataset='cifar10' is invalid: it must be one of ('mnist', 'fashion_mnist')"),
+    ('num_epochs=0', 'config.num_epochs=0 is invalid: it must be at least 1'),
+])
+def test_invalid_value_is_rejected_before_any_work(data, tmp_path, override, message):
+  proc = run(tmp_path / 'run', data, f'--config.{override}')
+  assert proc.returncode == 2
+  assert last_error_line(proc) == f'error: {message}'
+  assert not (tmp_path / 'run').exists()
+
+
+def test_validation_fraction_zero_is_valid_and_trains(reference, data, tmp_path):
+  """The bottom of [0, 1) works: no validation split, no validation numbers, no crash."""
+  from conftest import small_config
+  from digitjax import train
+  config = small_config(*data, validation_fraction=0.0, **{'data.max_train_examples': 400})
+  train.train_and_evaluate(config, str(tmp_path / 'run'))  # `reference` prepared the data
+  assert (tmp_path / 'run' / 'results.json').exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. One run per workdir
+
+
+def test_second_run_on_a_workdir_refuses_to_start(data, tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  fd = workdir_lib.acquire(str(workdir))  # this test process is the run holding the workdir
+  try:
+    proc = run(workdir, data)
+  finally:
+    workdir_lib.release(str(workdir), fd)
+  assert proc.returncode == 2
+  assert last_error_line(proc).startswith(
+      f'error: --workdir={workdir} is in use by another run (process {os.getpid()} on ')
+  assert os.listdir(workdir) == []  # it wrote nothing
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Unwritable or full workdir
+
+
+def test_workdir_under_a_regular_file_is_a_clear_error(data, tmp_path):
+  (tmp_path / 'file').write_text('not a directory')
+  proc = run(tmp_path / 'file' / 'run', data)
+  assert proc.returncode == 2
+  assert last_error_line(proc) == (
+      f'error: cannot write to --workdir={tmp_path / "file" / "run"}: Not a directory '
+      f'({tmp_path / "file" / "run"}); checkpoints saved before are untouched; free space or '
+      f'fix the path, then run the same command')
+
+
+def test_checkpoints_path_that_is_a_file_is_a_clear_error(tmp_path):
+  from digitjax import checkpoint as ckpt_lib
+  from digitjax.errors import UserError
+  (tmp_path / 'checkpoints').write_text('not a directory')
+  with pytest.raises(UserError, match='checkpoints is not a directory, so checkpoints cannot be '
+                                      'written there'):
+    ckpt_lib.Checkpoints(tmp_path / 'checkpoints')
+
+
+def _mount(*args) -> bool:
+  return subprocess.run(['mount', *args], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def mounts():
+  """Mounts made by a test (root only), undone afterwards."""
+  made = []
+
+  def mount(*args):
+    if not _mount(*args):
+      pytest.skip('mount is not permitted here')
+    if args[-1] not in made:  # a remount changes a mount, it adds none
+      made.append(args[-1])
+
+  yield mount
+  for target in reversed(made):
+    subprocess.run(['umount', target], check=True)
+
+
+def test_read_only_workdir_is_a_clear_error_and_checkpoints_stay(copy_of_reference, data,
+                                                                  tmp_path, mounts):
+  before = arrays(copy_of_reference)
+  ro = tmp_path / 'ro'
+  ro.mkdir()
+  mounts('--bind', str(copy_of_reference), str(ro))
+  mounts('-o', 'remount,ro,bind', str(ro))
+  proc = run(ro, data, f'--config.num_epochs={EPOCHS + 1}')
+  assert proc.returncode == 2
+  assert last_error_line(proc).startswith(
+      f'error: cannot write to --workdir={ro}: Read-only file system')
+  assert_bit_identical(arrays(ro), before)
+
+
+def test_full_disk_while_saving_is_a_clear_error_and_older_checkpoints_stay(
+    copy_of_reference, data, tmp_path, mounts):
+  full = tmp_path / 'full'
+  full.mkdir()
+  used_kb = sum(p.stat().st_size for p in copy_of_reference.rglob('*') if p.is_file()) // 1024
+  checkpoint_kb = data_file(copy_of_reference / 'checkpoints' / str(TOTAL)).stat().st_size // 1024
+  # Room for everything but one more checkpoint (tmpfs counts 4 KiB pages per file).
+  mounts('-t', 'tmpfs', '-o', f'size={used_kb + 400 + checkpoint_kb // 2}k', 'tmpfs', str(full))
+  workdir = full / 'run'
+  shutil.copytree(copy_of_reference, workdir)
+  steps = checkpoint_steps(workdir)
+
+  proc = run(workdir, data, f'--config.num_epochs={EPOCHS + 1}')
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  line = last_error_line(proc)
+  assert line.startswith('error: ') and 'No space left on device' in line, line
+  assert checkpoint_steps(workdir) == steps
+  assert_bit_identical(arrays(workdir), arrays(copy_of_reference))
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Non-finite loss
+
+
+def test_non_finite_loss_stops_with_an_error_and_the_last_checkpoint_stays(copy_of_reference,
+                                                                           data):
+  steps = checkpoint_steps(copy_of_reference)
+  proc = run(copy_of_reference, data, f'--config.num_epochs={EPOCHS + 1}',
+             '--config.learning_rate=1e6')
+  assert proc.returncode == 2
+  line = last_error_line(proc)
+  bad = re.match(r'error: the training loss became non-finite at step (\d+); nothing after the '
+                 rf'last checkpoint \(\[{TOTAL}\]\) was saved; lower config.learning_rate$', line)
+  assert bad, line
+  assert TOTAL <= int(bad.group(1)) < TOTAL + STEPS_PER_EPOCH
+  assert checkpoint_steps(copy_of_reference) == steps
+  assert not (copy_of_reference / 'results.json').exists()
