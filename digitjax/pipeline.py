@@ -34,6 +34,7 @@ class HostInput:
     self.split, self.batch_size, self.mesh = split, batch_size, mesh
     self.sharding = parallel.batch_sharding(mesh)
     self.steps_per_epoch = len(split['label']) // batch_size
+    self.sync_every = 20  # steps the host may queue ahead of the device
     self._jitted = jax.jit(step_fn, donate_argnums=(0, 1))
     self._step = None
 
@@ -62,6 +63,7 @@ class DeviceInput:
     self.batch_size, self.mesh = batch_size, mesh
     self.steps_per_epoch = len(split['label']) // batch_size
     self.chunk = max(1, min(chunk_steps, self.steps_per_epoch))
+    self.sync_every = 1  # wait after every call: a call is already `chunk` steps
     self.arrays = parallel.to_global(split, parallel.replicated(mesh))
     self._jitted = jax.jit(functools.partial(_scan_steps, step_fn, self.chunk, batch_size,
                                              parallel.batch_sharding(mesh)),

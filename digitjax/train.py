@@ -334,11 +334,13 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
           first_step_seconds = _process_age()
         if progress.due():
           progress.show(done, _read_sums(sums)['loss'])
-        # Run no further ahead than this call: otherwise async dispatch queues the whole epoch
-        # and a signal is only seen after it.
-        jax.block_until_ready(sums)
-        if stop.received:
-          break
+        if done % feeder.sync_every == 0 or done == steps_per_epoch:
+          # Run at most `sync_every` steps ahead: otherwise async dispatch queues the whole
+          # epoch and a signal is seen only after it. Every process stops at the same step.
+          jax.block_until_ready(sums)
+          if parallel.any_process(stop.received is not None):
+            stop.received = stop.received or 'a signal to another process'
+            break
       train = _read_sums(sums)
       train_seconds += time.perf_counter() - epoch_start
       progress.clear()
@@ -358,7 +360,8 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
       log(_epoch_line(epoch + 1, config.num_epochs, record['epoch_seconds'], record))
       writer.write(step, record)
       save(epoch_done=True, record=record)
-      if stop.received:  # came at the epoch's last step or during its evaluation
+      if parallel.any_process(stop.received is not None):  # at the last step or in evaluation
+        stop.received = stop.received or 'a signal to another process'
         _stop_for_signal(stop.received, step, checkpoints)
 
   checkpoints.wait()  # a failed last save is an error before results.json points at it
