@@ -152,7 +152,7 @@ def run_eval(config, workdir: str, checkpoint: str = 'best', split: str = 'test'
       f'{c} {"-" if a is None else f"{a:.4f}"}' for c, a in per_class.items()))
   if parallel.is_main_process():
     path = os.path.join(workdir, 'eval.json')
-    train._write_json_atomic(path, result)  # the same atomic write that results.json gets
+    train.write_json_atomic(path, result)  # the same atomic write that results.json gets
     log(f'Wrote {path}')
   return result
 

@@ -235,7 +235,7 @@ def _process_age() -> float | None:
     return None
 
 
-def _write_json_atomic(path: str, obj) -> None:
+def write_json_atomic(path: str, obj) -> None:
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=2)
@@ -382,7 +382,7 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   log(f'Test: loss {test["loss"]:.4f} - accuracy {test["accuracy"]:.4f} '
       f'({len(splits.test["label"])} images)')
   if parallel.is_main_process():
-    _write_json_atomic(results_path, results)
+    write_json_atomic(results_path, results)
   writer.write(step, {'test_loss': test['loss'], 'test_accuracy': test['accuracy']})
   writer.close()
   if config.plots and parallel.is_main_process():

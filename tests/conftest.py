@@ -86,3 +86,16 @@ def mnist_available() -> bool:
 
 requires_mnist = pytest.mark.skipif(
     not mnist_available(), reason=f'real MNIST IDX files not found in {MNIST_DIR}')
+
+
+def workdir_snapshot(workdir, skip=()):
+  """{relative path: (size, mtime_ns)} of every file, to prove a mode changed nothing."""
+  found = {}
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, workdir)
+      if not rel.startswith(tuple(skip)):
+        stat = os.stat(path)
+        found[rel] = (stat.st_size, stat.st_mtime_ns)
+  return found

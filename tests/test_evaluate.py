@@ -11,19 +11,6 @@ from digitjax import evaluate, metrics, train
 from digitjax.errors import UserError
 
 
-def workdir_snapshot(workdir, skip=()):
-  """{relative path: (size, mtime_ns)} of every file, to prove a mode changed nothing."""
-  found = {}
-  for root, _, files in os.walk(workdir):
-    for name in files:
-      path = os.path.join(root, name)
-      rel = os.path.relpath(path, workdir)
-      if not rel.startswith(tuple(skip)):
-        stat = os.stat(path)
-        found[rel] = (stat.st_size, stat.st_mtime_ns)
-  return found
-
-
 @pytest.fixture(scope='module')
 def run(idx_dir, tfds_dir, tmp_path_factory):
   """One synthetic run of two epochs (checkpoints at steps 22 and 44), shared by the module."""

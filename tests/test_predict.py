@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from conftest import MNIST_DIR, ROOT, requires_mnist, small_config, write_idx
 from digitjax import data, evaluate, images, train
 from digitjax.errors import UserError
-from test_evaluate import workdir_snapshot
+from conftest import workdir_snapshot
 
 
 def _read_csv(text):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import ROOT, small_config
 from digitjax import data, report, train
-from test_evaluate import workdir_snapshot
+from conftest import workdir_snapshot
 
 # Pictures of digits are mostly black and white; charts mostly white with lines and text.
 MIN_STD = {'samples.png': 60, 'predictions.png': 60, 'mistakes.png': 20, 'class_counts.png': 20,
