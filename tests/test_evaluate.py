@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, small_config
+from conftest import ROOT, small_config, workdir_snapshot
 from digitjax import evaluate, metrics, train
 from digitjax.errors import UserError
 
