@@ -35,7 +35,7 @@ def get_config():
 
   # Optimization
   config.batch_size = 32               # global batch, split across all devices
-  config.num_epochs = 10               # passes over the training examples
+  config.num_epochs = 10.0             # passes over the training examples (may be fractional)
   config.learning_rate = 0.01          # SGD learning rate
   config.momentum = 0.9                # SGD momentum
   config.seed = 0                      # one seed for init, validation split and example order

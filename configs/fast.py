@@ -14,7 +14,7 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.batch_size = 128              # fewer, larger steps; per-image cost stays flat up to ~128
-  config.num_epochs = 3                # passes over the 54,000 training images
+  config.num_epochs = 1.5              # passes over the 54,000 training images
   config.learning_rate = 0.15          # the one-cycle peak
   config.schedule = 'onecycle'         # warm up for 30% of the steps, then anneal to ~0
   config.nesterov = True               # Nesterov momentum 0.9

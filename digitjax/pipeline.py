@@ -45,9 +45,9 @@ class HostInput:
     self._step = self._jitted.lower(state, sums, spec).compile()
     return time.perf_counter() - start
 
-  def run(self, state, sums, epoch_perm, first_step: int):
+  def run(self, state, sums, epoch_perm, first_step: int, end_step: int | None = None):
     """Yields (state, sums, steps_done_in_epoch) after each call, from `first_step` on."""
-    perm = np.asarray(epoch_perm)
+    perm = np.asarray(epoch_perm)[:(end_step or self.steps_per_epoch) * self.batch_size]
     step = first_step
     for batch in data.host_batches(self.split, perm, self.batch_size, first_step,
                                    jax.process_index(), jax.process_count()):
@@ -78,11 +78,12 @@ class DeviceInput:
     self._run = self._jitted.lower(state, sums, self.arrays, perm, scalar, scalar).compile()
     return time.perf_counter() - start
 
-  def run(self, state, sums, epoch_perm, first_step: int):
+  def run(self, state, sums, epoch_perm, first_step: int, end_step: int | None = None):
+    """Like HostInput.run, `chunk` steps per call; stops at `end_step` (default: epoch end)."""
     perm = jax.device_put(jnp.asarray(epoch_perm, jnp.int32), parallel.replicated(self.mesh))
-    step = first_step
-    while step < self.steps_per_epoch:
-      n = min(self.chunk, self.steps_per_epoch - step)
+    step, end = first_step, end_step or self.steps_per_epoch
+    while step < end:
+      n = min(self.chunk, end - step)
       state, sums = self._run(state, sums, self.arrays, perm, np.int32(step), np.int32(n))
       step += n
       yield state, sums, step

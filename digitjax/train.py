@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -36,9 +37,14 @@ class TrainState(train_state.TrainState):
   rng: jax.Array
 
 
+def total_steps(config, steps_per_epoch: int) -> int:
+  """Training steps of the run: num_epochs may be fractional (the last epoch is then partial)."""
+  return int(round(config.num_epochs * steps_per_epoch))
+
+
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.ScalarOrSchedule:
   """config.schedule: 'constant' (the tutorial's), 'cosine' or 'onecycle'; optional warmup."""
-  total = max(config.num_epochs * steps_per_epoch, 1)
+  total = max(total_steps(config, steps_per_epoch), 1)
   warmup = int(config.warmup_epochs * steps_per_epoch)
   lr = config.learning_rate
   if config.schedule == 'onecycle':
@@ -271,7 +277,8 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   if steps_per_epoch == 0:
     raise UserError(f'batch_size={config.batch_size} exceeds the {n_train} training examples; '
                     f'lower config.batch_size')
-  total_steps = steps_per_epoch * config.num_epochs
+  last_step = total_steps(config, steps_per_epoch)
+  num_epochs = math.ceil(last_step / steps_per_epoch)  # the last one may be partial
   log(f'{config.dataset}: {n_train} train, {len(splits.val["label"])} validation, '
       f'{len(splits.test["label"])} test examples; {steps_per_epoch} steps of '
       f'{config.batch_size} per epoch')
@@ -293,7 +300,7 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
         f'step {step % steps_per_epoch} of it)')
 
   results_path = os.path.join(workdir, 'results.json')
-  if step >= total_steps and os.path.exists(results_path):
+  if step >= last_step and os.path.exists(results_path):
     with open(results_path) as f:
       results = json.load(f)
     if results.get('checkpoint_step') == step:
@@ -321,20 +328,21 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
 
   record, first_step_seconds = None, None
   with _StopSignals() as stop:
-    while step < total_steps:
+    while step < last_step:
       epoch = step // steps_per_epoch
       perm = data.epoch_permutation(config.seed, epoch, n_train)
-      progress = metrics_lib.Progress(steps_per_epoch, f'Epoch {epoch + 1}/{config.num_epochs}')
+      epoch_end = min(steps_per_epoch, last_step - epoch * steps_per_epoch)
+      progress = metrics_lib.Progress(epoch_end, f'Epoch {epoch + 1}/{num_epochs}')
       sums = jax.device_put(_empty_sums(), parallel.replicated(mesh))
       epoch_start = time.perf_counter()
-      for state, sums, done in feeder.run(state, sums, perm, step % steps_per_epoch):
+      for state, sums, done in feeder.run(state, sums, perm, step % steps_per_epoch, epoch_end):
         step = epoch * steps_per_epoch + done
         if first_step_seconds is None:  # one sync, to report start-up time honestly
           jax.block_until_ready(sums)
           first_step_seconds = _process_age()
         if progress.due():
           progress.show(done, _read_sums(sums)['loss'])
-        if done % feeder.sync_every == 0 or done == steps_per_epoch:
+        if done % feeder.sync_every == 0 or done == epoch_end:
           # Run at most `sync_every` steps ahead: otherwise async dispatch queues the whole
           # epoch and a signal is seen only after it. Every process stops at the same step.
           jax.block_until_ready(sums)
@@ -349,7 +357,7 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
             f'the training loss became non-finite at step {train["first_nonfinite_step"]}; '
             f'nothing after the last checkpoint ({checkpoints.steps()[-1:] or "none"}) was '
             f'saved; lower config.learning_rate')
-      if stop.received and step % steps_per_epoch:  # mid-epoch: save this step, no evaluation
+      if stop.received and step < epoch * steps_per_epoch + epoch_end:  # mid-epoch: no evaluation
         save(epoch_done=False)
         _stop_for_signal(stop.received, step, checkpoints)
       val = evaluator.evaluate(state, splits.val)
@@ -357,7 +365,7 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
                 'train_accuracy': train['accuracy'], 'val_loss': val['loss'],
                 'val_accuracy': val['accuracy'],
                 'epoch_seconds': time.perf_counter() - epoch_start}
-      log(_epoch_line(epoch + 1, config.num_epochs, record['epoch_seconds'], record))
+      log(_epoch_line(epoch + 1, num_epochs, record['epoch_seconds'], record))
       writer.write(step, record)
       save(epoch_done=True, record=record)
       if parallel.any_process(stop.received is not None):  # at the last step or in evaluation
@@ -372,7 +380,7 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
       'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
       'val_accuracy': history[-1]['val_accuracy'] if history else None,
       'val_loss': history[-1]['val_loss'] if history else None,
-      'num_params': num_params, 'epochs_completed': step // steps_per_epoch,
+      'num_params': num_params, 'epochs_completed': round(step / steps_per_epoch, 4),
       'checkpoint_step': step, 'train_seconds': train_seconds,
       'seconds_per_epoch': train_seconds / max(step / steps_per_epoch, 1e-9),
       'compile_seconds': compile_seconds, 'start_to_first_step_seconds': first_step_seconds,
