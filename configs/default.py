@@ -22,6 +22,7 @@ def get_config():
   config.data.verify_checksums = True  # check MNIST's decompressed SHA-256 pins when preparing
   config.data.max_train_examples = 0   # use only this many training examples (0 = all)
   config.data.cache_decoded = True     # keep tfds's decoded arrays beside the prepared dataset
+  config.data.split_seed = -1          # seed of the validation holdout (-1 = seed)
 
   # Model: Conv-Pool-Conv-Conv-Pool-Dense-Dense, 159,254 parameters
   config.model = ml_collections.ConfigDict()
@@ -39,6 +40,7 @@ def get_config():
   config.learning_rate = 0.01          # SGD learning rate
   config.momentum = 0.9                # SGD momentum
   config.seed = 0                      # one seed for init, validation split and example order
+  config.ensemble_size = 1             # models trained at once by vmap; member i uses seed + i
   config.schedule = 'constant'         # learning rate: 'constant' | 'cosine' | 'onecycle'
   config.warmup_epochs = 0.0           # linear warmup from 0 ('constant' and 'cosine')
   config.onecycle_pct_start = 0.3      # share of the steps spent rising ('onecycle')
@@ -58,7 +60,7 @@ def get_config():
   config.augment.shift = 0.1           # shift, fraction of the image size, per axis
 
   # Input and speed (these change how fast, not what is computed)
-  config.input_pipeline = 'auto'       # 'device' (split on device, lax.scan) | 'tfds' | 'auto'
+  config.input_pipeline = 'auto'       # 'device' (on device, lax.scan) | 'tfds' | 'auto' (per backend)
   config.chunk_steps = 100             # steps per compiled scan call with the 'device' input
 
   # Many hosts (see README "Running on many devices and hosts")

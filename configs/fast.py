@@ -18,5 +18,6 @@ def get_config():
   config.learning_rate = 0.15          # the one-cycle peak
   config.schedule = 'onecycle'         # warm up for 30% of the steps, then anneal to ~0
   config.nesterov = True               # Nesterov momentum 0.9
+  config.input_pipeline = 'device'     # the path these figures were measured with
   config.chunk_steps = 50              # steps per compiled scan call
   return config

@@ -17,6 +17,8 @@ def validate(config) -> None:
       ('validation_fraction', 0 <= config.validation_fraction < 1, 'in [0, 1)'),
       ('data.max_train_examples', config.data.max_train_examples >= 0, '0 (all) or positive'),
       ('checkpoint_keep', config.checkpoint_keep >= 1, 'at least 1'),
+      ('ensemble_size', config.ensemble_size >= 1, 'at least 1'),
+      ('data.split_seed', config.data.split_seed >= -1, '-1 (= seed) or a seed >= 0'),
       ('model.conv_features', len(config.model.conv_features) >= 1
        and all(f > 0 for f in config.model.conv_features), 'a non-empty list of positive widths'),
       ('model.dense_features', config.model.dense_features > 0, 'positive'),
@@ -24,6 +26,8 @@ def validate(config) -> None:
       ('input_pipeline', config.input_pipeline in ('auto', 'device', 'tfds'),
        "'auto', 'device' or 'tfds'"),
       ('chunk_steps', config.chunk_steps >= 1, 'at least 1'),
+      ('input_pipeline', config.ensemble_size == 1 or config.input_pipeline != 'tfds',
+       "'device' or 'auto' when ensemble_size > 1 (ensembles gather their batches on device)"),
       ('schedule', config.schedule in ('constant', 'cosine', 'onecycle'),
        "'constant', 'cosine' or 'onecycle'"),
       ('warmup_epochs', 0 <= config.warmup_epochs <= config.num_epochs, 'in [0, num_epochs]'),

@@ -239,8 +239,16 @@ def holdout_indices(n: int, fraction: float, seed: int, max_examples: int = 0):
   return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+def split_seed(config) -> int:
+  """Seed of the validation holdout: data.split_seed, or `seed` when it is -1 (the default).
+
+  A seed ensemble's members (seeds seed, seed+1, ...) share the holdout of `seed` this way.
+  """
+  return config.seed if config.data.split_seed < 0 else config.data.split_seed
+
+
 def load_splits(config) -> Splits:
-  """Train/val/test arrays for config.dataset: prepared by tfds, validation held out by seed."""
+  """Train/val/test arrays for config.dataset: tfds-prepared, validation held out by split_seed."""
   from digitjax import parallel
   d = config.data
   args = (config.dataset, d.data_dir or None, d.manual_dir or None, d.verify_checksums)
@@ -251,7 +259,7 @@ def load_splits(config) -> Splits:
   full_train = read_split(builder, 'train', d.cache_decoded)
   test = read_split(builder, 'test', d.cache_decoded)
   train_idx, val_idx = holdout_indices(len(full_train['label']), config.validation_fraction,
-                                       config.seed, d.max_train_examples)
+                                       split_seed(config), d.max_train_examples)
   take = lambda split, idx: {k: v[idx] for k, v in split.items()}
   return Splits(take(full_train, train_idx), take(full_train, val_idx), test)
 

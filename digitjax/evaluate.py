@@ -16,8 +16,8 @@ import sys
 import jax
 import numpy as np
 
-from digitjax import checkpoint as ckpt_lib, configlib, data, metrics as metrics_lib, parallel
-from digitjax import train
+from digitjax import checkpoint as ckpt_lib, configlib, data, ensemble, metrics as metrics_lib
+from digitjax import parallel, train
 from digitjax.errors import UserError
 from digitjax.metrics import log
 
@@ -26,9 +26,11 @@ SPLITS = {'train': 'train', 'validation': 'val', 'test': 'test'}
 # report redraws what training drew at its end: the final state, which results.json describes.
 DEFAULT_CHECKPOINT = {'eval': 'best', 'predict': 'best', 'report': 'latest'}
 # The config fields a checkpoint must share with the config using it. The batch size shapes only
-# training; predict needs just the architecture; eval and report also the data's split.
+# training; predict needs just the architecture (and the number of ensemble members); eval and
+# report also the data's split.
 FIT_FIELDS = {
-    'predict': tuple(f for f in ckpt_lib.RESUME_FIELDS if f.startswith('model.')),
+    'predict': tuple(f for f in ckpt_lib.RESUME_FIELDS
+                     if f.startswith('model.') or f == 'ensemble_size'),
     'eval': tuple(f for f in ckpt_lib.RESUME_FIELDS if f != 'batch_size'),
 }
 FIT_FIELDS['report'] = FIT_FIELDS['eval']
@@ -100,8 +102,9 @@ def restore(config, workdir: str, which: str, mode: str = 'eval'):
     saved = {k: v for k, v in meta.get('resume_fields', {}).items() if k in FIT_FIELDS[mode]}
     checkpoints.check_compatible({'resume_fields': saved}, config.to_dict(), step)
     mesh = parallel.make_mesh()
-    target = jax.device_put(train.create_train_state(config, jax.random.key(config.seed)),
-                            parallel.replicated(mesh))
+    target = jax.device_put(
+        ensemble.init_state(lambda key: train.create_train_state(config, key), config),
+        parallel.replicated(mesh))
     try:
       state, meta = checkpoints.restore(step, target)
     except Exception as e:
@@ -139,15 +142,18 @@ def run_eval(config, workdir: str, checkpoint: str = 'best', split: str = 'test'
   if not len(examples['label']):
     raise UserError(f'the {split} split is empty (config.validation_fraction='
                     f'{config.validation_fraction}); evaluate another --split')
-  logits = train.Evaluator(mesh, config.eval_batch_size).logits(state, examples['image'])
-  metrics = train.classification_metrics(logits, examples['label'])
-  per_class = per_class_accuracy(logits, examples['label'], config.model.num_classes)
+  evaluator = train.Evaluator(mesh, config.eval_batch_size, config.ensemble_size)
+  logits = evaluator.logits(state, examples['image'])
+  metrics = train.evaluation_metrics(logits, examples['label'])
+  per_class = per_class_accuracy(ensemble.combine_logits(logits), examples['label'],
+                                 config.model.num_classes)
   result = {'split': split, 'checkpoint': checkpoint, 'checkpoint_step': step,
             'epoch': meta.get('epoch'), f'{prefix}_accuracy': metrics['accuracy'],
             f'{prefix}_loss': metrics['loss'], f'{prefix}_examples': len(examples['label']),
-            f'{prefix}_per_class_accuracy': per_class}
+            f'{prefix}_per_class_accuracy': per_class, **ensemble.member_summary(prefix, metrics)}
   log(f'Checkpoint step {step} ({checkpoint}): {prefix}_accuracy {metrics["accuracy"]:.4f} - '
-      f'{prefix}_loss {metrics["loss"]:.4f} ({len(examples["label"])} images)')
+      f'{prefix}_loss {metrics["loss"]:.4f} ({len(examples["label"])} images)'
+      + ensemble.describe(prefix, result))
   log('Per-class accuracy: ' + ' | '.join(
       f'{c} {"-" if a is None else f"{a:.4f}"}' for c, a in per_class.items()))
   if parallel.is_main_process():
@@ -198,7 +204,10 @@ def run_predict(config, workdir: str, inputs: list[str], output: str | None = No
   read = images.read_inputs(inputs)
   probabilities = np.zeros((0, config.model.num_classes))
   if len(read.images):
-    logits = train.Evaluator(mesh, config.eval_batch_size).logits(state, read.images[..., None])
+    logits = train.Evaluator(mesh, config.eval_batch_size, config.ensemble_size).logits(
+        state, read.images[..., None])
+    # An ensemble's confidence is its mean softmax probability: combine_logits is its log.
+    logits = ensemble.combine_logits(logits)
     probabilities = np.asarray(jax.nn.softmax(logits.astype(np.float32), axis=-1))
   if parallel.is_main_process():  # every process computes, one speaks
     for path, reason in read.errors:
@@ -216,7 +225,8 @@ def run_report(config, workdir: str, checkpoint: str = 'latest') -> list[str]:
   configlib.validate(config)
   state, step, _, mesh = restore(config, workdir, checkpoint, 'report')
   splits = data.load_splits(config)
-  test_logits = train.Evaluator(mesh, config.eval_batch_size).logits(state, splits.test['image'])
+  test_logits = ensemble.combine_logits(train.Evaluator(
+      mesh, config.eval_batch_size, config.ensemble_size).logits(state, splits.test['image']))
   if not parallel.is_main_process():  # all processes evaluate; process 0 draws, as in training
     return []
   from digitjax import report  # matplotlib is imported only when pictures are drawn

@@ -16,8 +16,8 @@ import optax
 from flax.training import train_state
 
 from digitjax import augment as augment_lib, checkpoint as ckpt_lib
-from digitjax import configlib, data, metrics as metrics_lib, model as model_lib, parallel
-from digitjax import pipeline
+from digitjax import configlib, data, ensemble, metrics as metrics_lib, model as model_lib
+from digitjax import parallel, pipeline
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
 from digitjax.metrics import log
@@ -72,12 +72,19 @@ def make_optimizer(config, steps_per_epoch: int = 1) -> optax.GradientTransforma
 
 
 def create_train_state(config, rng, steps_per_epoch: int = 1) -> TrainState:
-  """Parameters from `rng`; `steps_per_epoch` sizes the learning-rate schedule."""
+  """Parameters from `rng`; `steps_per_epoch` sizes the learning-rate schedule.
+
+  Jitted: run eagerly, the initializers compile op by op (~4 s of start-up on this CPU).
+  """
   model = model_lib.build_model(config.model)
-  params = model.init(rng, jnp.zeros((1,) + data.IMAGE_SHAPE, jnp.float32))['params']
-  return TrainState.create(apply_fn=model.apply, params=params,
-                           tx=make_optimizer(config, steps_per_epoch),
-                           rng=jax.random.key_data(jax.random.fold_in(rng, 0x5eed)))
+  tx = make_optimizer(config, steps_per_epoch)
+
+  def init(rng):
+    params = model.init(rng, jnp.zeros((1,) + data.IMAGE_SHAPE, jnp.float32))['params']
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                             rng=jax.random.key_data(jax.random.fold_in(rng, 0x5eed)))
+
+  return jax.jit(init)(rng)
 
 
 def augment_ranges(config) -> augment_lib.AffineRanges | None:
@@ -123,9 +130,11 @@ def eval_step(state, batch):
   return state.apply_fn({'params': state.params}, _images(batch))
 
 
-def _empty_sums():
-  return {'loss': jnp.zeros(()), 'accuracy': jnp.zeros(()), 'steps': jnp.zeros((), jnp.int32),
+def _empty_sums(ensemble_size: int = 1):
+  """Zeroed running sums of the step's metrics; one set per member of an ensemble."""
+  sums = {'loss': jnp.zeros(()), 'accuracy': jnp.zeros(()), 'steps': jnp.zeros((), jnp.int32),
           'first_nonfinite_step': jnp.full((), jnp.iinfo(jnp.int32).max, jnp.int32)}
+  return sums if ensemble_size == 1 else ensemble.stack([sums] * ensemble_size)
 
 
 def _train_and_accumulate(state, sums, batch, augment=None):
@@ -141,10 +150,13 @@ def _train_and_accumulate(state, sums, batch, augment=None):
 
 
 def _read_sums(sums) -> dict:
+  """Means over the steps so far. An ensemble's are also averaged over its members, and its
+  first non-finite step is the earliest of any member's."""
   sums = jax.device_get(sums)
-  n = max(int(sums['steps']), 1)
-  first_bad = int(sums['first_nonfinite_step'])
-  return {'loss': float(sums['loss']) / n, 'accuracy': float(sums['accuracy']) / n,
+  n = np.maximum(sums['steps'], 1)
+  first_bad = int(np.min(sums['first_nonfinite_step']))
+  mean = lambda total: float(np.mean(np.asarray(total, np.float64) / n))
+  return {'loss': mean(sums['loss']), 'accuracy': mean(sums['accuracy']),
           'first_nonfinite_step': None if first_bad == np.iinfo(np.int32).max else first_bad}
 
 
@@ -162,14 +174,29 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
           'accuracy': float((logits.argmax(-1) == labels).mean())}
 
 
-class Evaluator:
-  """Logits for a whole split in fixed-size padded batches: one compiled program for all splits."""
+def evaluation_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
+  """classification_metrics of a model's (N, C) logits. Of an ensemble's (K, N, C), those of the
+  mean probabilities (ensemble.combine_logits), with each member's under 'members'."""
+  if logits.ndim == 2:
+    return classification_metrics(logits, labels)
+  return {**classification_metrics(ensemble.combine_logits(logits), labels),
+          'members': [classification_metrics(member, labels) for member in logits]}
 
-  def __init__(self, mesh, batch_size: int):
+
+class Evaluator:
+  """Logits for a whole split in fixed-size padded batches: one compiled program for all splits.
+
+  With `ensemble_size` K > 1 the state is stacked and the logits are (K, N, C), every member
+  evaluated on the same batches by one vmapped program.
+  """
+
+  def __init__(self, mesh, batch_size: int, ensemble_size: int = 1):
     parallel.check_divisible('eval_batch_size', batch_size, mesh)
     self.mesh, self.batch_size = mesh, batch_size
     self._sharding = parallel.batch_sharding(mesh)
-    self._step = jax.jit(eval_step, out_shardings=parallel.replicated(mesh))
+    self._members = () if ensemble_size == 1 else (ensemble_size,)
+    step = eval_step if ensemble_size == 1 else jax.vmap(eval_step, in_axes=(0, None))
+    self._step = jax.jit(step, out_shardings=parallel.replicated(mesh))
 
   def logits(self, state, images: np.ndarray) -> np.ndarray:
     n, b = len(images), self.batch_size
@@ -182,11 +209,11 @@ class Evaluator:
       mine = chunk[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
       outputs.append(self._step(state, parallel.to_global({'image': mine}, self._sharding)))
     if not outputs:
-      return np.zeros((0, 0), np.float32)
-    return np.concatenate(jax.device_get(outputs))[:n]
+      return np.zeros(self._members + (0, 0), np.float32)
+    return np.concatenate(jax.device_get(outputs), axis=-2)[..., :n, :]
 
-  def evaluate(self, state, split: dict[str, np.ndarray]) -> dict[str, float]:
-    return classification_metrics(self.logits(state, split['image']), split['label'])
+  def evaluate(self, state, split: dict[str, np.ndarray]) -> dict:
+    return evaluation_metrics(self.logits(state, split['image']), split['label'])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,9 +312,12 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
 
   model = model_lib.build_model(config.model)
   log(model_lib.summary_table(model))
-  state = create_train_state(config, jax.random.key(config.seed), steps_per_epoch)
+  if config.ensemble_size > 1:
+    log(f'Ensemble of {config.ensemble_size} members (seeds {config.seed}..'
+        f'{config.seed + config.ensemble_size - 1}), trained at once by vmap')
+  state = ensemble.init_state(lambda key: create_train_state(config, key, steps_per_epoch), config)
   state = jax.device_put(state, parallel.replicated(mesh))
-  num_params = model_lib.count_params(state.params)
+  num_params = model_lib.count_params(state.params) // config.ensemble_size  # of one model
 
   config_dict = config.to_dict()
   checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), config.checkpoint_keep)
@@ -309,13 +339,14 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
       checkpoints.close()
       return state
 
-  evaluator = Evaluator(mesh, config.eval_batch_size)
+  evaluator = Evaluator(mesh, config.eval_batch_size, config.ensemble_size)
   writer = metrics_lib.MetricWriter(workdir)
-  sums = jax.device_put(_empty_sums(), parallel.replicated(mesh))
+  sums = jax.device_put(_empty_sums(config.ensemble_size), parallel.replicated(mesh))
+  step_fn = functools.partial(_train_and_accumulate, augment=augment_ranges(config))
+  if config.ensemble_size > 1:  # the same step for every member of the stacked state
+    step_fn = jax.vmap(step_fn)
   feeder = pipeline.make_input(config.input_pipeline, splits.train, config.batch_size, mesh,
-                               functools.partial(_train_and_accumulate,
-                                                 augment=augment_ranges(config)),
-                               config.chunk_steps)
+                               step_fn, config.chunk_steps, config.ensemble_size)
   compile_seconds = feeder.compile(state, sums)
   log(f'Compiled the train step in {compile_seconds:.1f}s on {jax.device_count()} '
       f'{jax.default_backend()} device(s), {pipeline.resolve(config.input_pipeline)} input')
@@ -330,10 +361,10 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   with _StopSignals() as stop:
     while step < last_step:
       epoch = step // steps_per_epoch
-      perm = data.epoch_permutation(config.seed, epoch, n_train)
+      perm = ensemble.epoch_permutation(config, epoch, n_train)
       epoch_end = min(steps_per_epoch, last_step - epoch * steps_per_epoch)
       progress = metrics_lib.Progress(epoch_end, f'Epoch {epoch + 1}/{num_epochs}')
-      sums = jax.device_put(_empty_sums(), parallel.replicated(mesh))
+      sums = jax.device_put(_empty_sums(config.ensemble_size), parallel.replicated(mesh))
       epoch_start = time.perf_counter()
       for state, sums, done in feeder.run(state, sums, perm, step % steps_per_epoch, epoch_end):
         step = epoch * steps_per_epoch + done
@@ -364,8 +395,10 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
       record = {'epoch': epoch + 1, 'train_loss': train['loss'],
                 'train_accuracy': train['accuracy'], 'val_loss': val['loss'],
                 'val_accuracy': val['accuracy'],
-                'epoch_seconds': time.perf_counter() - epoch_start}
-      log(_epoch_line(epoch + 1, num_epochs, record['epoch_seconds'], record))
+                'epoch_seconds': time.perf_counter() - epoch_start,
+                **ensemble.member_summary('val', val)}
+      log(_epoch_line(epoch + 1, num_epochs, record['epoch_seconds'], record)
+          + ensemble.describe('val', record))
       writer.write(step, record)
       save(epoch_done=True, record=record)
       if parallel.any_process(stop.received is not None):  # at the last step or in evaluation
@@ -374,10 +407,11 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
 
   checkpoints.wait()  # a failed last save is an error before results.json points at it
   test_logits = evaluator.logits(state, splits.test['image'])
-  test = classification_metrics(test_logits, splits.test['label'])
+  test = evaluation_metrics(test_logits, splits.test['label'])
   history = metrics_lib.read_history(workdir)
   results = {
       'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
+      **ensemble.member_summary('test', test),
       'val_accuracy': history[-1]['val_accuracy'] if history else None,
       'val_loss': history[-1]['val_loss'] if history else None,
       'num_params': num_params, 'epochs_completed': round(step / steps_per_epoch, 4),
@@ -388,14 +422,15 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
       'backend': jax.default_backend(), 'config': config_dict,
   }
   log(f'Test: loss {test["loss"]:.4f} - accuracy {test["accuracy"]:.4f} '
-      f'({len(splits.test["label"])} images)')
+      f'({len(splits.test["label"])} images)' + ensemble.describe('test', results))
   if parallel.is_main_process():
     write_json_atomic(results_path, results)
-  writer.write(step, {'test_loss': test['loss'], 'test_accuracy': test['accuracy']})
+  writer.write(step, {'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
+                      **ensemble.member_summary('test', test)})
   writer.close()
   if config.plots and parallel.is_main_process():
     from digitjax import report  # matplotlib is imported only when pictures are drawn
-    report.draw_all(workdir, splits, test_logits, history)
+    report.draw_all(workdir, splits, ensemble.combine_logits(test_logits), history)
   checkpoints.wait()
   checkpoints.close()
   return state

@@ -48,3 +48,12 @@ def test_missing_data_dir_is_one_clear_line(tfds_dir, tmp_path):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith('error: data.manual_dir=') and 'no such directory' in last
   assert 'Traceback' not in proc.stderr
+
+
+def test_fast_config_loads_and_is_checked(idx_dir, tfds_dir, tmp_path):
+  args = small_args(idx_dir, tfds_dir, tmp_path / 'run')
+  args[0] = '--config=configs/fast.py'
+  proc = run(*args, '--config.learning_rate=-1')
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'error: config.learning_rate=-1.0 is invalid: it must be positive')

@@ -94,3 +94,13 @@ def test_real_mnist_subset_reaches_95_percent(tfds_dir, tmp_path_factory):
   train.train_and_evaluate(config, str(workdir))
   results = _results(workdir)
   assert results['val_accuracy'] >= 0.95, results
+
+
+def test_fractional_epochs_end_with_a_partial_epoch(idx_dir, tfds_dir, tmp_path, capsys):
+  config = small_config(idx_dir, tfds_dir, num_epochs=1.5)
+  state = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  out = capsys.readouterr().out
+  assert int(state.step) == 33  # 22 steps per epoch x 1.5
+  assert 'Epoch 1/2' in out and 'Epoch 2/2' in out
+  results = _results(tmp_path / 'run')
+  assert results['epochs_completed'] == 1.5 and results['checkpoint_step'] == 33
