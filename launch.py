@@ -2,6 +2,7 @@
 
 --mode=train (default) trains; eval, predict and report use a trained workdir (README.md).
 """
+import os
 import signal
 import sys
 
@@ -37,6 +38,10 @@ def main(argv):
   if not FLAGS['verbosity'].present:  # orbax and tfds are chatty at INFO; -v 0 brings it back
     absl_logging.set_verbosity(absl_logging.WARNING)
   import jax
+  if FLAGS.config.compilation_cache_dir:  # later runs load compiled steps instead of compiling
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.expanduser(FLAGS.config.compilation_cache_dir))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
   from digitjax import parallel
   parallel.initialize_distributed(FLAGS.config.distributed)  # before anything touches devices
   from digitjax import train

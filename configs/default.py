@@ -62,6 +62,7 @@ def get_config():
   # Input and speed (these change how fast, not what is computed)
   config.input_pipeline = 'auto'       # 'device' (on device, lax.scan) | 'tfds' | 'auto' (per backend)
   config.chunk_steps = 100             # steps per compiled scan call with the 'device' input
+  config.compilation_cache_dir = '~/.cache/digitjax/jax'  # JAX's persistent cache ('' = off)
 
   # Many hosts (see README "Running on many devices and hosts")
   config.distributed = ml_collections.ConfigDict()
