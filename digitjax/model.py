@@ -20,7 +20,7 @@ def im2col_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
                 dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
   """`lax.conv_general_dilated` for NHWC x HWIO, stride 1, VALID, as shifted slices + one matmul.
 
-  On CPU its gradients are 2-3x faster than XLA's convolution (benchmarks/step.py). Any case it
+  On CPU its gradients are 2-3x faster than XLA's convolution (benchmarks/layers.py). Any case it
   does not cover goes to `lax.conv_general_dilated` unchanged.
   """
   simple = (tuple(window_strides) == (1, 1) and padding in ('VALID', ((0, 0), (0, 0)), [(0, 0), (0, 0)])
