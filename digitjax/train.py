@@ -349,7 +349,8 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
                                step_fn, config.chunk_steps, config.ensemble_size)
   compile_seconds = feeder.compile(state, sums)
   log(f'Compiled the train step in {compile_seconds:.1f}s on {jax.device_count()} '
-      f'{jax.default_backend()} device(s), {pipeline.resolve(config.input_pipeline)} input')
+      f'{jax.default_backend()} device(s), '
+      f'{pipeline.resolve(config.input_pipeline, config.ensemble_size)} input')
 
   def save(epoch_done: bool, record=None):
     meta = {'step': step, 'epoch': step / steps_per_epoch, 'train_seconds': train_seconds,
