@@ -30,7 +30,9 @@ def validate(config) -> None:
        "'device' or 'auto' when ensemble_size > 1 (ensembles gather their batches on device)"),
       ('schedule', config.schedule in ('constant', 'cosine', 'onecycle'),
        "'constant', 'cosine' or 'onecycle'"),
-      ('warmup_epochs', 0 <= config.warmup_epochs <= config.num_epochs, 'in [0, num_epochs]'),
+      ('warmup_epochs', 0 <= config.warmup_epochs <= config.num_epochs
+       and not (config.schedule == 'cosine' and config.warmup_epochs >= config.num_epochs),
+       'in [0, num_epochs], and below num_epochs with the cosine schedule'),
       ('weight_decay', config.weight_decay >= 0, '0 or positive'),
       ('model.dropout_rate', 0 <= config.model.dropout_rate < 1, 'in [0, 1)'),
       ('augment.rotation', 0 <= config.augment.rotation <= 180, 'in [0, 180] degrees'),

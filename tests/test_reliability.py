@@ -301,7 +301,7 @@ def test_shapes_are_checked_even_when_the_record_says_nothing(reference, tmp_pat
      'config.validation_fraction=-0.1 is invalid: it must be in [0, 1)'),
     ('dataset=cifar10',
      "config.dataset='cifar10' is invalid: it must be one of ('mnist', 'fashion_mnist')"),
-    ('num_epochs=0', 'config.num_epochs=0 is invalid: it must be at least 1'),
+    ('num_epochs=0', 'config.num_epochs=0.0 is invalid: it must be at least 1'),
 ])
 def test_invalid_value_is_rejected_before_any_work(data, tmp_path, override, message):
   proc = run(tmp_path / 'run', data, f'--config.{override}')
