@@ -244,6 +244,12 @@ class _StopSignals:
       logging.warning('%s received again: still saving the checkpoint, please wait',
                       signal.Signals(signum).name)
 
+  def agreed(self) -> bool:
+    """Whether any process got a signal (a collective: call it at the same step everywhere)."""
+    if parallel.any_process(self.received is not None):
+      self.received = self.received or 'a signal to another process'
+    return self.received is not None
+
   def __exit__(self, *exc):
     for sig, handler in self._old.items():
       signal.signal(sig, handler)
@@ -378,8 +384,7 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
           # Run at most `sync_every` steps ahead: otherwise async dispatch queues the whole
           # epoch and a signal is seen only after it. Every process stops at the same step.
           jax.block_until_ready(sums)
-          if parallel.any_process(stop.received is not None):
-            stop.received = stop.received or 'a signal to another process'
+          if stop.agreed():
             break
       train = _read_sums(sums)
       train_seconds += time.perf_counter() - epoch_start
@@ -402,8 +407,7 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
           + ensemble.describe('val', record))
       writer.write(step, record)
       save(epoch_done=True, record=record)
-      if parallel.any_process(stop.received is not None):  # at the last step or in evaluation
-        stop.received = stop.received or 'a signal to another process'
+      if stop.agreed():  # the signal came at the epoch's last step or during its evaluation
         _stop_for_signal(stop.received, step, checkpoints)
 
   checkpoints.wait()  # a failed last save is an error before results.json points at it
