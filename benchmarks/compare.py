@@ -78,7 +78,9 @@ def main():
   parser.add_argument('--data', default=os.path.join(ROOT, '..', 'shared', 'data', 'mnist'))
   parser.add_argument('--data-dir', default=os.path.join(tempfile.gettempdir(), 'digitjax_bench_tfds'))
   parser.add_argument('--repeats', type=int, default=3)
-  parser.add_argument('--pipelines', default='device,tfds')
+  parser.add_argument('--pipelines', default='device,tfds',
+                      help='comma-separated input pipelines to time; each may carry config '
+                           'overrides after "+", e.g. tfds+grad_chunks=1+model.conv_impl=im2col')
   parser.add_argument('--skip-keras', action='store_true')
   args = parser.parse_args()
   data = os.path.abspath(args.data)
@@ -90,8 +92,10 @@ def main():
   for repeat in range(args.repeats):
     if not args.skip_keras:
       runs.setdefault('keras', []).append(keras_run(data))
-    for pipeline in args.pipelines.split(','):
-      runs.setdefault(f'digitjax[{pipeline}]', []).append(digitjax_run(data, args.data_dir, pipeline))
+    for variant in args.pipelines.split(','):
+      pipeline, *overrides = variant.split('+')
+      runs.setdefault(f'digitjax[{variant}]', []).append(digitjax_run(
+          data, args.data_dir, pipeline, [f'--config.{o}' for o in overrides]))
     print(f'repeat {repeat + 1}/{args.repeats} done', file=sys.stderr, flush=True)
 
   keys = ['images_per_s', 'epoch_seconds', 'steady_step_ms', 'compile_seconds',
@@ -99,9 +103,10 @@ def main():
   med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items()}
   spread = {name: {k: (min(r[k] for r in rs), max(r[k] for r in rs)) for k in keys}
             for name, rs in runs.items()}
-  print(f"{'':<18}" + ''.join(f'{k[:14]:>16}' for k in keys))
+  width = max(18, *(len(name) + 2 for name in med))
+  print(f"{'':<{width}}" + ''.join(f'{k[:14]:>16}' for k in keys))
   for name in med:
-    print(f'{name:<18}' + ''.join(f'{med[name][k]:>16.3f}' for k in keys))
+    print(f'{name:<{width}}' + ''.join(f'{med[name][k]:>16.3f}' for k in keys))
   if 'keras' in med:
     for name in med:
       if name != 'keras':

@@ -14,7 +14,7 @@ def get_config():
   config.augment.enabled = True        # random affine per image, keys from (seed, step)
   config.model.dropout_rate = 0.25     # before each dense layer, training only
   config.batch_size = 64               # steps of 64 images
-  config.num_epochs = 12.0             # augmented data keeps improving for longer
+  config.num_epochs = 15.0             # augmented data keeps improving for longer
   config.learning_rate = 0.05          # cosine peak
   config.schedule = 'cosine'           # one warmup epoch, then cosine decay to 0
   config.warmup_epochs = 1.0           # linear warmup from 0

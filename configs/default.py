@@ -31,7 +31,7 @@ def get_config():
   config.model.dense_features = 100          # width of the hidden dense layer
   config.model.num_classes = 10              # output classes
   config.model.dropout_rate = 0.0            # dropout before the dense layers (0 = none)
-  config.model.conv_impl = 'auto'            # 'lax' | 'im2col' | 'auto' (im2col on CPU)
+  config.model.conv_impl = 'auto'            # 'lax' | 'im2col' | 'mixed' | 'auto' (mixed on CPU)
   config.model.pool_impl = 'auto'            # 'lax' | 'reshape' | 'auto' (reshape on CPU)
 
   # Optimization
@@ -62,6 +62,8 @@ def get_config():
   # Input and speed (these change how fast, not what is computed)
   config.input_pipeline = 'auto'       # 'device' (on device, lax.scan) | 'tfds' | 'auto' (per backend)
   config.chunk_steps = 100             # steps per compiled scan call with the 'device' input
+  config.grad_chunks = 0               # gradient summed over this many sub-batches, run in
+  #                                      parallel; 0 = auto (2 on one CPU device, else 1)
   config.compilation_cache_dir = '~/.cache/digitjax/jax'  # JAX's persistent cache ('' = off)
 
   # Many hosts (see README "Running on many devices and hosts")

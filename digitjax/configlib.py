@@ -38,8 +38,11 @@ def validate(config) -> None:
       ('augment.rotation', 0 <= config.augment.rotation <= 180, 'in [0, 180] degrees'),
       ('augment.zoom', 0 <= config.augment.zoom < 1, 'in [0, 1)'),
       ('augment.shift', 0 <= config.augment.shift < 1, 'in [0, 1)'),
-      ('model.conv_impl', config.model.conv_impl in ('auto', 'lax', 'im2col'),
-       "'auto', 'lax' or 'im2col'"),
+      ('model.conv_impl', config.model.conv_impl in ('auto', 'lax', 'im2col', 'mixed'),
+       "'auto', 'lax', 'im2col' or 'mixed'"),
+      ('grad_chunks', config.grad_chunks >= 0 and (
+          config.grad_chunks == 0 or config.batch_size % config.grad_chunks == 0),
+       '0 (auto) or a divisor of batch_size'),
       ('model.pool_impl', config.model.pool_impl in ('auto', 'lax', 'reshape'),
        "'auto', 'lax' or 'reshape'"),
   ]

@@ -88,19 +88,21 @@ class CNN(nn.Module):
   pool_after: Sequence[int] = (0, 2)      # indices of the conv layers followed by 2x2 max pooling
   dense_features: int = 100
   num_classes: int = 10
-  conv_impl: str = 'lax'                 # 'lax' (XLA convolution) or 'im2col'
+  conv_impl: str = 'lax'                 # 'lax' (XLA convolution), 'im2col', or 'mixed' (lax
+  #                                        for single-channel inputs, im2col for the others)
   pool_impl: str = 'lax'                 # 'lax' (nn.max_pool) or 'reshape'
   skip_dead_rows: bool = True            # crop input rows no output depends on (same outputs)
   dropout_rate: float = 0.0              # dropout before each dense layer when training
 
   @nn.compact
   def __call__(self, x_BxHxWxC, train: bool = False):
-    conv_fn = im2col_conv if self.conv_impl == 'im2col' else None
     x = x_BxHxWxC
     if self.skip_dead_rows:
       h, w = (used_input_size(n, len(self.conv_features), self.pool_after) for n in x.shape[1:3])
       x = x[:, :h, :w, :]
     for i, features in enumerate(self.conv_features):
+      conv_fn = (im2col_conv if self.conv_impl == 'im2col'
+                 or (self.conv_impl == 'mixed' and x.shape[-1] > 1) else None)
       x = nn.Conv(features, (3, 3), padding='VALID', kernel_init=nn.initializers.he_uniform(),
                   conv_general_dilated=conv_fn, name=f'conv{i + 1}')(x)
       x = nn.relu(x)
@@ -116,14 +118,21 @@ class CNN(nn.Module):
                     name='dense2')(x)
 
 
-def build_model(model_config, num_classes: int | None = None) -> CNN:
-  """The model from config.model: plain arguments in, so the module never sees a ConfigDict."""
+def build_model(model_config, num_classes: int | None = None, in_scan: bool = False) -> CNN:
+  """The model from config.model: plain arguments in, so the module never sees a ConfigDict.
+
+  conv_impl 'auto' on CPU is 'mixed' (XLA's convolution for the single-channel first layer, where
+  im2col's 9-wide matmul is slow; im2col for the others), but 'im2col' when the training step runs
+  inside `lax.scan` (`in_scan`, the device input): XLA:CPU's convolution is much slower in a loop
+  body. Both measured in benchmarks/layers.py. Off CPU, 'auto' is XLA's own layers.
+  """
   return CNN(conv_features=tuple(model_config.conv_features),
              pool_after=tuple(model_config.pool_after),
              dense_features=model_config.dense_features,
              num_classes=num_classes or model_config.num_classes,
              dropout_rate=model_config.dropout_rate,
-             conv_impl=resolve_impl(model_config.conv_impl, 'im2col', 'lax'),
+             conv_impl=resolve_impl(model_config.conv_impl, 'im2col' if in_scan else 'mixed',
+                                    'lax'),
              pool_impl=resolve_impl(model_config.pool_impl, 'reshape', 'lax'))
 
 

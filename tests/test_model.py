@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -5,7 +7,8 @@ import optax
 import pytest
 
 from conftest import synthetic_digits
-from digitjax import model as model_lib, train
+from digitjax import configlib, model as model_lib, train
+from digitjax.errors import UserError
 
 
 def test_parameter_count_and_output_shape():
@@ -26,7 +29,8 @@ def test_summary_table_lists_layers_and_total():
 
 
 @pytest.mark.parametrize('conv_impl,pool_impl', [('lax', 'lax'), ('im2col', 'lax'),
-                                                 ('lax', 'reshape'), ('im2col', 'reshape')])
+                                                 ('lax', 'reshape'), ('im2col', 'reshape'),
+                                                 ('mixed', 'reshape')])
 def test_fast_layers_match_reference_outputs_and_gradients(conv_impl, pool_impl):
   # The reference is the plain Keras-shaped network: nn.Conv, nn.max_pool, every row computed.
   reference = model_lib.CNN(conv_impl='lax', pool_impl='lax', skip_dead_rows=False)
@@ -74,3 +78,51 @@ def test_train_step_lowers_loss_on_a_fixed_batch(config):
     state, metrics = step(state, batch)
   assert int(state.step) == 21
   assert float(metrics['loss']) < 0.25 * float(first['loss'])
+
+
+def test_mixed_conv_uses_xla_for_single_channel_input_only():
+  x = jnp.zeros((1, 28, 28, 1))
+  model = model_lib.CNN(conv_impl='mixed')
+  jaxpr = str(jax.make_jaxpr(lambda p: model.apply({'params': p}, x))(
+      model.init(jax.random.key(0), x)['params']))
+  assert jaxpr.count('conv_general_dilated') == 1  # conv1; conv2 and conv3 are matmuls
+  assert jaxpr.count('concatenate') == 2
+
+
+@pytest.mark.parametrize('in_scan,expected', [(False, 'mixed'), (True, 'im2col')])
+def test_auto_conv_impl_on_cpu_depends_on_the_loop(config, in_scan, expected):
+  assert jax.default_backend() == 'cpu'
+  assert model_lib.build_model(config.model, in_scan=in_scan).conv_impl == expected
+
+
+def test_gradient_in_chunks_equals_whole_batch_gradient(config):
+  # Two sub-batches whose gradients are summed: the same step as one batch, up to rounding.
+  config.model.dropout_rate = 0.0
+  state = train.create_train_state(config, jax.random.key(0))
+  images, labels = synthetic_digits(32, seed=3)
+  batch = {'image': images[..., None], 'label': labels.astype(np.int32)}
+  results = {}
+  for chunks in (1, 2, 4):
+    step = jax.jit(functools.partial(train.train_step, grad_chunks=chunks))
+    s, m = state, None
+    for _ in range(3):
+      s, m = step(s, batch)
+    results[chunks] = (s.params, m)
+  for chunks in (2, 4):
+    for a, b in zip(jax.tree.leaves(results[chunks][0]), jax.tree.leaves(results[1][0])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert float(results[chunks][1]['loss']) == pytest.approx(float(results[1][1]['loss']), rel=1e-5)
+    assert float(results[chunks][1]['accuracy']) == float(results[1][1]['accuracy'])
+  moved = max(float(jnp.abs(a - b).max()) for a, b in
+              zip(jax.tree.leaves(results[1][0]), jax.tree.leaves(state.params)))
+  assert moved > 1e-3  # the steps did change the parameters
+
+
+def test_grad_chunks_auto_and_bad_values(config):
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  assert train.resolve_grad_chunks(config, mesh) == 2  # one CPU device, batch 32
+  config.ensemble_size = 4
+  assert train.resolve_grad_chunks(config, mesh) == 1
+  config.ensemble_size, config.grad_chunks = 1, 3
+  with pytest.raises(UserError, match='grad_chunks=3 is invalid'):
+    configlib.validate(config)
