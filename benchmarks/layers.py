@@ -1,9 +1,11 @@
 """Where a training step's time goes: each layer's forward + backward at batch 32, jitted alone,
-for XLA's layers and for the CPU formulations digitjax uses; then whole steps.
+for XLA's layers and for the CPU formulations digitjax uses; then whole training steps, called
+one by one and inside lax.scan, with the gradient in 1 or 2 chunks.
 
   python benchmarks/layers.py
 """
 import os
+import statistics
 import sys
 import time
 
@@ -49,23 +51,53 @@ def main():
   for impl in ('lax', 'reshape'):
     timed(f'pool 24x24x32 {impl} fwd+bwd',
           lambda x: jax.grad(lambda x: model_lib.max_pool_2x2(x, impl).sum())(x), x)
-  images = jax.random.uniform(key, (BATCH, 28, 28, 1))
-  labels = jnp.arange(BATCH) % 10
-  for conv_impl, pool_impl, skip in (('lax', 'lax', False), ('im2col', 'reshape', False),
-                                     ('im2col', 'reshape', True)):
+  whole_steps(key)
+
+
+def whole_steps(key, trials=9, steps=60):
+  """digitjax's own train_step (SGD 0.01/0.9, batch 32) per formulation: per-step jit calls, and
+  the same step inside lax.scan (the device input's loop). Trials are interleaved, so a noisy
+  machine affects every variant alike; medians and minimums over trials."""
+  from digitjax import train
+  images = jax.random.randint(key, (steps * BATCH, 28, 28, 1), 0, 256).astype(jnp.uint8)
+  labels = jnp.arange(steps * BATCH, dtype=jnp.int32) % 10
+  batches = [{'image': images[i * BATCH:(i + 1) * BATCH], 'label': labels[i * BATCH:(i + 1) * BATCH]}
+             for i in range(steps)]
+  variants = {}
+  for conv_impl, pool_impl, skip, chunks in (('lax', 'lax', False, 1), ('im2col', 'reshape', False, 1),
+                                             ('im2col', 'reshape', True, 1), ('im2col', 'reshape', True, 2),
+                                             ('mixed', 'reshape', True, 1), ('mixed', 'reshape', True, 2)):
     model = model_lib.CNN(conv_impl=conv_impl, pool_impl=pool_impl, skip_dead_rows=skip)
-    params = model.init(key, images[:1])['params']
-    tx = optax.sgd(0.01, momentum=0.9)
+    params = model.init(key, images[:1].astype(jnp.float32))['params']
+    state = train.TrainState.create(apply_fn=model.apply, params=params,
+                                    tx=optax.sgd(0.01, momentum=0.9),
+                                    rng=jax.random.key_data(key))
+    step = jax.jit(lambda s, b, chunks=chunks: train.train_step(s, b, grad_chunks=chunks)[0],
+                   donate_argnums=0)
 
-    def step(params, opt_state, model=model, tx=tx):
-      loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-          model.apply({'params': p}, images), labels).mean()
-      grads = jax.grad(loss)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
+    def per_step(s, step=step):
+      for b in batches:
+        s = step(s, b)
+      return s
 
-    timed(f'step {conv_impl}/{pool_impl} skip_dead_rows={skip}', step, params, tx.init(params),
-          repeats=150)
+    def body(s, i, chunks=chunks):
+      b = {k: jax.lax.dynamic_slice_in_dim(v, i * BATCH, BATCH) for k, v in
+           (('image', images), ('label', labels))}
+      return train.train_step(s, b, grad_chunks=chunks)[0], None
+
+    scanned = jax.jit(lambda s: jax.lax.scan(body, s, jnp.arange(steps))[0], donate_argnums=0)
+    name = f'{conv_impl}/{pool_impl} skip_dead_rows={skip} chunks={chunks}'
+    variants[f'step {name}'] = (per_step, jax.tree.map(jnp.copy, state))
+    variants[f'scan {name}'] = (scanned, jax.tree.map(jnp.copy, state))
+  times = {k: [] for k in variants}
+  states = {k: jax.block_until_ready(f(s)) for k, (f, s) in variants.items()}  # compile, warm up
+  for _ in range(trials):
+    for k, (f, _) in variants.items():
+      start = time.perf_counter()
+      states[k] = jax.block_until_ready(f(states[k]))
+      times[k].append((time.perf_counter() - start) / steps * 1e3)
+  for k, t in times.items():
+    print(f'{k:<52} {statistics.median(t):7.3f} ms median {min(t):7.3f} ms min', flush=True)
 
 
 if __name__ == '__main__':
