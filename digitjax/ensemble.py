@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from digitjax import data
+from digitjax import data, metrics as metrics_lib
 
 
 def member_seeds(config) -> list[int]:
@@ -66,9 +66,7 @@ def combine_logits(logits: np.ndarray) -> np.ndarray:
     return logits
   if logits.size == 0:  # an empty split: nothing to average
     return logits[0]
-  log_probs = logits.astype(np.float64)
-  log_probs -= log_probs.max(-1, keepdims=True)
-  log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+  log_probs = metrics_lib.log_softmax64(logits)
   top = log_probs.max(0)  # log(mean(exp)) taken about the largest, so nothing underflows
   return top + np.log(np.exp(log_probs - top).mean(0))
 

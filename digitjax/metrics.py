@@ -9,7 +9,16 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from digitjax import parallel
+
+
+def log_softmax64(logits: np.ndarray) -> np.ndarray:
+  """Log-probabilities along the last axis, in float64 on the host (metrics, ensembles)."""
+  logp = np.asarray(logits, np.float64)
+  logp = logp - logp.max(-1, keepdims=True)
+  return logp - np.log(np.exp(logp).sum(-1, keepdims=True))
 
 
 def log(msg: str = '') -> None:

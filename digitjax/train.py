@@ -190,9 +190,7 @@ def _read_sums(sums) -> dict:
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
   if not len(labels):  # an empty split (validation_fraction=0): nothing to measure
     return {'loss': float('nan'), 'accuracy': float('nan')}
-  logits = logits.astype(np.float64)
-  logp = logits - logits.max(-1, keepdims=True)
-  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  logp = metrics_lib.log_softmax64(logits)
   return {'loss': float(-logp[np.arange(len(labels)), labels].mean()),
           'accuracy': float((logits.argmax(-1) == labels).mean())}
 
