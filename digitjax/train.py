@@ -356,8 +356,11 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
     step, train_seconds = 0, 0.0
   else:
     state, train_seconds = restored, meta['train_seconds']
-    log(f'Resuming from checkpoint at step {step} (epoch {step // steps_per_epoch + 1}, '
-        f'step {step % steps_per_epoch} of it)')
+    if step < last_step:
+      log(f'Resuming from checkpoint at step {step} (epoch {step // steps_per_epoch + 1}, '
+          f'step {step % steps_per_epoch} of it)')
+    else:
+      log(f'Checkpoint at step {step} has finished training ({last_step} steps)')
 
   results_path = os.path.join(workdir, 'results.json')
   if step >= last_step and os.path.exists(results_path):

@@ -54,7 +54,7 @@ def test_resume_continues_where_the_last_run_stopped(idx_dir, tfds_dir, tmp_path
   capsys.readouterr()
   train.train_and_evaluate(small_config(idx_dir, tfds_dir, num_epochs=2), workdir)
   out = capsys.readouterr().out
-  assert 'Already trained to step 44' in out and 'Epoch' not in out
+  assert 'Already trained to step 44' in out and 'Epoch' not in out and 'Resuming' not in out
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers(idx_dir, tfds_dir, tmp_path):
