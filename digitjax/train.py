@@ -117,8 +117,8 @@ def train_step(state, batch, augment: augment_lib.AffineRanges | None = None,
   def loss_fn(params, images, labels, dropout_key):
     logits = state.apply_fn({'params': params}, images, train=True,
                             rngs={'dropout': dropout_key})
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return losses.sum(), (losses.sum(), jnp.sum(jnp.argmax(logits, -1) == labels))
+    loss_sum = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+    return loss_sum, (loss_sum, jnp.sum(jnp.argmax(logits, -1) == labels))
 
   if grad_chunks == 1:
     parts = [jax.grad(loss_fn, has_aux=True)(state.params, images, labels, dropout_key)]
