@@ -120,12 +120,12 @@ def train_step(state, batch, augment: augment_lib.AffineRanges | None = None,
     loss_sum = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
     return loss_sum, (loss_sum, jnp.sum(jnp.argmax(logits, -1) == labels))
 
-  if grad_chunks == 1:
-    parts = [jax.grad(loss_fn, has_aux=True)(state.params, images, labels, dropout_key)]
-  else:
-    parts = [jax.grad(loss_fn, has_aux=True)(state.params, x, y, jax.random.fold_in(dropout_key, c))
-             for c, (x, y) in enumerate(zip(jnp.split(images, grad_chunks),
-                                            jnp.split(labels, grad_chunks)))]
+  # One chunk keeps the step's own dropout key; chunk c of several draws from fold_in(key, c).
+  parts = [jax.grad(loss_fn, has_aux=True)(
+               state.params, x, y,
+               dropout_key if grad_chunks == 1 else jax.random.fold_in(dropout_key, c))
+           for c, (x, y) in enumerate(zip(jnp.split(images, grad_chunks),
+                                          jnp.split(labels, grad_chunks)))]
   n = labels.shape[0]
   grads = jax.tree.map(lambda *g: sum(g) / n, *(g for g, _ in parts))
   metrics = {'loss': sum(aux[0] for _, aux in parts) / n,
@@ -337,13 +337,13 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
       f'{len(splits.test["label"])} test examples; {steps_per_epoch} steps of '
       f'{config.batch_size} per epoch')
 
-  model = model_lib.build_model(config.model)
+  input_kind = pipeline.resolve(config.input_pipeline, config.ensemble_size)
+  in_scan = input_kind == 'device'
+  model = model_lib.build_model(config.model, in_scan=in_scan)
   log(model_lib.summary_table(model))
   if config.ensemble_size > 1:
     log(f'Ensemble of {config.ensemble_size} members (seeds {config.seed}..'
         f'{config.seed + config.ensemble_size - 1}), trained at once by vmap')
-  input_kind = pipeline.resolve(config.input_pipeline, config.ensemble_size)
-  in_scan = input_kind == 'device'
   state = ensemble.init_state(
       lambda key: create_train_state(config, key, steps_per_epoch, in_scan), config)
   state = jax.device_put(state, parallel.replicated(mesh))
@@ -383,9 +383,8 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   feeder = pipeline.make_input(config.input_pipeline, splits.train, config.batch_size, mesh,
                                step_fn, config.chunk_steps, config.ensemble_size)
   compile_seconds = feeder.compile(state, sums)
-  conv_impl = model_lib.build_model(config.model, in_scan=in_scan).conv_impl
   log(f'Compiled the train step in {compile_seconds:.1f}s on {jax.device_count()} '
-      f'{jax.default_backend()} device(s), {input_kind} input, {conv_impl} convolutions, '
+      f'{jax.default_backend()} device(s), {input_kind} input, {model.conv_impl} convolutions, '
       f'gradient in {grad_chunks} chunk(s)')
 
   def save(epoch_done: bool, record=None):
