@@ -11,12 +11,10 @@ every job (e.g. `--config.grad_chunks=1`).
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from compare import ROOT, run_process  # benchmarks/compare.py: same child-process timing
 
 
 def job(data, data_dir, config, extra):
@@ -24,11 +22,7 @@ def job(data, data_dir, config, extra):
     cmd = [sys.executable, 'launch.py', f'--config={config}', f'--workdir={workdir}',
            f'--config.data.manual_dir={data}', f'--config.data.data_dir={data_dir}',
            '--config.plots=False', *extra]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode:
-      sys.exit(f'{" ".join(cmd)} failed:\n{proc.stderr[-3000:]}')
+    wall, _, _ = run_process(cmd)
     with open(os.path.join(workdir, 'results.json')) as f:
       return wall, json.load(f)
 
