@@ -85,7 +85,8 @@ def whole_steps(key, trials=9, steps=60):
            (('image', images), ('label', labels))}
       return train.train_step(s, b, grad_chunks=chunks)[0], None
 
-    scanned = jax.jit(lambda s: jax.lax.scan(body, s, jnp.arange(steps))[0], donate_argnums=0)
+    scanned = jax.jit(lambda s, body=body: jax.lax.scan(body, s, jnp.arange(steps))[0],
+                      donate_argnums=0)
     name = f'{conv_impl}/{pool_impl} skip_dead_rows={skip} chunks={chunks}'
     variants[f'step {name}'] = (per_step, jax.tree.map(jnp.copy, state))
     variants[f'scan {name}'] = (scanned, jax.tree.map(jnp.copy, state))
