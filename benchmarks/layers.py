@@ -1,8 +1,11 @@
 """Where a training step's time goes: each layer's forward + backward at batch 32, jitted alone,
 for XLA's layers and for the CPU formulations digitjax uses; then whole training steps, called
-one by one and inside lax.scan, with the gradient in 1 or 2 chunks.
+one by one and inside lax.scan, with the gradient in 1 or 2 chunks; then inference (the
+evaluator's forward pass over 10,000 images) per formulation, and for a 3-member ensemble
+vmapped or member by member.
 
-  python benchmarks/layers.py
+  python benchmarks/layers.py                # everything (~3 min)
+  python benchmarks/layers.py --inference    # only the inference rows
 """
 import os
 import statistics
@@ -52,6 +55,45 @@ def main():
     timed(f'pool 24x24x32 {impl} fwd+bwd',
           lambda x: jax.grad(lambda x: model_lib.max_pool_2x2(x, impl).sum())(x), x)
   whole_steps(key)
+  inference(key)
+
+
+def inference(key, n=10000, batch=1000, members=3, trials=5):
+  """train.Evaluator over n images per formulation (forward only), and a stacked ensemble: one
+  vmapped program vs the members one by one (what Evaluator does). Medians over trials."""
+  from digitjax import ensemble, parallel, train
+  images = jax.random.randint(key, (n, 28, 28, 1), 0, 256).astype(jnp.uint8)
+  images = jax.device_get(images)
+  mesh = parallel.make_mesh()
+
+  def model_state(model, seed):
+    params = model.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1)))['params']
+    return train.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.01),
+                                   rng=jax.random.key_data(key))
+
+  def vmapped(state, images, step=jax.jit(jax.vmap(train.eval_step, in_axes=(0, None)))):
+    return [step(state, {'image': images[i:i + batch]}) for i in range(0, n, batch)]
+
+  runs = {}
+  for conv_impl, pool_impl in (('lax', 'lax'), ('mixed', 'reshape'), ('im2col', 'reshape')):
+    model = model_lib.CNN(conv_impl=conv_impl, pool_impl=pool_impl)
+    evaluator = train.Evaluator(mesh, batch)
+    runs[f'inference {conv_impl}/{pool_impl}, {n} images'] = (
+        evaluator.logits, model_state(model, 0))
+    stacked = ensemble.stack([model_state(model, i) for i in range(members)])
+    runs[f'inference {conv_impl}/{pool_impl}, {members} members one by one'] = (
+        train.Evaluator(mesh, batch, members).logits, stacked)
+    runs[f'inference {conv_impl}/{pool_impl}, {members} members vmapped'] = (vmapped, stacked)
+  times = {k: [] for k in runs}
+  for k, (f, s) in runs.items():
+    jax.block_until_ready(f(s, images))  # compile
+  for _ in range(trials):
+    for k, (f, s) in runs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(f(s, images))
+      times[k].append(time.perf_counter() - start)
+  for k, t in times.items():
+    print(f'{k:<52} {statistics.median(t):7.3f} s median {min(t):7.3f} s min', flush=True)
 
 
 def whole_steps(key, trials=9, steps=60):
@@ -102,4 +144,7 @@ def whole_steps(key, trials=9, steps=60):
 
 
 if __name__ == '__main__':
-  main()
+  if sys.argv[1:] == ['--inference']:
+    inference(jax.random.key(0))
+  else:
+    main()

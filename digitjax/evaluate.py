@@ -142,7 +142,7 @@ def run_eval(config, workdir: str, checkpoint: str = 'best', split: str = 'test'
   if not len(examples['label']):
     raise UserError(f'the {split} split is empty (config.validation_fraction='
                     f'{config.validation_fraction}); evaluate another --split')
-  evaluator = train.Evaluator(mesh, config.eval_batch_size, config.ensemble_size)
+  evaluator = train.Evaluator.for_config(config, mesh)
   logits = evaluator.logits(state, examples['image'])
   metrics = train.evaluation_metrics(logits, examples['label'])
   per_class = per_class_accuracy(ensemble.combine_logits(logits), examples['label'],
@@ -204,7 +204,7 @@ def run_predict(config, workdir: str, inputs: list[str], output: str | None = No
   read = images.read_inputs(inputs)
   probabilities = np.zeros((0, config.model.num_classes))
   if len(read.images):
-    logits = train.Evaluator(mesh, config.eval_batch_size, config.ensemble_size).logits(
+    logits = train.Evaluator.for_config(config, mesh).logits(
         state, read.images[..., None])
     # An ensemble's confidence is its mean softmax probability: combine_logits is its log.
     logits = ensemble.combine_logits(logits)
@@ -225,8 +225,8 @@ def run_report(config, workdir: str, checkpoint: str = 'latest') -> list[str]:
   configlib.validate(config)
   state, step, _, mesh = restore(config, workdir, checkpoint, 'report')
   splits = data.load_splits(config)
-  test_logits = ensemble.combine_logits(train.Evaluator(
-      mesh, config.eval_batch_size, config.ensemble_size).logits(state, splits.test['image']))
+  test_logits = ensemble.combine_logits(train.Evaluator.for_config(
+      config, mesh).logits(state, splits.test['image']))
   if not parallel.is_main_process():  # all processes evaluate; process 0 draws, as in training
     return []
   from digitjax import report  # matplotlib is imported only when pictures are drawn

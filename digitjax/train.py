@@ -148,9 +148,11 @@ def resolve_grad_chunks(config, mesh) -> int:
                and config.batch_size % 2 == 0) else 1
 
 
-def eval_step(state, batch):
-  """Logits of a batch; loss and accuracy are computed from them (see `evaluate`)."""
-  return state.apply_fn({'params': state.params}, _images(batch))
+def eval_step(state, batch, apply_fn=None):
+  """Logits of a batch; loss and accuracy are computed from them (see `evaluate`). `apply_fn`
+  (default: the state's own) may be another formulation of the same model, with the same
+  parameters: see `Evaluator.for_config`."""
+  return (apply_fn or state.apply_fn)({'params': state.params}, _images(batch))
 
 
 def _empty_sums(ensemble_size: int = 1):
@@ -207,19 +209,33 @@ def evaluation_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
 class Evaluator:
   """Logits for a whole split in fixed-size padded batches: one compiled program for all splits.
 
-  With `ensemble_size` K > 1 the state is stacked and the logits are (K, N, C), every member
-  evaluated on the same batches by one vmapped program.
+  With `ensemble_size` K > 1 the state is stacked and the logits are (K, N, C): the members are
+  evaluated one after another by the single model's program. (Vmapped, XLA:CPU runs their
+  convolutions as grouped ones: 3 members on 10,000 images took 9.8 s that way against 0.71 s
+  one by one; benchmarks/layers.py --inference.)
   """
 
-  def __init__(self, mesh, batch_size: int, ensemble_size: int = 1):
+  def __init__(self, mesh, batch_size: int, ensemble_size: int = 1, apply_fn=None):
     parallel.check_divisible('eval_batch_size', batch_size, mesh)
-    self.mesh, self.batch_size = mesh, batch_size
+    self.mesh, self.batch_size, self.ensemble_size = mesh, batch_size, ensemble_size
     self._sharding = parallel.batch_sharding(mesh)
-    self._members = () if ensemble_size == 1 else (ensemble_size,)
-    step = eval_step if ensemble_size == 1 else jax.vmap(eval_step, in_axes=(0, None))
-    self._step = jax.jit(step, out_shardings=parallel.replicated(mesh))
+    self._step = jax.jit(functools.partial(eval_step, apply_fn=apply_fn),
+                         out_shardings=parallel.replicated(mesh))
+
+  @classmethod
+  def for_config(cls, config, mesh) -> 'Evaluator':
+    """The evaluator of a run: config's eval batch and ensemble size, and the model's inference
+    formulation (model_lib.build_model(inference=True)), whatever the training step runs."""
+    return cls(mesh, config.eval_batch_size, config.ensemble_size,
+               apply_fn=model_lib.build_model(config.model, inference=True).apply)
 
   def logits(self, state, images: np.ndarray) -> np.ndarray:
+    if self.ensemble_size == 1:
+      return self._model_logits(state, images)
+    return np.stack([self._model_logits(ensemble.member(state, i), images)
+                     for i in range(self.ensemble_size)])
+
+  def _model_logits(self, state, images: np.ndarray) -> np.ndarray:
     n, b = len(images), self.batch_size
     per_process = b // jax.process_count()
     outputs = []
@@ -230,8 +246,8 @@ class Evaluator:
       mine = chunk[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
       outputs.append(self._step(state, parallel.to_global({'image': mine}, self._sharding)))
     if not outputs:
-      return np.zeros(self._members + (0, 0), np.float32)
-    return np.concatenate(jax.device_get(outputs), axis=-2)[..., :n, :]
+      return np.zeros((0, 0), np.float32)
+    return np.concatenate(jax.device_get(outputs), axis=0)[:n]
 
   def evaluate(self, state, split: dict[str, np.ndarray]) -> dict:
     return evaluation_metrics(self.logits(state, split['image']), split['label'])
@@ -372,7 +388,7 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
       checkpoints.close()
       return state
 
-  evaluator = Evaluator(mesh, config.eval_batch_size, config.ensemble_size)
+  evaluator = Evaluator.for_config(config, mesh)
   writer = metrics_lib.MetricWriter(workdir)
   sums = jax.device_put(_empty_sums(config.ensemble_size), parallel.replicated(mesh))
   grad_chunks = resolve_grad_chunks(config, mesh)

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from conftest import synthetic_digits
-from digitjax import configlib, model as model_lib, train
+from digitjax import configlib, ensemble, model as model_lib, parallel, train
 from digitjax.errors import UserError
 
 
@@ -93,6 +93,31 @@ def test_mixed_conv_uses_xla_for_single_channel_input_only():
 def test_auto_conv_impl_on_cpu_depends_on_the_loop(config, in_scan, expected):
   assert jax.default_backend() == 'cpu'
   assert model_lib.build_model(config.model, in_scan=in_scan).conv_impl == expected
+
+
+def test_inference_uses_xla_layers_unless_the_config_names_a_formulation(config):
+  model = model_lib.build_model(config.model, inference=True)
+  assert (model.conv_impl, model.pool_impl) == ('lax', 'lax')
+  config.model.conv_impl, config.model.pool_impl = 'im2col', 'reshape'
+  model = model_lib.build_model(config.model, inference=True)
+  assert (model.conv_impl, model.pool_impl) == ('im2col', 'reshape')
+
+
+def test_evaluator_gives_the_training_models_logits(config):
+  # The evaluator runs the inference formulation on the training state's parameters: the
+  # logits are the training model's own, single model and ensemble (member by member) alike.
+  mesh = parallel.make_mesh()
+  images = synthetic_digits(70, seed=3)[0][..., None]
+  states = [train.create_train_state(config, jax.random.key(s)) for s in (0, 1)]
+  expected = np.stack([s.apply_fn({'params': s.params}, images.astype(np.float32) / 255.0)
+                       for s in states])
+  single = train.Evaluator.for_config(config, mesh).logits(states[0], images)
+  np.testing.assert_allclose(single, expected[0], rtol=1e-5, atol=1e-5)
+  config.ensemble_size = 2
+  both = train.Evaluator.for_config(config, mesh).logits(ensemble.stack(states), images)
+  assert both.shape == (2, 70, 10)
+  np.testing.assert_allclose(both, expected, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(both[0], both[1])  # each member its own parameters
 
 
 def test_gradient_in_chunks_equals_whole_batch_gradient(config):
