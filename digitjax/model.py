@@ -46,14 +46,40 @@ def max_pool_2x2(x_BxHxWxC, impl: str = 'lax'):
   """2x2 max pooling with stride 2 and VALID padding (odd edges dropped, as Keras does).
 
   'reshape' takes the max over a reshaped view, whose gradient avoids XLA's select_and_scatter
-  (slow on CPU). The two differ only in how a gradient is split between exactly tied maxima;
-  after a ReLU such ties are zeros, whose gradient the ReLU cuts anyway.
+  (slow on CPU). The two differ only in where the gradient of exactly tied maxima goes
+  (select_and_scatter: to one of them; 'reshape': to each); after a ReLU such ties are zeros,
+  whose gradient the ReLU cuts anyway.
   """
   if impl == 'lax':
     return nn.max_pool(x_BxHxWxC, (2, 2), strides=(2, 2), padding='VALID')
   b, h, w, c = x_BxHxWxC.shape
   x = x_BxHxWxC[:, :h // 2 * 2, :w // 2 * 2, :]
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  return _reshape_pool_2x2(x)
+
+
+@jax.custom_vjp
+def _reshape_pool_2x2(x_BxHxWxC):
+  """2x2 max pooling of even-sized maps as a max over a reshaped view. Its gradient is written
+  out: `g` wherever an input equals its window's max. (JAX's own rule for a reduction's max
+  also counts the maxima to split `g` between ties: a second reduction and a division, ~13% of
+  the training step on this CPU, benchmarks/layers.py.)"""
+  b, h, w, c = x_BxHxWxC.shape
+  return x_BxHxWxC.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _pool_fwd(x):
+  y = _reshape_pool_2x2(x)
+  return y, (x, y)
+
+
+def _pool_bwd(residuals, g):
+  x, y = residuals
+  b, h, w, c = x.shape
+  at_max = x.reshape(b, h // 2, 2, w // 2, 2, c) == y[:, :, None, :, None, :]
+  return (jnp.where(at_max, g[:, :, None, :, None, :], 0).reshape(x.shape),)
+
+
+_reshape_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
 
 
 def resolve_impl(impl: str, cpu_choice: str, other_choice: str) -> str:
