@@ -31,12 +31,23 @@ def test_summary_table_lists_layers_and_total():
 @pytest.mark.parametrize('conv_impl,pool_impl', [('lax', 'lax'), ('im2col', 'lax'),
                                                  ('lax', 'reshape'), ('im2col', 'reshape'),
                                                  ('mixed', 'reshape')])
-def test_fast_layers_match_reference_outputs_and_gradients(conv_impl, pool_impl):
+@pytest.mark.parametrize('inputs', ['uniform', 'digits'])
+def test_fast_layers_match_reference_outputs_and_gradients(conv_impl, pool_impl, inputs):
   # The reference is the plain Keras-shaped network: nn.Conv, nn.max_pool, every row computed.
   reference = model_lib.CNN(conv_impl='lax', pool_impl='lax', skip_dead_rows=False)
   fast = model_lib.CNN(conv_impl=conv_impl, pool_impl=pool_impl)
   params = reference.init(jax.random.key(1), jnp.zeros((1, 28, 28, 1)))['params']
-  x = jax.random.uniform(jax.random.key(2), (8, 28, 28, 1))
+  if inputs == 'uniform':  # no two pixels alike: no tied maxima in any pooling window
+    x = jax.random.uniform(jax.random.key(2), (8, 28, 28, 1))
+  else:
+    # Digits on a black background, and positive biases (as training makes them): a blank
+    # region is constant after each conv, so every input of its pooling windows is a tied
+    # maximum, and the biases' gradients depend on where the pooling sends them.
+    images, _ = synthetic_digits(8, seed=3)
+    images = np.where(images > 200, images, 0)
+    x = jnp.asarray(images[..., None] / 255.0, jnp.float32)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, p: p + 0.05 if path[-1].key == 'bias' else p, params)
   y = jnp.arange(8) % 10
 
   def loss(m, p):
@@ -51,6 +62,16 @@ def test_fast_layers_match_reference_outputs_and_gradients(conv_impl, pool_impl)
   g_fast = jax.grad(lambda p: loss(fast, p))(params)
   for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_reshape_pooling_sends_a_tied_windows_gradient_to_its_first_maximum():
+  # As select_and_scatter does: one input per window gets g, the first in row-major order.
+  x = jnp.array([[1., 1., 0., 2.], [1., 1., 2., 2.], [5., 3., 4., 4.], [0., 5., 4., 4.]])
+  x = x[None, :, :, None]
+  grad = lambda impl: jax.grad(lambda x: model_lib.max_pool_2x2(x, impl).sum())(x)[0, :, :, 0]
+  expected = np.array([[1, 0, 0, 1], [0, 0, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]], np.float32)
+  np.testing.assert_array_equal(grad('reshape'), expected)
+  np.testing.assert_array_equal(grad('lax'), expected)
 
 
 def test_used_input_size_drops_only_rows_no_output_sees():
