@@ -123,6 +123,20 @@ def _quiet_failed_reads():
     sys.unraisablehook = previous
 
 
+class _OneLineOrbaxErrors(logging.Filter):
+  """Orbax logs a failed background save with its whole traceback (TensorStore's messages are
+  long) from its own thread; the failure reaches the user once, as our one-line error."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and f'{os.sep}orbax{os.sep}' in record.pathname:
+      record.msg = f'{record.getMessage()}: {_reason(record.exc_info[1])}'
+      record.args, record.exc_info, record.exc_text = (), None, None
+    return True
+
+
+_ONE_LINE_ORBAX_ERRORS = _OneLineOrbaxErrors()
+
+
 class Checkpoints:
   """Thin wrapper over ocp.CheckpointManager for this package's state and metadata."""
 
@@ -131,6 +145,8 @@ class Checkpoints:
     if os.path.exists(self.directory) and not os.path.isdir(self.directory):
       raise UserError(f'{self.directory} is not a directory, so checkpoints cannot be written '
                       f'there; move it away or use another --workdir')
+    for name in ('absl', ''):  # orbax logs through absl; both loggers in case absl is absent
+      logging.getLogger(name).addFilter(_ONE_LINE_ORBAX_ERRORS)
     if not read_only:
       self._report_unfinished()
       self._set_aside_unreadable_metrics()
@@ -213,6 +229,15 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.close()
+
+  def abandon(self) -> None:
+    """On the way out after an error: lets a save in flight finish (or fail) and closes,
+    raising nothing, so that nothing orbax's threads print comes after the error itself."""
+    for finish in (self.manager.wait_until_finished, self.manager.close):
+      try:
+        finish()
+      except Exception:  # already reported, or about to be, by the error that brought us here
+        pass
 
   # -------------------------------------------------------------------------------------------
   # Restoring

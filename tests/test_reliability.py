@@ -409,7 +409,7 @@ def test_full_disk_while_saving_is_a_clear_error_and_older_checkpoints_stay(
   proc = run(workdir, data, f'--config.num_epochs={EPOCHS + 1}')
   assert proc.returncode == 2, proc.stderr[-3000:]
   line = last_error_line(proc)
-  assert line.startswith('error: ') and 'No space left on device' in line, line
+  assert line.startswith('error: ') and 'No space left on device' in line, proc.stderr[-4000:]
   assert checkpoint_steps(workdir) == steps
   assert_bit_identical(arrays(workdir), arrays(copy_of_reference))
 
