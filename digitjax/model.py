@@ -15,6 +15,20 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax import lax
 
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _im2col_covers(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                   dimension_numbers, feature_group_count, kwargs) -> bool:
+  """Stride 1, VALID, no dilation or groups, NHWC x HWIO: what the matmul formulations handle."""
+  return (tuple(window_strides) == (1, 1)
+          and padding in ('VALID', ((0, 0), (0, 0)), [(0, 0), (0, 0)])
+          and all(d in (None, 1) for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+          and feature_group_count == 1 and kwargs.get('batch_group_count', 1) == 1
+          and (dimension_numbers is None
+               or tuple(dimension_numbers) == lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                                                          _NHWC)))
+
 
 def im2col_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                 dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
@@ -23,23 +37,21 @@ def im2col_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
   On CPU its gradients are 2-3x faster than XLA's convolution (benchmarks/layers.py). Any case it
   does not cover goes to `lax.conv_general_dilated` unchanged.
   """
-  simple = (tuple(window_strides) == (1, 1) and padding in ('VALID', ((0, 0), (0, 0)), [(0, 0), (0, 0)])
-            and not any(d not in (None, 1) for d in (lhs_dilation or ()) + (rhs_dilation or ()))
-            and feature_group_count == 1 and not kwargs.get('batch_group_count', 1) != 1
-            and (dimension_numbers is None
-                 or tuple(dimension_numbers) == (lax.conv_dimension_numbers(
-                     lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC')))))
-  if not simple:
+  if not _im2col_covers(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                        dimension_numbers, feature_group_count, kwargs):
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count, precision=precision,
                                     **kwargs)
   kh, kw, cin, cout = rhs.shape
-  _, h, w, _ = lhs.shape
+  return jnp.dot(_patches(lhs, kh, kw), rhs.reshape(kh * kw * cin, cout), precision=precision)
+
+
+def _patches(x_BxHxWxC, kh: int, kw: int):
+  """(B, OH, OW, kh*kw*C): the VALID windows, in the (i, j, c) order of a row-major HWIO kernel."""
+  _, h, w, _ = x_BxHxWxC.shape
   oh, ow = h - kh + 1, w - kw + 1
-  # (i, j, c) order of the concatenation matches the row-major reshape of the HWIO kernel.
-  patches_BxOHxOWxK = jnp.concatenate(
-      [lhs[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)], axis=-1)
-  return jnp.dot(patches_BxOHxOWxK, rhs.reshape(kh * kw * cin, cout), precision=precision)
+  return jnp.concatenate(
+      [x_BxHxWxC[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)], axis=-1)
 
 
 def max_pool_2x2(x_BxHxWxC, impl: str = 'lax'):
@@ -63,33 +75,31 @@ def _reshape_pool_2x2(x_BxHxWxC):
   Its gradient sends `g` to the first maximum of each window in row-major order, as XLA's
   select_and_scatter (nn.max_pool's gradient) does. Ties are common: a blank region after a
   conv with a positive bias is constant, so every input of its windows is a maximum, and a
-  rule that gave `g` to each of them would multiply that bias's gradient by 4. JAX's own rule
-  for a reduction's max splits `g` between ties (a second reduction and a division); the masks
-  below are elementwise and fuse (pool gradient at batch 32, 24x24x32, on this CPU: 0.28 ms,
-  against 1.0 ms for JAX's rule and 4.1 ms for select_and_scatter; benchmarks/layers.py times
-  the first and the last).
+  rule that gave `g` to each of them would multiply that bias's gradient by 4. The forward pass
+  keeps the winner's position (int8), and the backward pass is one broadcast select. (JAX's own
+  rule for a reduction's max splits `g` between ties with a second reduction and a division;
+  benchmarks/layers.py times the pooling gradients.)
   """
   b, h, w, c = x_BxHxWxC.shape
   return x_BxHxWxC.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-def _pool_fwd(x):
-  y = _reshape_pool_2x2(x)
-  return y, (x, y)
+def _pool_fwd(x_BxHxWxC):
+  b, h, w, c = x_BxHxWxC.shape
+  window = x_BxHxWxC.reshape(b, h // 2, 2, w // 2, 2, c)
+  corners = [window[:, :, i, :, j] for i in (0, 1) for j in (0, 1)]  # row-major window order
+  y = functools.reduce(jnp.maximum, corners)
+  winner = jnp.full(y.shape, 3, jnp.int8)  # the last corner, unless an earlier one is the max
+  for k in (2, 1, 0):
+    winner = jnp.where(corners[k] == y, jnp.int8(k), winner)
+  return y, winner
 
 
-def _pool_bwd(residuals, g):
-  x, y = residuals
-  b, h, w, c = x.shape
-  window = x.reshape(b, h // 2, 2, w // 2, 2, c)
-  first = window[:, :, 0, :, 0] == y                          # window order: (0,0) (0,1) (1,0) (1,1)
-  second = (window[:, :, 0, :, 1] == y) & ~first
-  third = (window[:, :, 1, :, 0] == y) & ~(first | second)
-  fourth = ~(first | second | third)
-  zero = jnp.zeros_like(g)
-  top = jnp.stack([jnp.where(first, g, zero), jnp.where(second, g, zero)], axis=3)
-  bottom = jnp.stack([jnp.where(third, g, zero), jnp.where(fourth, g, zero)], axis=3)
-  return (jnp.stack([top, bottom], axis=2).reshape(x.shape),)
+def _pool_bwd(winner, g):
+  b, h, w, c = winner.shape  # of the pooled map; the input is (b, 2h, 2w, c)
+  corner_2x2 = (2 * jnp.arange(2, dtype=jnp.int8)[:, None] + jnp.arange(2, dtype=jnp.int8))
+  chosen = winner[:, :, None, :, None, :] == corner_2x2[None, None, :, None, :, None]
+  return (jnp.where(chosen, g[:, :, None, :, None, :], 0).reshape(b, 2 * h, 2 * w, c),)
 
 
 _reshape_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
