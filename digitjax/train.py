@@ -1,6 +1,7 @@
 """Training: the state, the jitted steps, and the step-based loop of `train_and_evaluate`."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -331,11 +332,13 @@ def train_and_evaluate(config, workdir: str) -> train_state.TrainState:
   is locked for the run: a second run on it refuses to start.
   """
   configlib.validate(config)
-  with workdir_lib.claim(workdir, exclusive=parallel.is_main_process()):
-    return _train_and_evaluate(config, workdir)
+  with (workdir_lib.claim(workdir, exclusive=parallel.is_main_process()),
+        contextlib.ExitStack() as on_exit):
+    return _train_and_evaluate(config, workdir, on_exit)
 
 
-def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
+def _train_and_evaluate(config, workdir: str,
+                        on_exit: contextlib.ExitStack) -> train_state.TrainState:
   os.makedirs(workdir, exist_ok=True)
   parallel.check_cpu_layout(config.distributed.allow_several_cpu_devices)
   mesh = parallel.make_mesh()
@@ -367,124 +370,126 @@ def _train_and_evaluate(config, workdir: str) -> train_state.TrainState:
 
   config_dict = config.to_dict()
   checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), config.checkpoint_keep)
-  try:
-    restored, meta, step = checkpoints.restore_newest(state, config_dict)
-    if restored is None:
-      step, train_seconds = 0, 0.0
+
+  def abandon_on_error(exc_type, *_):  # a save in flight ends before the error is reported
+    if exc_type is not None:
+      checkpoints.abandon()
+
+  on_exit.push(abandon_on_error)
+  restored, meta, step = checkpoints.restore_newest(state, config_dict)
+  if restored is None:
+    step, train_seconds = 0, 0.0
+  else:
+    state, train_seconds = restored, meta['train_seconds']
+    if step < last_step:
+      log(f'Resuming from checkpoint at step {step} (epoch {step // steps_per_epoch + 1}, '
+          f'step {step % steps_per_epoch} of it)')
     else:
-      state, train_seconds = restored, meta['train_seconds']
-      if step < last_step:
-        log(f'Resuming from checkpoint at step {step} (epoch {step // steps_per_epoch + 1}, '
-            f'step {step % steps_per_epoch} of it)')
-      else:
-        log(f'Checkpoint at step {step} has finished training ({last_step} steps)')
+      log(f'Checkpoint at step {step} has finished training ({last_step} steps)')
 
-    results_path = os.path.join(workdir, 'results.json')
-    if step >= last_step and os.path.exists(results_path):
-      with open(results_path) as f:
-        results = json.load(f)
-      if results.get('checkpoint_step') == step:
-        log(f'Already trained to step {step}; results from {results_path}: '
-            f'test_accuracy {results["test_accuracy"]:.4f}, test_loss {results["test_loss"]:.4f}')
-        checkpoints.close()
-        return state
+  results_path = os.path.join(workdir, 'results.json')
+  if step >= last_step and os.path.exists(results_path):
+    with open(results_path) as f:
+      results = json.load(f)
+    if results.get('checkpoint_step') == step:
+      log(f'Already trained to step {step}; results from {results_path}: '
+          f'test_accuracy {results["test_accuracy"]:.4f}, test_loss {results["test_loss"]:.4f}')
+      checkpoints.close()
+      return state
 
-    evaluator = Evaluator.for_config(config, mesh)
-    writer = metrics_lib.MetricWriter(workdir)
-    sums = jax.device_put(_empty_sums(config.ensemble_size), parallel.replicated(mesh))
-    grad_chunks = resolve_grad_chunks(config, mesh)
-    step_fn = functools.partial(_train_and_accumulate, augment=augment_ranges(config),
-                                grad_chunks=grad_chunks)
-    if config.ensemble_size > 1:  # the same step for every member of the stacked state
-      step_fn = jax.vmap(step_fn)
-    feeder = pipeline.make_input(config.input_pipeline, splits.train, config.batch_size, mesh,
-                                 step_fn, config.chunk_steps, config.ensemble_size)
-    compile_seconds = feeder.compile(state, sums)
-    log(f'Compiled the train step in {compile_seconds:.1f}s on {jax.device_count()} '
-        f'{jax.default_backend()} device(s), {input_kind} input, {model.conv_impl} convolutions, '
-        f'gradient in {grad_chunks} chunk(s)')
+  evaluator = Evaluator.for_config(config, mesh)
+  writer = metrics_lib.MetricWriter(workdir)
+  sums = jax.device_put(_empty_sums(config.ensemble_size), parallel.replicated(mesh))
+  grad_chunks = resolve_grad_chunks(config, mesh)
+  step_fn = functools.partial(_train_and_accumulate, augment=augment_ranges(config),
+                              grad_chunks=grad_chunks)
+  if config.ensemble_size > 1:  # the same step for every member of the stacked state
+    step_fn = jax.vmap(step_fn)
+  feeder = pipeline.make_input(config.input_pipeline, splits.train, config.batch_size, mesh,
+                               step_fn, config.chunk_steps, config.ensemble_size)
+  compile_seconds = feeder.compile(state, sums)
+  log(f'Compiled the train step in {compile_seconds:.1f}s on {jax.device_count()} '
+      f'{jax.default_backend()} device(s), {input_kind} input, {model.conv_impl} convolutions, '
+      f'gradient in {grad_chunks} chunk(s)')
 
-    def save(epoch_done: bool, record=None):
-      meta = {'step': step, 'epoch': step / steps_per_epoch, 'train_seconds': train_seconds,
-              'resume_fields': ckpt_lib.resume_fields(config_dict), 'config': config_dict}
-      checkpoints.save(step, state, meta,
-                       {'val_accuracy': record['val_accuracy']} if epoch_done and record else None)
+  def save(epoch_done: bool, record=None):
+    meta = {'step': step, 'epoch': step / steps_per_epoch, 'train_seconds': train_seconds,
+            'resume_fields': ckpt_lib.resume_fields(config_dict), 'config': config_dict}
+    checkpoints.save(step, state, meta,
+                     {'val_accuracy': record['val_accuracy']} if epoch_done and record else None)
 
-    record, first_step_seconds = None, None
-    with _StopSignals() as stop:
-      while step < last_step:
-        epoch = step // steps_per_epoch
-        perm = ensemble.epoch_permutation(config, epoch, n_train)
-        epoch_end = min(steps_per_epoch, last_step - epoch * steps_per_epoch)
-        progress = metrics_lib.Progress(epoch_end, f'Epoch {epoch + 1}/{num_epochs}')
-        sums = jax.device_put(_empty_sums(config.ensemble_size), parallel.replicated(mesh))
-        epoch_start = time.perf_counter()
-        for state, sums, done in feeder.run(state, sums, perm, step % steps_per_epoch, epoch_end):
-          step = epoch * steps_per_epoch + done
-          if first_step_seconds is None:  # one sync, to report start-up time honestly
-            jax.block_until_ready(sums)
-            first_step_seconds = _process_age()
-          if progress.due():
-            progress.show(done, _read_sums(sums)['loss'])
-          if done % feeder.sync_every == 0 or done == epoch_end:
-            # Run at most `sync_every` steps ahead: otherwise async dispatch queues the whole
-            # epoch and a signal is seen only after it. Every process stops at the same step.
-            jax.block_until_ready(sums)
-            if stop.agreed():
-              break
-        train = _read_sums(sums)
-        train_seconds += time.perf_counter() - epoch_start
-        progress.clear()
-        if train['first_nonfinite_step'] is not None:
-          raise NonFiniteLossError(
-              f'the training loss became non-finite at step {train["first_nonfinite_step"]}; '
-              f'nothing after the last checkpoint ({checkpoints.steps()[-1:] or "none"}) was '
-              f'saved; lower config.learning_rate')
-        if stop.received and step < epoch * steps_per_epoch + epoch_end:  # mid-epoch: no evaluation
-          save(epoch_done=False)
-          _stop_for_signal(stop.received, step, checkpoints)
-        val = evaluator.evaluate(state, splits.val)
-        record = {'epoch': epoch + 1, 'train_loss': train['loss'],
-                  'train_accuracy': train['accuracy'], 'val_loss': val['loss'],
-                  'val_accuracy': val['accuracy'],
-                  'epoch_seconds': time.perf_counter() - epoch_start,
-                  **ensemble.member_summary('val', val)}
-        log(_epoch_line(epoch + 1, num_epochs, record['epoch_seconds'], record)
-            + ensemble.describe('val', record))
-        writer.write(step, record)
-        save(epoch_done=True, record=record)
-        if stop.agreed():  # the signal came at the epoch's last step or during its evaluation
-          _stop_for_signal(stop.received, step, checkpoints)
+  record, first_step_seconds = None, None
+  with _StopSignals() as stop:
+    while step < last_step:
+      epoch = step // steps_per_epoch
+      perm = ensemble.epoch_permutation(config, epoch, n_train)
+      epoch_end = min(steps_per_epoch, last_step - epoch * steps_per_epoch)
+      progress = metrics_lib.Progress(epoch_end, f'Epoch {epoch + 1}/{num_epochs}')
+      sums = jax.device_put(_empty_sums(config.ensemble_size), parallel.replicated(mesh))
+      epoch_start = time.perf_counter()
+      for state, sums, done in feeder.run(state, sums, perm, step % steps_per_epoch, epoch_end):
+        step = epoch * steps_per_epoch + done
+        if first_step_seconds is None:  # one sync, to report start-up time honestly
+          jax.block_until_ready(sums)
+          first_step_seconds = _process_age()
+        if progress.due():
+          progress.show(done, _read_sums(sums)['loss'])
+        if done % feeder.sync_every == 0 or done == epoch_end:
+          # Run at most `sync_every` steps ahead: otherwise async dispatch queues the whole
+          # epoch and a signal is seen only after it. Every process stops at the same step.
+          jax.block_until_ready(sums)
+          if stop.agreed():
+            break
+      train = _read_sums(sums)
+      train_seconds += time.perf_counter() - epoch_start
+      progress.clear()
+      if train['first_nonfinite_step'] is not None:
+        raise NonFiniteLossError(
+            f'the training loss became non-finite at step {train["first_nonfinite_step"]}; '
+            f'nothing after the last checkpoint ({checkpoints.steps()[-1:] or "none"}) was '
+            f'saved; lower config.learning_rate')
+      if stop.received and step < epoch * steps_per_epoch + epoch_end:  # mid-epoch: no evaluation
+        save(epoch_done=False)
+        _stop_for_signal(stop.received, step, checkpoints)
+      val = evaluator.evaluate(state, splits.val)
+      record = {'epoch': epoch + 1, 'train_loss': train['loss'],
+                'train_accuracy': train['accuracy'], 'val_loss': val['loss'],
+                'val_accuracy': val['accuracy'],
+                'epoch_seconds': time.perf_counter() - epoch_start,
+                **ensemble.member_summary('val', val)}
+      log(_epoch_line(epoch + 1, num_epochs, record['epoch_seconds'], record)
+          + ensemble.describe('val', record))
+      writer.write(step, record)
+      save(epoch_done=True, record=record)
+      if stop.agreed():  # the signal came at the epoch's last step or during its evaluation
+        _stop_for_signal(stop.received, step, checkpoints)
 
-    checkpoints.wait()  # a failed last save is an error before results.json points at it
-    test_logits = evaluator.logits(state, splits.test['image'])
-    test = evaluation_metrics(test_logits, splits.test['label'])
-    history = metrics_lib.read_history(workdir)
-    results = {
-        'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
-        **ensemble.member_summary('test', test),
-        'val_accuracy': history[-1]['val_accuracy'] if history else None,
-        'val_loss': history[-1]['val_loss'] if history else None,
-        'num_params': num_params, 'epochs_completed': round(step / steps_per_epoch, 4),
-        'checkpoint_step': step, 'train_seconds': train_seconds,
-        'seconds_per_epoch': train_seconds / max(step / steps_per_epoch, 1e-9),
-        'compile_seconds': compile_seconds, 'start_to_first_step_seconds': first_step_seconds,
-        'devices': jax.device_count(),
-        'backend': jax.default_backend(), 'config': config_dict,
-    }
-    log(f'Test: loss {test["loss"]:.4f} - accuracy {test["accuracy"]:.4f} '
-        f'({len(splits.test["label"])} images)' + ensemble.describe('test', results))
-    if parallel.is_main_process():
-      write_json_atomic(results_path, results)
-    writer.write(step, {'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
-                        **ensemble.member_summary('test', test)})
-    writer.close()
-    if config.plots and parallel.is_main_process():
-      from digitjax import report  # matplotlib is imported only when pictures are drawn
-      report.draw_all(workdir, splits, ensemble.combine_logits(test_logits), history)
-    checkpoints.wait()
-    checkpoints.close()
-    return state
-  except BaseException:
-    checkpoints.abandon()  # a save in flight ends before the error is reported
-    raise
+  checkpoints.wait()  # a failed last save is an error before results.json points at it
+  test_logits = evaluator.logits(state, splits.test['image'])
+  test = evaluation_metrics(test_logits, splits.test['label'])
+  history = metrics_lib.read_history(workdir)
+  results = {
+      'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
+      **ensemble.member_summary('test', test),
+      'val_accuracy': history[-1]['val_accuracy'] if history else None,
+      'val_loss': history[-1]['val_loss'] if history else None,
+      'num_params': num_params, 'epochs_completed': round(step / steps_per_epoch, 4),
+      'checkpoint_step': step, 'train_seconds': train_seconds,
+      'seconds_per_epoch': train_seconds / max(step / steps_per_epoch, 1e-9),
+      'compile_seconds': compile_seconds, 'start_to_first_step_seconds': first_step_seconds,
+      'devices': jax.device_count(),
+      'backend': jax.default_backend(), 'config': config_dict,
+  }
+  log(f'Test: loss {test["loss"]:.4f} - accuracy {test["accuracy"]:.4f} '
+      f'({len(splits.test["label"])} images)' + ensemble.describe('test', results))
+  if parallel.is_main_process():
+    write_json_atomic(results_path, results)
+  writer.write(step, {'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
+                      **ensemble.member_summary('test', test)})
+  writer.close()
+  if config.plots and parallel.is_main_process():
+    from digitjax import report  # matplotlib is imported only when pictures are drawn
+    report.draw_all(workdir, splits, ensemble.combine_logits(test_logits), history)
+  checkpoints.wait()
+  checkpoints.close()
+  return state
