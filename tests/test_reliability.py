@@ -414,6 +414,28 @@ def test_full_disk_while_saving_is_a_clear_error_and_older_checkpoints_stay(
   assert_bit_identical(arrays(workdir), arrays(copy_of_reference))
 
 
+
+def test_orbax_background_tracebacks_become_one_line(tmp_path, caplog):
+  # A failed background save is logged by orbax's own thread with the whole traceback; the
+  # user sees its reason once, on one line (the full-disk test above checks the error itself).
+  import logging
+  from digitjax import checkpoint as ckpt_lib
+  ckpt_lib.Checkpoints(str(tmp_path / 'checkpoints')).close()  # installs the filter
+  try:
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing "params.conv1.kernel" in OCDBT database'
+                     '\n: Failed to write 299897 bytes: No space left on device [os_error_code=28]')
+  except ValueError:
+    exc_info = sys.exc_info()
+  absl_logger = logging.getLogger('absl')
+  record = absl_logger.makeRecord('absl', logging.ERROR, '/site-packages/orbax/checkpoint/x.py', 1,
+                                  'Failed to run %d commit operations', (2,), exc_info)
+  with caplog.at_level(logging.ERROR):
+    absl_logger.handle(record)
+  logged = caplog.records[-1]
+  assert logged.exc_info is None
+  assert logged.getMessage() == 'Failed to run 2 commit operations: No space left on device'
+  assert '\n' not in caplog.text.strip()
+
 # ---------------------------------------------------------------------------------------------
 # 8. Non-finite loss
 
