@@ -34,8 +34,9 @@ def timed(name, fn, *args, repeats=300):
 
 
 def conv(impl):
-  if impl == 'im2col':
-    return lambda x, k: model_lib.im2col_conv(x, k, (1, 1), 'VALID')
+  if impl in ('im2col', 'winograd'):
+    fn = model_lib.im2col_conv if impl == 'im2col' else model_lib.winograd_conv
+    return lambda x, k: fn(x, k, (1, 1), 'VALID')
   return lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), 'VALID',
                                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
@@ -46,7 +47,7 @@ def main():
   for size, cin, cout in ((26, 1, 32), (12, 32, 64), (10, 64, 64)):
     x = jax.random.normal(key, (BATCH, size, size, cin))
     k = jax.random.normal(key, (3, 3, cin, cout))
-    for impl in ('lax', 'im2col'):
+    for impl in ('lax', 'im2col', 'winograd'):
       f = conv(impl)
       timed(f'conv {size}x{size}x{cin}->{cout} {impl} fwd+bwd',
             lambda x, k: jax.grad(lambda x, k: jax.nn.relu(f(x, k)).sum(), (0, 1))(x, k), x, k)
@@ -108,7 +109,9 @@ def whole_steps(key, trials=9, steps=60):
   variants = {}
   for conv_impl, pool_impl, skip, chunks in (('lax', 'lax', False, 1), ('im2col', 'reshape', False, 1),
                                              ('im2col', 'reshape', True, 1), ('im2col', 'reshape', True, 2),
-                                             ('mixed', 'reshape', True, 1), ('mixed', 'reshape', True, 2)):
+                                             ('mixed', 'reshape', True, 1), ('mixed', 'reshape', True, 2),
+                                             ('im2col,winograd,winograd', 'reshape', True, 1),
+                                             ('lax,winograd,winograd', 'reshape', True, 2)):
     model = model_lib.CNN(conv_impl=conv_impl, pool_impl=pool_impl, skip_dead_rows=skip)
     params = model.init(key, images[:1].astype(jnp.float32))['params']
     state = train.TrainState.create(apply_fn=model.apply, params=params,

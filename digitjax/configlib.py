@@ -5,6 +5,31 @@ from digitjax.data import SUPPORTED_DATASETS
 from digitjax.errors import UserError
 
 
+CONV_IMPLS = ('lax', 'im2col', 'winograd', 'mixed')
+
+
+def conv_impls(conv_impl: str, num_convs: int) -> list[str]:
+  """One formulation per conv layer from 'name' (every layer) or 'name,name,...' (one each)."""
+  names = conv_impl.split(',')
+  if len(names) == 1:
+    names = names * num_convs
+  if len(names) != num_convs or not all(n in CONV_IMPLS for n in names) or (
+      len(set(names)) > 1 and 'mixed' in names):
+    raise UserError(f'conv_impl {conv_impl!r}: expected one of {", ".join(CONV_IMPLS)}, or '
+                    f'{num_convs} of lax/im2col/winograd separated by commas')
+  return names
+
+
+def _conv_impl_ok(model_config) -> bool:
+  if model_config.conv_impl == 'auto':
+    return True
+  try:
+    conv_impls(model_config.conv_impl, len(model_config.conv_features))
+  except UserError:
+    return False
+  return True
+
+
 def validate(config) -> None:
   """Raises UserError naming the first field whose value cannot work."""
   checks = [
@@ -38,8 +63,9 @@ def validate(config) -> None:
       ('augment.rotation', 0 <= config.augment.rotation <= 180, 'in [0, 180] degrees'),
       ('augment.zoom', 0 <= config.augment.zoom < 1, 'in [0, 1)'),
       ('augment.shift', 0 <= config.augment.shift < 1, 'in [0, 1)'),
-      ('model.conv_impl', config.model.conv_impl in ('auto', 'lax', 'im2col', 'mixed'),
-       "'auto', 'lax', 'im2col' or 'mixed'"),
+      ('model.conv_impl', _conv_impl_ok(config.model),
+       "'auto', 'lax', 'im2col', 'winograd' or 'mixed', or one of lax/im2col/winograd per conv "
+       "layer separated by commas (e.g. 'lax,winograd,winograd')"),
       ('grad_chunks', config.grad_chunks >= 0 and (
           config.grad_chunks == 0 or config.batch_size % config.grad_chunks == 0),
        '0 (auto) or a divisor of batch_size'),

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax import lax
 
+from digitjax.configlib import conv_impls
+
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -52,6 +54,62 @@ def _patches(x_BxHxWxC, kh: int, kw: int):
   oh, ow = h - kh + 1, w - kw + 1
   return jnp.concatenate(
       [x_BxHxWxC[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)], axis=-1)
+
+
+# Winograd F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
+# 2016): a 2x2 output tile of a 3x3 convolution from a 4x4 input tile with 16 multiplications
+# instead of 36. The kernel is transformed by G, each input tile by B^T . B, and the 16 products
+# (one matmul over channels each) back by A^T . A. The transforms' coefficients are 0, +-1 and
+# +-1/2, so float32 rounding stays at the level of the direct sums'.
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def winograd_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                  dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+  """`lax.conv_general_dilated` for 3x3 kernels, NHWC x HWIO, stride 1, VALID, by Winograd's
+  F(2x2, 3x3): 16 batched matmuls over the channels on 2x2 output tiles, 2.25x fewer
+  multiplications than a direct (or im2col) convolution. Odd output sizes get one zero row
+  (column) of input and drop the extra output row (column).
+
+  Its gradients are the transposes of these linear maps (also 16 batched matmuls). On this 2-core
+  CPU it takes ~20% less CPU time than im2col for conv2's and conv3's forward and backward, but
+  its batched matmuls run on one core and its transforms are memory-bound, so the tutorial's
+  training step is slower with it (benchmarks/layers.py); with twice the channels it is faster.
+  Slow with a single input channel (its matmuls are then outer products). Other convolutions go
+  to `im2col_conv`, and from there to XLA's if im2col does not cover them.
+  """
+  if rhs.shape[:2] != (3, 3) or not _im2col_covers(
+      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+      feature_group_count, kwargs):
+    return im2col_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                       dimension_numbers, feature_group_count, precision, **kwargs)
+  b, h, w, cin = lhs.shape
+  cout = rhs.shape[-1]
+  oh, ow = h - 2, w - 2
+  th, tw = (oh + 1) // 2, (ow + 1) // 2  # output tiles down and across
+  x = jnp.pad(lhs, ((0, 0), (0, 2 * th - oh), (0, 2 * tw - ow), (0, 0)))
+  v = _winograd_input(_winograd_input(x, 1), 3)  # (4 across, 4 down, B, th, tw, Cin)
+  g = jnp.asarray(_WINOGRAD_G, rhs.dtype)
+  u = jnp.einsum('ai,ijcd,bj->bacd', g, rhs, g, precision=precision)  # (4 across, 4 down, ...)
+  m = jnp.einsum('xnc,xcd->xnd', v.reshape(16, b * th * tw, cin), u.reshape(16, cin, cout),
+                 precision=precision).reshape(4, 4, b, th, tw, cout)
+  # A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] down, then across; the output rows and columns of each
+  # tile are stacked where they belong, so the final reshape interleaves the tiles.
+  rows = jnp.stack([m[:, 0] + m[:, 1] + m[:, 2], m[:, 1] - m[:, 2] - m[:, 3]], axis=3)
+  y = jnp.stack([rows[0] + rows[1] + rows[2], rows[1] - rows[2] - rows[3]], axis=4)
+  return y.reshape(b, 2 * th, 2 * tw, cout)[:, :oh, :ow, :]
+
+
+def _winograd_input(x, axis: int):
+  """B^T d along `axis` (length 2T + 2) for the T tiles at stride 2, the 4 results stacked on a
+  new leading axis. B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]; the tiles'
+  rows come from contiguous slices of the even and odd rows (whose transposes are plain pads)."""
+  t = x.shape[axis] // 2 - 1
+  pairs = x.reshape(x.shape[:axis] + (t + 1, 2) + x.shape[axis + 1:])
+  even, odd = (lax.index_in_dim(pairs, k, axis + 1, keepdims=False) for k in (0, 1))
+  d0, d2 = (lax.slice_in_dim(even, s, s + t, axis=axis) for s in (0, 1))
+  d1, d3 = (lax.slice_in_dim(odd, s, s + t, axis=axis) for s in (0, 1))
+  return jnp.stack([d0 - d2, d1 + d2, d2 - d1, d1 - d3])
 
 
 def max_pool_2x2(x_BxHxWxC, impl: str = 'lax'):
@@ -137,8 +195,9 @@ class CNN(nn.Module):
   pool_after: Sequence[int] = (0, 2)      # indices of the conv layers followed by 2x2 max pooling
   dense_features: int = 100
   num_classes: int = 10
-  conv_impl: str = 'lax'                 # 'lax' (XLA convolution), 'im2col', or 'mixed' (lax
-  #                                        for single-channel inputs, im2col for the others)
+  conv_impl: str = 'lax'                 # 'lax' (XLA convolution), 'im2col', 'winograd', 'mixed'
+  #                                        (lax for single-channel inputs, im2col for the others),
+  #                                        or one of the first three per layer: 'lax,winograd,...'
   pool_impl: str = 'lax'                 # 'lax' (nn.max_pool) or 'reshape'
   skip_dead_rows: bool = True            # crop input rows no output depends on (same outputs)
   dropout_rate: float = 0.0              # dropout before each dense layer when training
@@ -149,9 +208,10 @@ class CNN(nn.Module):
     if self.skip_dead_rows:
       h, w = (used_input_size(n, len(self.conv_features), self.pool_after) for n in x.shape[1:3])
       x = x[:, :h, :w, :]
+    impls = conv_impls(self.conv_impl, len(self.conv_features))
     for i, features in enumerate(self.conv_features):
-      conv_fn = (im2col_conv if self.conv_impl == 'im2col'
-                 or (self.conv_impl == 'mixed' and x.shape[-1] > 1) else None)
+      impl = impls[i] if impls[i] != 'mixed' else 'lax' if x.shape[-1] == 1 else 'im2col'
+      conv_fn = {'lax': None, 'im2col': im2col_conv, 'winograd': winograd_conv}[impl]
       x = nn.Conv(features, (3, 3), padding='VALID', kernel_init=nn.initializers.he_uniform(),
                   conv_general_dilated=conv_fn, name=f'conv{i + 1}')(x)
       x = nn.relu(x)
@@ -174,7 +234,8 @@ def build_model(model_config, num_classes: int | None = None, in_scan: bool = Fa
   conv_impl 'auto' on CPU is 'mixed' (XLA's convolution for the single-channel first layer, where
   im2col's 9-wide matmul is slow; im2col for the others), but 'im2col' when the training step runs
   inside `lax.scan` (`in_scan`, the device input): XLA:CPU's convolution is much slower in a loop
-  body. Both measured in benchmarks/layers.py. Off CPU, 'auto' is XLA's own layers.
+  body. Both measured in benchmarks/layers.py, as is 'winograd' (fewer multiplications, but a
+  slower step on this 2-core CPU). Off CPU, 'auto' is XLA's own layers.
 
   `inference` is the model that evaluation and prediction run (forward only): there 'auto' is XLA's
   own convolution and pooling on every backend. Their backward pass is what is slow on CPU; the

@@ -30,7 +30,8 @@ def test_summary_table_lists_layers_and_total():
 
 @pytest.mark.parametrize('conv_impl,pool_impl', [('lax', 'lax'), ('im2col', 'lax'),
                                                  ('lax', 'reshape'), ('im2col', 'reshape'),
-                                                 ('mixed', 'reshape')])
+                                                 ('mixed', 'reshape'), ('winograd', 'lax'),
+                                                 ('lax,winograd,winograd', 'reshape')])
 @pytest.mark.parametrize('inputs', ['uniform', 'digits'])
 def test_fast_layers_match_reference_outputs_and_gradients(conv_impl, pool_impl, inputs):
   # The reference is the plain Keras-shaped network: nn.Conv, nn.max_pool, every row computed.
@@ -114,6 +115,28 @@ def test_mixed_conv_uses_xla_for_single_channel_input_only():
 def test_auto_conv_impl_on_cpu_depends_on_the_loop(config, in_scan, expected):
   assert jax.default_backend() == 'cpu'
   assert model_lib.build_model(config.model, in_scan=in_scan).conv_impl == expected
+
+
+def test_winograd_conv_matches_xla_for_odd_sizes_and_falls_back_for_others():
+  # Odd output sizes (13 -> 11) pad a zero row and column; 5x5 kernels and strides go to im2col
+  # or XLA. Random weights and inputs of scale 1: outputs of scale ~17.
+  for x_shape, k_shape, strides in (((3, 13, 12, 32), (3, 3, 32, 16), (1, 1)),
+                                    ((2, 9, 9, 4), (5, 5, 4, 3), (1, 1)),
+                                    ((2, 9, 9, 4), (3, 3, 4, 3), (2, 2))):
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    k = jax.random.normal(jax.random.key(1), k_shape)
+    dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, ('NHWC', 'HWIO', 'NHWC'))
+    want = jax.lax.conv_general_dilated(x, k, strides, 'VALID', dimension_numbers=dn)
+    got = model_lib.winograd_conv(x, k, strides, 'VALID', dimension_numbers=dn)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize('conv_impl', ['winograd,lax', 'lax,fft,lax', 'mixed,lax,lax'])
+def test_conv_impl_names_are_checked(config, conv_impl):
+  config.model.conv_impl = conv_impl
+  with pytest.raises(UserError, match='model.conv_impl'):
+    configlib.validate(config)
 
 
 def test_inference_uses_xla_layers_unless_the_config_names_a_formulation(config):
