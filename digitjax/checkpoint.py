@@ -123,13 +123,32 @@ def _quiet_failed_reads():
     sys.unraisablehook = previous
 
 
+def _raised_in_orbax(e: BaseException | None) -> bool:
+  tb = e.__traceback__ if e is not None else None
+  while tb is not None:
+    if f'{os.sep}orbax{os.sep}' in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
 class _OneLineOrbaxErrors(logging.Filter):
   """Orbax logs a failed background save with its whole traceback (TensorStore's messages are
-  long) from its own thread; the failure reaches the user once, as our one-line error."""
+  long) from its own thread; the failure reaches the user once, as our one-line error.
+
+  When one of a save's parallel writes fails, the others' copies of that failure are never
+  retrieved, and asyncio logs each (with its traceback) whenever their tasks are collected,
+  possibly after the error was printed: those are dropped, the failure has been raised once.
+  """
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.exc_info and f'{os.sep}orbax{os.sep}' in record.pathname:
-      record.msg = f'{record.getMessage()}: {_reason(record.exc_info[1])}'
+    if not record.exc_info:
+      return True
+    if record.name == 'asyncio' and _raised_in_orbax(record.exc_info[1]):
+      return False
+    if f'{os.sep}orbax{os.sep}' in record.pathname:
+      first_line = record.getMessage().splitlines()[0] if record.getMessage() else ''
+      record.msg = f'{first_line}: {_reason(record.exc_info[1])}'
       record.args, record.exc_info, record.exc_text = (), None, None
     return True
 
@@ -145,7 +164,7 @@ class Checkpoints:
     if os.path.exists(self.directory) and not os.path.isdir(self.directory):
       raise UserError(f'{self.directory} is not a directory, so checkpoints cannot be written '
                       f'there; move it away or use another --workdir')
-    for name in ('absl', ''):  # orbax logs through absl; both loggers in case absl is absent
+    for name in ('absl', '', 'asyncio'):  # orbax logs through absl (or the root logger)
       logging.getLogger(name).addFilter(_ONE_LINE_ORBAX_ERRORS)
     if not read_only:
       self._report_unfinished()

@@ -436,6 +436,24 @@ def test_orbax_background_tracebacks_become_one_line(tmp_path, caplog):
   assert logged.getMessage() == 'Failed to run 2 commit operations: No space left on device'
   assert '\n' not in caplog.text.strip()
 
+  # The same failure in a save's other parallel writes, logged by asyncio when their tasks are
+  # collected (possibly after the error line), is dropped; asyncio's other errors are not.
+  orbax_file = os.path.join(os.sep, 'site-packages', 'orbax', 'checkpoint', 'serialization.py')
+  namespace = {}
+  exec(compile('def write_fragment():\n  raise ValueError("No space left on device")\n',
+               orbax_file, 'exec'), namespace)
+  asyncio_logger = logging.getLogger('asyncio')
+  for write, expect_logged in ((namespace['write_fragment'], False), (lambda: 1 / 0, True)):
+    caplog.clear()
+    try:
+      write()
+    except Exception:
+      exc_info = sys.exc_info()
+    with caplog.at_level(logging.ERROR):
+      asyncio_logger.error('Task exception was never retrieved\nfuture: <Task finished>',
+                           exc_info=exc_info)
+    assert bool(caplog.records) == expect_logged
+
 # ---------------------------------------------------------------------------------------------
 # 8. Non-finite loss
 
