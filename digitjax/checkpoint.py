@@ -123,7 +123,11 @@ def _quiet_failed_reads():
     sys.unraisablehook = previous
 
 
-def _raised_in_orbax(e: BaseException | None) -> bool:
+def _from_a_save(e: BaseException | None) -> bool:
+  """Raised in orbax's code, or about one of its unfinished checkpoint directories (TensorStore's
+  futures carry no Python traceback)."""
+  if e is not None and TMP_SUFFIX in str(e):
+    return True
   tb = e.__traceback__ if e is not None else None
   while tb is not None:
     if f'{os.sep}orbax{os.sep}' in tb.tb_frame.f_code.co_filename:
@@ -137,14 +141,15 @@ class _OneLineOrbaxErrors(logging.Filter):
   long) from its own thread; the failure reaches the user once, as our one-line error.
 
   When one of a save's parallel writes fails, the others' copies of that failure are never
-  retrieved, and asyncio logs each (with its traceback) whenever their tasks are collected,
-  possibly after the error was printed: those are dropped, the failure has been raised once.
+  retrieved, and asyncio logs each (with its traceback) whenever their tasks or futures are
+  collected, possibly after the error was printed: those are dropped, the failure has been
+  raised once.
   """
 
   def filter(self, record: logging.LogRecord) -> bool:
     if not record.exc_info:
       return True
-    if record.name == 'asyncio' and _raised_in_orbax(record.exc_info[1]):
+    if record.name == 'asyncio' and _from_a_save(record.exc_info[1]):
       return False
     if f'{os.sep}orbax{os.sep}' in record.pathname:
       first_line = record.getMessage().splitlines()[0] if record.getMessage() else ''

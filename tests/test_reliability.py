@@ -436,14 +436,19 @@ def test_orbax_background_tracebacks_become_one_line(tmp_path, caplog):
   assert logged.getMessage() == 'Failed to run 2 commit operations: No space left on device'
   assert '\n' not in caplog.text.strip()
 
-  # The same failure in a save's other parallel writes, logged by asyncio when their tasks are
-  # collected (possibly after the error line), is dropped; asyncio's other errors are not.
+  # The same failure in a save's other parallel writes, logged by asyncio when their tasks or
+  # futures are collected (possibly after the error line), is dropped; other errors are not.
   orbax_file = os.path.join(os.sep, 'site-packages', 'orbax', 'checkpoint', 'serialization.py')
   namespace = {}
   exec(compile('def write_fragment():\n  raise ValueError("No space left on device")\n',
                orbax_file, 'exec'), namespace)
   asyncio_logger = logging.getLogger('asyncio')
-  for write, expect_logged in ((namespace['write_fragment'], False), (lambda: 1 / 0, True)):
+  def tensorstore_future():  # no Python frame of orbax's, but orbax's temporary directory
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing "step/0" in OCDBT database at local file'
+                     f' "run/checkpoints/1350{ckpt_lib.TMP_SUFFIX}/state": No space left on device')
+
+  for write, expect_logged in ((namespace['write_fragment'], False), (tensorstore_future, False),
+                               (lambda: 1 / 0, True)):
     caplog.clear()
     try:
       write()
