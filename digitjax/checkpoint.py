@@ -161,6 +161,33 @@ class _OneLineOrbaxErrors(logging.Filter):
 _ONE_LINE_ORBAX_ERRORS = _OneLineOrbaxErrors()
 
 
+def _late_callback_after_failed_save(exc_type, exc, tb) -> bool:
+  """After a failed save, orbax closes its event loop while TensorStore still finishes the other
+  writes; their completion callbacks, run on TensorStore's threads, find the loop closed, and
+  that error goes to sys.unraisablehook, possibly after the error line. Nothing is lost."""
+  if exc_type is not RuntimeError or str(exc) != 'Event loop is closed':
+    return False
+  names = []
+  while tb is not None:
+    names.append(tb.tb_frame.f_code.co_name)
+    tb = tb.tb_next
+  return 'call_soon_threadsafe' in names
+
+
+def _install_unraisablehook() -> None:
+  previous = sys.unraisablehook
+  if getattr(previous, 'digitjax', False):
+    return
+
+  def hook(unraisable):
+    if not _late_callback_after_failed_save(unraisable.exc_type, unraisable.exc_value,
+                                            unraisable.exc_traceback):
+      previous(unraisable)
+
+  hook.digitjax = True
+  sys.unraisablehook = hook
+
+
 class Checkpoints:
   """Thin wrapper over ocp.CheckpointManager for this package's state and metadata."""
 
@@ -171,6 +198,7 @@ class Checkpoints:
                       f'there; move it away or use another --workdir')
     for name in ('absl', '', 'asyncio'):  # orbax logs through absl (or the root logger)
       logging.getLogger(name).addFilter(_ONE_LINE_ORBAX_ERRORS)
+    _install_unraisablehook()
     if not read_only:
       self._report_unfinished()
       self._set_aside_unreadable_metrics()

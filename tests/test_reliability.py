@@ -459,6 +459,28 @@ def test_orbax_background_tracebacks_become_one_line(tmp_path, caplog):
                            exc_info=exc_info)
     assert bool(caplog.records) == expect_logged
 
+def test_closed_event_loop_callbacks_after_a_failed_save_are_not_printed(monkeypatch):
+  # TensorStore finishes a failed save's other writes after orbax closed its event loop; their
+  # callbacks' RuntimeError goes to sys.unraisablehook. Dropped; other unraisables are not.
+  import types
+  from digitjax import checkpoint as ckpt_lib
+  seen = []
+  monkeypatch.setattr(sys, 'unraisablehook', seen.append)
+  ckpt_lib._install_unraisablehook()
+  ckpt_lib._install_unraisablehook()  # once only: no hook wrapping our own
+
+  def call_soon_threadsafe():
+    raise RuntimeError('Event loop is closed')
+
+  for fail in (call_soon_threadsafe, lambda: 1 / 0):
+    try:
+      fail()
+    except Exception as e:
+      sys.unraisablehook(types.SimpleNamespace(exc_type=type(e), exc_value=e, err_msg=None,
+                                               exc_traceback=e.__traceback__, object=None))
+  assert [type(u.exc_value) for u in seen] == [ZeroDivisionError]
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. Non-finite loss
 
