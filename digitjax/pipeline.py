@@ -30,7 +30,7 @@ def resolve(kind: str, ensemble_size: int = 1) -> str:
   """'auto': 'tfds' on CPU, 'device' on accelerators and for ensembles (the one path that feeds
   them).
 
-  On this 2-core CPU the two ran the tutorial's epoch at 10.2 (tfds) and 10.9 (device) ms/step,
+  On this 2-core CPU the two ran the tutorial's epoch at 8.76 (tfds) and 8.94 (device) ms/step,
   medians of 5 (benchmarks/compare.py, README "Performance"; XLA:CPU's convolution, used for
   conv1 on the tfds path, is slow inside a loop), and the tfds path starts faster. (At batch
   64-128 the device path is the faster one: configs/fast.py asks for it.)
