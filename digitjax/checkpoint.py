@@ -123,17 +123,18 @@ def _quiet_failed_reads():
     sys.unraisablehook = previous
 
 
-def _from_a_save(e: BaseException | None) -> bool:
+def _codes(tb):
+  """The code objects of a traceback's frames, outermost first."""
+  while tb is not None:
+    yield tb.tb_frame.f_code
+    tb = tb.tb_next
+
+
+def _from_a_save(e: BaseException) -> bool:
   """Raised in orbax's code, or about one of its unfinished checkpoint directories (TensorStore's
   futures carry no Python traceback)."""
-  if e is not None and TMP_SUFFIX in str(e):
-    return True
-  tb = e.__traceback__ if e is not None else None
-  while tb is not None:
-    if f'{os.sep}orbax{os.sep}' in tb.tb_frame.f_code.co_filename:
-      return True
-    tb = tb.tb_next
-  return False
+  return TMP_SUFFIX in str(e) or any(f'{os.sep}orbax{os.sep}' in code.co_filename
+                                     for code in _codes(e.__traceback__))
 
 
 class _OneLineOrbaxErrors(logging.Filter):
@@ -152,7 +153,7 @@ class _OneLineOrbaxErrors(logging.Filter):
     if record.name == 'asyncio' and _from_a_save(record.exc_info[1]):
       return False
     if f'{os.sep}orbax{os.sep}' in record.pathname:
-      first_line = record.getMessage().splitlines()[0] if record.getMessage() else ''
+      first_line = (record.getMessage().splitlines() or [''])[0]
       record.msg = f'{first_line}: {_reason(record.exc_info[1])}'
       record.args, record.exc_info, record.exc_text = (), None, None
     return True
@@ -165,13 +166,8 @@ def _late_callback_after_failed_save(exc_type, exc, tb) -> bool:
   """After a failed save, orbax closes its event loop while TensorStore still finishes the other
   writes; their completion callbacks, run on TensorStore's threads, find the loop closed, and
   that error goes to sys.unraisablehook, possibly after the error line. Nothing is lost."""
-  if exc_type is not RuntimeError or str(exc) != 'Event loop is closed':
-    return False
-  names = []
-  while tb is not None:
-    names.append(tb.tb_frame.f_code.co_name)
-    tb = tb.tb_next
-  return 'call_soon_threadsafe' in names
+  return (exc_type is RuntimeError and str(exc) == 'Event loop is closed'
+          and any(code.co_name == 'call_soon_threadsafe' for code in _codes(tb)))
 
 
 def _install_unraisablehook() -> None:

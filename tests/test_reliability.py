@@ -414,7 +414,6 @@ def test_full_disk_while_saving_is_a_clear_error_and_older_checkpoints_stay(
   assert_bit_identical(arrays(workdir), arrays(copy_of_reference))
 
 
-
 def test_orbax_background_tracebacks_become_one_line(tmp_path, caplog):
   # A failed background save is logged by orbax's own thread with the whole traceback; the
   # user sees its reason once, on one line (the full-disk test above checks the error itself).
@@ -443,6 +442,7 @@ def test_orbax_background_tracebacks_become_one_line(tmp_path, caplog):
   exec(compile('def write_fragment():\n  raise ValueError("No space left on device")\n',
                orbax_file, 'exec'), namespace)
   asyncio_logger = logging.getLogger('asyncio')
+
   def tensorstore_future():  # no Python frame of orbax's, but orbax's temporary directory
     raise ValueError('RESOURCE_EXHAUSTED: Error writing "step/0" in OCDBT database at local file'
                      f' "run/checkpoints/1350{ckpt_lib.TMP_SUFFIX}/state": No space left on device')
@@ -458,6 +458,7 @@ def test_orbax_background_tracebacks_become_one_line(tmp_path, caplog):
       asyncio_logger.error('Task exception was never retrieved\nfuture: <Task finished>',
                            exc_info=exc_info)
     assert bool(caplog.records) == expect_logged
+
 
 def test_closed_event_loop_callbacks_after_a_failed_save_are_not_printed(monkeypatch):
   # TensorStore finishes a failed save's other writes after orbax closed its event loop; their
