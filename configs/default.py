@@ -31,6 +31,8 @@ def get_config():
   config.model.dense_features = 100          # width of the hidden dense layer
   config.model.num_classes = 10              # output classes
   config.model.dropout_rate = 0.0            # dropout before the dense layers (0 = none)
+  config.model.batch_norm = False            # BatchNorm after each conv and dense1 (they lose
+  #                                            their biases; running statistics for evaluation)
   config.model.conv_impl = 'auto'            # 'lax' | 'im2col' | 'winograd' | 'mixed' | 'auto'
   #                                            (mixed on CPU), or one per layer: 'lax,winograd,im2col'
   config.model.pool_impl = 'auto'            # 'lax' | 'reshape' | 'auto' (reshape on CPU)

@@ -35,7 +35,8 @@ from digitjax.errors import UserError
 # Fields that must match between a checkpoint and the config resuming it.
 RESUME_FIELDS = ('dataset', 'seed', 'batch_size', 'validation_fraction', 'data.max_train_examples',
                  'data.split_seed', 'model.conv_features', 'model.pool_after',
-                 'model.dense_features', 'model.num_classes', 'ensemble_size')
+                 'model.dense_features', 'model.num_classes', 'model.batch_norm',
+                 'ensemble_size')
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
 
 

@@ -69,6 +69,8 @@ def validate(config) -> None:
       ('grad_chunks', config.grad_chunks >= 0 and (
           config.grad_chunks == 0 or config.batch_size % config.grad_chunks == 0),
        '0 (auto) or a divisor of batch_size'),
+      ('grad_chunks', config.grad_chunks <= 1 or not config.model.batch_norm,
+       '0 or 1 with model.batch_norm (BatchNorm normalizes by the whole batch)'),
       ('model.pool_impl', config.model.pool_impl in ('auto', 'lax', 'reshape'),
        "'auto', 'lax' or 'reshape'"),
   ]

@@ -201,11 +201,13 @@ class CNN(nn.Module):
   pool_impl: str = 'lax'                 # 'lax' (nn.max_pool) or 'reshape'
   skip_dead_rows: bool = True            # crop input rows no output depends on (same outputs)
   dropout_rate: float = 0.0              # dropout before each dense layer when training
+  batch_norm: bool = False               # BatchNorm after each conv and the hidden dense layer
 
   @nn.compact
   def __call__(self, x_BxHxWxC, train: bool = False):
     x = x_BxHxWxC
-    if self.skip_dead_rows:
+    # Batch statistics are means over every output row, dead ones included: no cropping then.
+    if self.skip_dead_rows and not self.batch_norm:
       h, w = (used_input_size(n, len(self.conv_features), self.pool_after) for n in x.shape[1:3])
       x = x[:, :h, :w, :]
     impls = conv_impls(self.conv_impl, len(self.conv_features))
@@ -213,18 +215,30 @@ class CNN(nn.Module):
       impl = impls[i] if impls[i] != 'mixed' else 'lax' if x.shape[-1] == 1 else 'im2col'
       conv_fn = {'lax': None, 'im2col': im2col_conv, 'winograd': winograd_conv}[impl]
       x = nn.Conv(features, (3, 3), padding='VALID', kernel_init=nn.initializers.he_uniform(),
-                  conv_general_dilated=conv_fn, name=f'conv{i + 1}')(x)
-      x = nn.relu(x)
+                  use_bias=not self.batch_norm, conv_general_dilated=conv_fn,
+                  name=f'conv{i + 1}')(x)
+      x = nn.relu(self._normalized(x, train, f'bn{i + 1}'))
       if i in self.pool_after:
         x = max_pool_2x2(x, self.pool_impl)
     x = x.reshape(x.shape[0], -1)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.relu(nn.Dense(self.dense_features, kernel_init=nn.initializers.he_uniform(),
-                         name='dense1')(x))
+    x = nn.Dense(self.dense_features, kernel_init=nn.initializers.he_uniform(),
+                 use_bias=not self.batch_norm, name='dense1')(x)
+    x = nn.relu(self._normalized(x, train, f'bn{len(self.conv_features) + 1}'))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     # The tutorial's output layer keeps Keras's default glorot_uniform initializer.
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.glorot_uniform(),
                     name='dense2')(x)
+
+  def _normalized(self, x, train: bool, name: str):
+    """BatchNorm with Keras's defaults (momentum 0.99, epsilon 1e-3) when `batch_norm`; its
+    offset stands in for the bias the layer before it then goes without. Training normalizes
+    by the batch's statistics (over all devices: the batch is one sharded array) and updates
+    the running ones in the 'batch_stats' collection, which evaluation uses."""
+    if not self.batch_norm:
+      return x
+    return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
+                        name=name)(x)
 
 
 def build_model(model_config, num_classes: int | None = None, in_scan: bool = False,
@@ -253,6 +267,7 @@ def build_model(model_config, num_classes: int | None = None, in_scan: bool = Fa
              dense_features=model_config.dense_features,
              num_classes=num_classes or model_config.num_classes,
              dropout_rate=model_config.dropout_rate,
+             batch_norm=model_config.batch_norm,
              conv_impl=conv_impl, pool_impl=pool_impl)
 
 

@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +35,18 @@ class NonFiniteLossError(UserError):
 
 class TrainState(train_state.TrainState):
   """flax's TrainState plus the run's PRNG key: step k draws from fold_in(rng, k), so dropout
-  and augmentation depend only on (seed, step) and a resumed run repeats them exactly."""
+  and augmentation depend only on (seed, step) and a resumed run repeats them exactly. A model
+  with BatchNorm also keeps its running statistics ('batch_stats'); without, that is None (no
+  arrays: the state, and its checkpoints, are those of a model that never had any)."""
   rng: jax.Array
+  batch_stats: Any = None
+
+  def variables(self, params=None) -> dict:
+    """The module's variables for apply: `params` (default: the state's) and any statistics."""
+    variables = {'params': self.params if params is None else params}
+    if self.batch_stats is not None:
+      variables['batch_stats'] = self.batch_stats
+    return variables
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
@@ -82,9 +93,10 @@ def create_train_state(config, rng, steps_per_epoch: int = 1, in_scan: bool = Fa
   tx = make_optimizer(config, steps_per_epoch)
 
   def init(rng):
-    params = model.init(rng, jnp.zeros((1,) + data.IMAGE_SHAPE, jnp.float32))['params']
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                             rng=jax.random.key_data(jax.random.fold_in(rng, 0x5eed)))
+    variables = model.init(rng, jnp.zeros((1,) + data.IMAGE_SHAPE, jnp.float32))
+    return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                             rng=jax.random.key_data(jax.random.fold_in(rng, 0x5eed)),
+                             batch_stats=variables.get('batch_stats'))
 
   return jax.jit(init)(rng)
 
@@ -107,7 +119,10 @@ def train_step(state, batch, augment: augment_lib.AffineRanges | None = None,
   `grad_chunks` (static) computes the batch's gradient as the sum of the gradients of that many
   equal sub-batches: the same mathematics (mean loss over the batch), rounded differently. The
   sub-batches are independent computations that XLA:CPU runs on different cores at once.
+  A model with BatchNorm normalizes by the whole batch's statistics, so it takes one chunk.
   """
+  if grad_chunks > 1 and state.batch_stats is not None:
+    raise ValueError('BatchNorm normalizes by the whole batch: grad_chunks must be 1')
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   images = _images(batch)
   if augment is not None:
@@ -116,10 +131,11 @@ def train_step(state, batch, augment: augment_lib.AffineRanges | None = None,
   dropout_key = jax.random.fold_in(key, 1)
 
   def loss_fn(params, images, labels, dropout_key):
-    logits = state.apply_fn({'params': params}, images, train=True,
-                            rngs={'dropout': dropout_key})
+    logits, updated = state.apply_fn(state.variables(params), images, train=True,
+                                     rngs={'dropout': dropout_key}, mutable=['batch_stats'])
     loss_sum = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
-    return loss_sum, (loss_sum, jnp.sum(jnp.argmax(logits, -1) == labels))
+    return loss_sum, (loss_sum, jnp.sum(jnp.argmax(logits, -1) == labels),
+                      updated.get('batch_stats'))
 
   # One chunk keeps the step's own dropout key; chunk c of several draws from fold_in(key, c).
   parts = [jax.grad(loss_fn, has_aux=True)(
@@ -134,26 +150,26 @@ def train_step(state, batch, augment: augment_lib.AffineRanges | None = None,
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params,
                                        value=metrics['loss'])
   state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        opt_state=opt_state)
+                        opt_state=opt_state, batch_stats=parts[0][1][2])
   return state, metrics
 
 
 def resolve_grad_chunks(config, mesh) -> int:
   """config.grad_chunks; 0 ('auto') = 2 on a single CPU device, where the two halves keep both
   cores busy (benchmarks/layers.py: ~8% faster steps at batch 32), else 1: accelerators are
-  already parallel within each op, a split of a batch sharded over devices would reshard it, and
-  a vmapped ensemble's matmuls are already K times larger."""
+  already parallel within each op, a split of a batch sharded over devices would reshard it, a
+  vmapped ensemble's matmuls are already K times larger, and BatchNorm needs the whole batch."""
   if config.grad_chunks:
     return config.grad_chunks
   return 2 if (jax.default_backend() == 'cpu' and mesh.size == 1 and config.ensemble_size == 1
-               and config.batch_size % 2 == 0) else 1
+               and config.batch_size % 2 == 0 and not config.model.batch_norm) else 1
 
 
 def eval_step(state, batch, apply_fn=None):
   """Logits of a batch; loss and accuracy are computed from them (see `evaluate`). `apply_fn`
   (default: the state's own) may be another formulation of the same model, with the same
   parameters: see `Evaluator.for_config`."""
-  return (apply_fn or state.apply_fn)({'params': state.params}, _images(batch))
+  return (apply_fn or state.apply_fn)(state.variables(), _images(batch))
 
 
 def _empty_sums(ensemble_size: int = 1):

@@ -1,12 +1,16 @@
-"""Beyond the tutorial: augmentation, learning-rate schedules, dropout."""
+"""Beyond the tutorial: augmentation, learning-rate schedules, dropout, BatchNorm."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax import lax
 
-from conftest import small_config
-from digitjax import augment, model as model_lib, train
+from conftest import small_config, synthetic_digits
+from digitjax import augment, configlib, evaluate, model as model_lib, train
+from digitjax.errors import UserError
 
 
 def test_identity_transform_leaves_images_unchanged():
@@ -101,3 +105,66 @@ def test_augmented_training_step_is_a_pure_function_of_state_and_batch(config):
     assert np.array_equal(x, y)
   assert any(not np.array_equal(x, z) for x, z in zip(jax.tree.leaves(a.params),
                                                         jax.tree.leaves(plain.params)))
+
+
+def _digit_batch(n, seed=3):
+  images, labels = synthetic_digits(n, seed)
+  return {'image': images[..., None], 'label': labels.astype(np.int32)}
+
+
+def test_batch_norm_normalizes_by_the_whole_batch_and_evaluates_with_running_statistics(config):
+  config.model.batch_norm = True
+  state = train.create_train_state(config, jax.random.key(0))
+  assert set(state.params['conv1']) == {'kernel'}  # BatchNorm's offset replaces the bias
+  assert set(state.params['bn1']) == {'scale', 'bias'}
+  assert set(state.batch_stats) == {'bn1', 'bn2', 'bn3', 'bn4'}
+  batch = _digit_batch(16)
+  new, _ = jax.jit(train.train_step)(state, batch)
+  # conv1's statistics over all 16 x 26 x 26 positions (rows no output sees included), moved
+  # from their initial 0 and 1 by Keras's momentum 0.99.
+  x = batch['image'].astype(np.float32) / 255.0
+  y = lax.conv_general_dilated(x, state.params['conv1']['kernel'], (1, 1), 'VALID',
+                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(new.batch_stats['bn1']['mean'], 0.01 * y.mean(axis=(0, 1, 2)),
+                             rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(new.batch_stats['bn1']['var'], 0.99 + 0.01 * y.var(axis=(0, 1, 2)),
+                             rtol=1e-4)
+  # Training normalizes each batch by its own statistics; evaluation by the running ones, so an
+  # image's logits then do not depend on the other images of its batch.
+  model = model_lib.build_model(config.model)
+  half = {k: v[:8] for k, v in batch.items()}
+  train_mode = lambda b: model.apply(new.variables(), b['image'] / 255.0, train=True,
+                                     mutable=['batch_stats'])[0]
+  assert not np.allclose(train_mode(batch)[:8], train_mode(half), atol=1e-3)
+  np.testing.assert_allclose(train.eval_step(new, batch)[:8], train.eval_step(new, half),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_takes_the_gradient_in_one_chunk(config):
+  config.model.batch_norm = True
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  assert train.resolve_grad_chunks(config, mesh) == 1
+  config.grad_chunks = 2
+  with pytest.raises(UserError, match='grad_chunks=2 is invalid: .*batch_norm'):
+    configlib.validate(config)
+
+
+@pytest.mark.parametrize('ensemble_size', [1, 2])
+def test_batch_norm_runs_resume_exactly_and_evaluate_with_their_statistics(
+    idx_dir, tfds_dir, tmp_path, ensemble_size):
+  make = lambda epochs: small_config(idx_dir, tfds_dir, num_epochs=epochs,
+                                     ensemble_size=ensemble_size, **{'model.batch_norm': True})
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(make(1), workdir)
+  resumed = train.train_and_evaluate(make(2), workdir)
+  straight = train.train_and_evaluate(make(2), str(tmp_path / 'straight'))
+  for a, b in zip(jax.tree.leaves((resumed.params, resumed.batch_stats)),
+                  jax.tree.leaves((straight.params, straight.batch_stats))):
+    np.testing.assert_array_equal(a, b)
+  stats = jax.tree.leaves(resumed.batch_stats)  # mean and var of 4 BatchNorm layers
+  assert len(stats) == 8 and all(s.ndim == (1 if ensemble_size == 1 else 2) for s in stats)
+  # --mode=eval restores the statistics along with the parameters: the same numbers again.
+  with open(tmp_path / 'run' / 'results.json') as f:
+    results = json.load(f)
+  assert results['test_accuracy'] > 0.5
+  assert evaluate.run_eval(make(2), workdir, 'latest', 'test')['test_loss'] == results['test_loss']
