@@ -35,11 +35,9 @@ class NonFiniteLossError(UserError):
 
 class TrainState(train_state.TrainState):
   """flax's TrainState plus the run's PRNG key: step k draws from fold_in(rng, k), so dropout
-  and augmentation depend only on (seed, step) and a resumed run repeats them exactly. A model
-  with BatchNorm also keeps its running statistics ('batch_stats'); without, that is None (no
-  arrays: the state, and its checkpoints, are those of a model that never had any)."""
+  and augmentation depend only on (seed, step) and a resumed run repeats them exactly."""
   rng: jax.Array
-  batch_stats: Any = None
+  batch_stats = None  # a class attribute: no field, so no change to the checkpointed tree
 
   def variables(self, params=None) -> dict:
     """The module's variables for apply: `params` (default: the state's) and any statistics."""
@@ -47,6 +45,12 @@ class TrainState(train_state.TrainState):
     if self.batch_stats is not None:
       variables['batch_stats'] = self.batch_stats
     return variables
+
+
+class BatchNormTrainState(TrainState):
+  """The state of a model with BatchNorm: also its running statistics ('batch_stats'). A
+  subclass, so that the state of a model without, and its checkpoints, stay as they were."""
+  batch_stats: Any
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
@@ -94,9 +98,10 @@ def create_train_state(config, rng, steps_per_epoch: int = 1, in_scan: bool = Fa
 
   def init(rng):
     variables = model.init(rng, jnp.zeros((1,) + data.IMAGE_SHAPE, jnp.float32))
-    return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                             rng=jax.random.key_data(jax.random.fold_in(rng, 0x5eed)),
-                             batch_stats=variables.get('batch_stats'))
+    stats = {'batch_stats': variables['batch_stats']} if 'batch_stats' in variables else {}
+    return (BatchNormTrainState if stats else TrainState).create(
+        apply_fn=model.apply, params=variables['params'], tx=tx,
+        rng=jax.random.key_data(jax.random.fold_in(rng, 0x5eed)), **stats)
 
   return jax.jit(init)(rng)
 
@@ -149,8 +154,10 @@ def train_step(state, batch, augment: augment_lib.AffineRanges | None = None,
              'accuracy': sum(aux[1] for _, aux in parts) / n}
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params,
                                        value=metrics['loss'])
+  new_stats = parts[0][1][2]
   state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        opt_state=opt_state, batch_stats=parts[0][1][2])
+                        opt_state=opt_state,
+                        **({} if new_stats is None else {'batch_stats': new_stats}))
   return state, metrics
 
 

@@ -113,6 +113,10 @@ def _digit_batch(n, seed=3):
 
 
 def test_batch_norm_normalizes_by_the_whole_batch_and_evaluates_with_running_statistics(config):
+  plain = train.create_train_state(config, jax.random.key(0))
+  # Without BatchNorm the state is the tree it always was: old checkpoints still restore.
+  assert {str(path[0]) for path, _ in jax.tree_util.tree_leaves_with_path(plain)} == {
+      '.step', '.params', '.opt_state', '.rng'}
   config.model.batch_norm = True
   state = train.create_train_state(config, jax.random.key(0))
   assert set(state.params['conv1']) == {'kernel'}  # BatchNorm's offset replaces the bias
