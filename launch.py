@@ -49,7 +49,10 @@ def main(argv):
   absl_logging.info('JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(),
                jax.process_count())
   try:
-    if FLAGS.mode == 'train':
+    if FLAGS.mode == 'train' and FLAGS.config.ensemble_variants:
+      from digitjax import variants
+      variants.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == 'train':
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     else:
       from digitjax import evaluate

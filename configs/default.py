@@ -44,6 +44,9 @@ def get_config():
   config.momentum = 0.9                # SGD momentum
   config.seed = 0                      # one seed for init, validation split and example order
   config.ensemble_size = 1             # models trained at once by vmap; member i uses seed + i
+  config.ensemble_variants = ()        # ensembles of variants: overrides per variant, e.g.
+  #                                      ('', 'model.batch_norm=True'); each trains ensemble_size
+  #                                      members in workdir/variant<i>, all of them averaged
   config.schedule = 'constant'         # learning rate: 'constant' | 'cosine' | 'onecycle'
   config.warmup_epochs = 0.0           # linear warmup from 0 ('constant' and 'cosine')
   config.onecycle_pct_start = 0.3      # share of the steps spent rising ('onecycle')

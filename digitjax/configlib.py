@@ -43,6 +43,9 @@ def validate(config) -> None:
       ('data.max_train_examples', config.data.max_train_examples >= 0, '0 (all) or positive'),
       ('checkpoint_keep', config.checkpoint_keep >= 1, 'at least 1'),
       ('ensemble_size', config.ensemble_size >= 1, 'at least 1'),
+      ('ensemble_variants', len(config.ensemble_variants) != 1
+       and all(isinstance(v, str) for v in config.ensemble_variants),
+       "empty, or two or more strings of overrides (e.g. ('', 'model.batch_norm=True'))"),
       ('data.split_seed', config.data.split_seed >= -1, '-1 (= seed) or a seed >= 0'),
       ('model.conv_features', len(config.model.conv_features) >= 1
        and all(f > 0 for f in config.model.conv_features), 'a non-empty list of positive widths'),

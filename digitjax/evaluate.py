@@ -240,6 +240,15 @@ def run(mode: str, config, workdir: str, checkpoint: str | None = None, split: s
         inputs: list[str] | None = None, output: str | None = None) -> int:
   """Runs one of the modes other than train; returns the process's exit status."""
   checkpoint = checkpoint or DEFAULT_CHECKPOINT[mode]
+  if config.ensemble_variants:
+    from digitjax import variants
+    if mode != 'eval':
+      raise UserError(f'--mode={mode} takes one variant of config.ensemble_variants at a time: '
+                      f'--workdir={variants.variant_dir(workdir, 0)} (and so on) with that '
+                      f'variant\'s overrides and --config.ensemble_variants="()"; --mode=eval '
+                      f'takes them all')
+    variants.run_eval(config, workdir, checkpoint, split)
+    return 0
   if mode == 'eval':
     run_eval(config, workdir, checkpoint, split)
     return 0

@@ -199,7 +199,8 @@ class CNN(nn.Module):
   #                                        (lax for single-channel inputs, im2col for the others),
   #                                        or one of the first three per layer: 'lax,winograd,...'
   pool_impl: str = 'lax'                 # 'lax' (nn.max_pool) or 'reshape'
-  skip_dead_rows: bool = True            # crop input rows no output depends on (same outputs)
+  skip_dead_rows: bool = True            # crop input rows no output depends on (same outputs;
+  #                                        not with batch_norm, whose statistics see them)
   dropout_rate: float = 0.0              # dropout before each dense layer when training
   batch_norm: bool = False               # BatchNorm after each conv and the hidden dense layer
 

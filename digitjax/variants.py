@@ -1,0 +1,170 @@
+"""Ensembles of model variants: one vmapped seed ensemble per variant, all members averaged.
+
+`config.ensemble_variants` lists variants of the config, each a string of overrides separated by
+';' ('model.batch_norm=True', or '' for the config as it is). Variant i is an ordinary run of its
+config, trained (checkpointed, resumed) in workdir/variant<i> with its `ensemble_size` members
+vmapped: vmap needs members of one architecture, so each variant is a program of its own. The
+ensemble of every member of every variant predicts the mean of their softmax probabilities;
+workdir/results.json holds its figures, each member's and each variant's. Members of different
+architectures make more different mistakes than seeds of one (README "Results").
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+
+import jax
+import numpy as np
+
+from digitjax import configlib, data, ensemble, parallel, train
+from digitjax import workdir as workdir_lib
+from digitjax.errors import UserError
+from digitjax.metrics import log
+
+# Fields every variant shares: the data (members are combined example by example) and the
+# variants themselves.
+_SHARED = ('dataset', 'validation_fraction', 'data.', 'seed', 'ensemble_variants',
+           'eval_batch_size', 'distributed.', 'compilation_cache_dir')
+
+
+def variant_dir(workdir: str, i: int) -> str:
+  return os.path.join(workdir, f'variant{i}')
+
+
+def variant_configs(config) -> list:
+  """The config of each variant: `config` with the variant's overrides and no variants."""
+  configs = []
+  for text in config.ensemble_variants:
+    variant = config.copy_and_resolve_references()
+    variant.ensemble_variants = ()
+    for item in filter(None, (part.strip() for part in text.split(';'))):
+      key, value = _override(item, text)
+      target = variant
+      *parents, leaf = key.split('.')
+      try:
+        for part in parents:
+          target = target[part]
+        target[leaf]  # an unknown field is an error, not a new one
+      except (KeyError, AttributeError, TypeError):
+        raise UserError(f'config.ensemble_variants: {text!r} sets {key}, which is not a config '
+                        f'field; use the names in configs/default.py') from None
+      try:
+        target[leaf] = value  # ConfigDict checks the type
+      except TypeError:
+        raise UserError(f'config.ensemble_variants: {text!r} sets {key} to {value!r}, a value '
+                        f'of another type than the field\'s ({type(target[leaf]).__name__})'
+                        ) from None
+    configlib.validate(variant)
+    configs.append(variant)
+  return configs
+
+
+def _override(item: str, text: str):
+  key, sep, value = item.partition('=')
+  key = key.strip()
+  if not sep or not key:
+    raise UserError(f'config.ensemble_variants: {text!r} is not a list of field=value '
+                    f"separated by ';' (e.g. 'model.batch_norm=True')")
+  if any(key == s or (s.endswith('.') and key.startswith(s)) for s in _SHARED):
+    raise UserError(f'config.ensemble_variants: {text!r} sets {key}, which all variants share '
+                    f'(their members are averaged on the same data); set it for the whole run')
+  try:
+    return key, ast.literal_eval(value.strip())
+  except (ValueError, SyntaxError):
+    return key, value.strip()  # a bare word: a string value (e.g. schedule=cosine)
+
+
+def train_and_evaluate(config, workdir: str) -> list:
+  """Trains each variant in workdir/variant<i> (resuming any already started), then evaluates
+  the ensemble of all their members into workdir/results.json; returns the variants' states."""
+  configlib.validate(config)
+  configs = variant_configs(config)  # every variant's config is checked before any training
+  with workdir_lib.claim(workdir, exclusive=parallel.is_main_process()):
+    states = []
+    for i, (variant, text) in enumerate(zip(configs, config.ensemble_variants)):
+      log(f'Variant {i + 1}/{len(configs)} ({text or "the config as it is"}) in '
+          f'{variant_dir(workdir, i)}')
+      states.append(train.train_and_evaluate(variant, variant_dir(workdir, i)))
+    results = _evaluate(config, configs, states, workdir)
+    if parallel.is_main_process():
+      train.write_json_atomic(os.path.join(workdir, 'results.json'), results)
+  return states
+
+
+def _combined(configs, states, splits: dict) -> dict:
+  """{split: evaluation metrics of every member of every variant and of their average} for
+  {split: examples}."""
+  mesh = parallel.make_mesh()
+  logits = {split: [] for split in splits}
+  for variant, state in zip(configs, states):
+    evaluator = train.Evaluator.for_config(variant, mesh)
+    for split, examples in splits.items():
+      member_logits = evaluator.logits(state, examples['image'])
+      logits[split].append(member_logits if member_logits.ndim == 3 else member_logits[None])
+  return {split: train.evaluation_metrics(np.concatenate(logits[split]), examples['label'])
+          for split, examples in splits.items()}
+
+
+def _evaluate(config, configs, states, workdir: str) -> dict:
+  """The combined figures on validation and test, each member's and each variant's."""
+  splits = data.load_splits(configs[0])
+  metrics = _combined(configs, states, {'val': splits.val, 'test': splits.test})
+  variants = []
+  for i, text in enumerate(config.ensemble_variants):
+    with open(os.path.join(variant_dir(workdir, i), 'results.json')) as f:
+      part = json.load(f)
+    variants.append({'overrides': text, 'workdir': os.path.basename(variant_dir(workdir, i)),
+                     **{k: part[k] for k in ('test_accuracy', 'test_loss', 'num_params',
+                                             'train_seconds', 'compile_seconds')
+                        if k in part},
+                     **{k: v for k, v in part.items() if k.startswith('member_test_')}})
+  test, val = metrics['test'], metrics['val']
+  results = {
+      'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
+      **ensemble.member_summary('test', test),
+      'val_accuracy': val['accuracy'], 'val_loss': val['loss'],
+      **ensemble.member_summary('val', val),
+      'train_seconds': sum(v['train_seconds'] for v in variants),
+      'compile_seconds': sum(v.get('compile_seconds', 0.0) for v in variants),
+      'variants': variants, 'devices': jax.device_count(), 'backend': jax.default_backend(),
+      'config': config.to_dict(),
+  }
+  log(f'Ensemble of {len(results["member_test_accuracy"])} members from {len(configs)} '
+      f'variants: test loss {test["loss"]:.4f} - accuracy {test["accuracy"]:.4f}'
+      + ensemble.describe('test', results))
+  return results
+
+
+def run_eval(config, workdir: str, checkpoint: str, split: str) -> dict:
+  """--mode=eval of a workdir of variants: each variant's `checkpoint` (its own best, latest or
+  a step), all their members averaged on `split`; printed and written to workdir/eval.json."""
+  from digitjax import evaluate
+  configlib.validate(config)
+  configs = variant_configs(config)
+  if split not in evaluate.SPLITS:
+    raise UserError(f'--split={split!r} is unknown: use one of {", ".join(evaluate.SPLITS)}')
+  prefix = evaluate.SPLITS[split]
+  states, steps = [], []
+  for i, variant in enumerate(configs):
+    state, step, _, _ = evaluate.restore(variant, variant_dir(workdir, i), checkpoint)
+    states.append(state)
+    steps.append(step)
+  examples = getattr(data.load_splits(configs[0]), prefix)
+  if not len(examples['label']):
+    raise UserError(f'the {split} split is empty (config.validation_fraction='
+                    f'{config.validation_fraction}); evaluate another --split')
+  metrics = _combined(configs, states, {prefix: examples})[prefix]
+  result = {'split': split, 'checkpoint': checkpoint, 'checkpoint_steps': steps,
+            f'{prefix}_accuracy': metrics['accuracy'], f'{prefix}_loss': metrics['loss'],
+            f'{prefix}_examples': len(examples['label']),
+            **ensemble.member_summary(prefix, metrics)}
+  log(f'Ensemble of {len(metrics["members"])} members from {len(configs)} variants (steps '
+      f'{steps}, {checkpoint}): {prefix}_accuracy {metrics["accuracy"]:.4f} - {prefix}_loss '
+      f'{metrics["loss"]:.4f} ({len(examples["label"])} images)'
+      + ensemble.describe(prefix, result))
+  if parallel.is_main_process():
+    path = os.path.join(workdir, 'eval.json')
+    train.write_json_atomic(path, result)
+    log(f'Wrote {path}')
+  return result
