@@ -107,33 +107,34 @@ def _combined(configs, states, splits: dict) -> dict:
 
 
 def _evaluate(config, configs, states, workdir: str) -> dict:
-  """The combined figures on validation and test, each member's and each variant's."""
+  """The combined figures on validation and test, each member's and each variant's (read from
+  the variants' results.json, which only the main process writes: {} elsewhere)."""
   splits = data.load_splits(configs[0])
   metrics = _combined(configs, states, {'val': splits.val, 'test': splits.test})
+  test, val = metrics['test'], metrics['val']
+  log(f'Ensemble of {len(test["members"])} members from {len(configs)} variants: test loss '
+      f'{test["loss"]:.4f} - accuracy {test["accuracy"]:.4f}'
+      + ensemble.describe('test', ensemble.member_summary('test', test)))
+  if not parallel.is_main_process():
+    return {}
   variants = []
   for i, text in enumerate(config.ensemble_variants):
     with open(os.path.join(variant_dir(workdir, i), 'results.json')) as f:
       part = json.load(f)
     variants.append({'overrides': text, 'workdir': os.path.basename(variant_dir(workdir, i)),
                      **{k: part[k] for k in ('test_accuracy', 'test_loss', 'num_params',
-                                             'train_seconds', 'compile_seconds')
-                        if k in part},
+                                             'train_seconds', 'compile_seconds')},
                      **{k: v for k, v in part.items() if k.startswith('member_test_')}})
-  test, val = metrics['test'], metrics['val']
-  results = {
+  return {
       'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
       **ensemble.member_summary('test', test),
       'val_accuracy': val['accuracy'], 'val_loss': val['loss'],
       **ensemble.member_summary('val', val),
       'train_seconds': sum(v['train_seconds'] for v in variants),
-      'compile_seconds': sum(v.get('compile_seconds', 0.0) for v in variants),
+      'compile_seconds': sum(v['compile_seconds'] for v in variants),
       'variants': variants, 'devices': jax.device_count(), 'backend': jax.default_backend(),
       'config': config.to_dict(),
   }
-  log(f'Ensemble of {len(results["member_test_accuracy"])} members from {len(configs)} '
-      f'variants: test loss {test["loss"]:.4f} - accuracy {test["accuracy"]:.4f}'
-      + ensemble.describe('test', results))
-  return results
 
 
 def run_eval(config, workdir: str, checkpoint: str, split: str) -> dict:
