@@ -200,14 +200,18 @@ def run_predict(config, workdir: str, inputs: list[str], output: str | None = No
   if not inputs:
     raise UserError('--mode=predict needs --inputs=PATH[,PATH...] (image files, folders, '
                     '.npy/.npz arrays)')
-  state, _, _, mesh = restore(config, workdir, checkpoint, 'predict')
+  if config.ensemble_variants:
+    from digitjax import variants
+    member_logits = variants.restore_members(config, workdir, checkpoint, 'predict')
+  else:
+    state, _, _, mesh = restore(config, workdir, checkpoint, 'predict')
+    evaluator = train.Evaluator.for_config(config, mesh)
+    member_logits = lambda x: evaluator.logits(state, x)
   read = images.read_inputs(inputs)
   probabilities = np.zeros((0, config.model.num_classes))
   if len(read.images):
-    logits = train.Evaluator.for_config(config, mesh).logits(
-        state, read.images[..., None])
     # An ensemble's confidence is its mean softmax probability: combine_logits is its log.
-    logits = ensemble.combine_logits(logits)
+    logits = ensemble.combine_logits(member_logits(read.images[..., None]))
     probabilities = np.asarray(jax.nn.softmax(logits.astype(np.float32), axis=-1))
   if parallel.is_main_process():  # every process computes, one speaks
     for path, reason in read.errors:
@@ -240,13 +244,13 @@ def run(mode: str, config, workdir: str, checkpoint: str | None = None, split: s
         inputs: list[str] | None = None, output: str | None = None) -> int:
   """Runs one of the modes other than train; returns the process's exit status."""
   checkpoint = checkpoint or DEFAULT_CHECKPOINT[mode]
-  if config.ensemble_variants:
+  if config.ensemble_variants and mode != 'predict':
     from digitjax import variants
     if mode != 'eval':
       raise UserError(f'--mode={mode} takes one variant of config.ensemble_variants at a time: '
                       f'--workdir={variants.variant_dir(workdir, 0)} (and so on) with that '
-                      f'variant\'s overrides and --config.ensemble_variants="()"; --mode=eval '
-                      f'takes them all')
+                      f'variant\'s overrides and --config.ensemble_variants="()"; eval and '
+                      f'predict take them all')
     variants.run_eval(config, workdir, checkpoint, split)
     return 0
   if mode == 'eval':

@@ -137,6 +137,24 @@ def _evaluate(config, configs, states, workdir: str) -> dict:
   }
 
 
+def restore_members(config, workdir: str, checkpoint: str, mode: str):
+  """images -> (members, N, classes) logits of every member of every variant, from each
+  variant's `checkpoint` (its own best, latest or a step): --mode=predict's model."""
+  from digitjax import evaluate
+  configs = variant_configs(config)
+  restored = [evaluate.restore(variant, variant_dir(workdir, i), checkpoint, mode)
+              for i, variant in enumerate(configs)]
+  evaluators = [train.Evaluator.for_config(variant, mesh)
+                for variant, (_, _, _, mesh) in zip(configs, restored)]
+
+  def member_logits(images):
+    parts = [evaluator.logits(state, images)
+             for evaluator, (state, _, _, _) in zip(evaluators, restored)]
+    return np.concatenate([p if p.ndim == 3 else p[None] for p in parts])
+
+  return member_logits
+
+
 def run_eval(config, workdir: str, checkpoint: str, split: str) -> dict:
   """--mode=eval of a workdir of variants: each variant's `checkpoint` (its own best, latest or
   a step), all their members averaged on `split`; printed and written to workdir/eval.json."""

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, small_config
+from conftest import ROOT, small_config, synthetic_digits
 from digitjax import evaluate, variants
 from digitjax.errors import UserError
 
@@ -96,8 +96,8 @@ def test_bad_variants_are_one_line_errors_before_any_work(idx_dir, tfds_dir, tmp
   assert not os.path.exists(tmp_path / 'run')
 
 
-def test_launch_trains_the_variants_and_points_other_modes_at_one(trained, idx_dir, tfds_dir,
-                                                                   tmp_path):
+def test_launch_trains_variants_predicts_with_all_and_points_report_at_one(trained, idx_dir,
+                                                                          tfds_dir, tmp_path):
   _, workdir, _ = trained
   # The fixture's run, as launch.py runs it: trained already, it is only evaluated again.
   base = [sys.executable, str(ROOT / 'launch.py'), '--config=configs/default.py',
@@ -112,8 +112,17 @@ def test_launch_trains_the_variants_and_points_other_modes_at_one(trained, idx_d
   assert done.returncode == 0, done.stderr[-2000:]
   assert 'Ensemble of 4 members from 2 variants' in done.stdout
   assert _json(os.path.join(workdir, 'results.json'))['test_loss'] == before['test_loss']
-  predict = subprocess.run(base + ['--mode=predict', f'--inputs={tmp_path}'], cwd=ROOT,
-                           capture_output=True, text=True, timeout=600)
-  assert predict.returncode == 2
-  assert predict.stderr.strip().splitlines()[-1].startswith('error: --mode=predict takes one '
-                                                            'variant')
+  # predict averages every member of every variant, as results.json's figures do.
+  images, labels = synthetic_digits(20, seed=5)
+  np.save(tmp_path / 'digits.npy', images)
+  predict = subprocess.run(base + ['--mode=predict', f'--inputs={tmp_path / "digits.npy"}'],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert predict.returncode == 0, predict.stderr[-2000:]
+  rows = predict.stdout.strip().splitlines()[1:]
+  assert len(rows) == 20
+  assert np.mean([int(row.split(',')[1]) for row in rows] == labels) >= 0.9
+  report = subprocess.run(base + ['--mode=report'], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+  assert report.returncode == 2
+  assert report.stderr.strip().splitlines()[-1].startswith('error: --mode=report takes one '
+                                                           'variant')
