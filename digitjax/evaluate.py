@@ -202,7 +202,7 @@ def run_predict(config, workdir: str, inputs: list[str], output: str | None = No
                     '.npy/.npz arrays)')
   if config.ensemble_variants:
     from digitjax import variants
-    member_logits = variants.restore_members(config, workdir, checkpoint, 'predict')
+    member_logits, _ = variants.restore_members(config, workdir, checkpoint, 'predict')
   else:
     state, _, _, mesh = restore(config, workdir, checkpoint, 'predict')
     evaluator = train.Evaluator.for_config(config, mesh)

@@ -92,26 +92,25 @@ def train_and_evaluate(config, workdir: str) -> list:
   return states
 
 
-def _combined(configs, states, splits: dict) -> dict:
-  """{split: evaluation metrics of every member of every variant and of their average} for
-  {split: examples}."""
+def _members(configs, states):
+  """images -> (members, N, classes): the logits of every member of every variant."""
   mesh = parallel.make_mesh()
-  logits = {split: [] for split in splits}
-  for variant, state in zip(configs, states):
-    evaluator = train.Evaluator.for_config(variant, mesh)
-    for split, examples in splits.items():
-      member_logits = evaluator.logits(state, examples['image'])
-      logits[split].append(member_logits if member_logits.ndim == 3 else member_logits[None])
-  return {split: train.evaluation_metrics(np.concatenate(logits[split]), examples['label'])
-          for split, examples in splits.items()}
+  evaluators = [train.Evaluator.for_config(variant, mesh) for variant in configs]
+
+  def member_logits(images):
+    parts = [evaluator.logits(state, images) for evaluator, state in zip(evaluators, states)]
+    return np.concatenate([p if p.ndim == 3 else p[None] for p in parts])
+
+  return member_logits
 
 
 def _evaluate(config, configs, states, workdir: str) -> dict:
   """The combined figures on validation and test, each member's and each variant's (read from
   the variants' results.json, which only the main process writes: {} elsewhere)."""
   splits = data.load_splits(configs[0])
-  metrics = _combined(configs, states, {'val': splits.val, 'test': splits.test})
-  test, val = metrics['test'], metrics['val']
+  member_logits = _members(configs, states)
+  test, val = (train.evaluation_metrics(member_logits(split['image']), split['label'])
+               for split in (splits.test, splits.val))
   log(f'Ensemble of {len(test["members"])} members from {len(configs)} variants: test loss '
       f'{test["loss"]:.4f} - accuracy {test["accuracy"]:.4f}'
       + ensemble.describe('test', ensemble.member_summary('test', test)))
@@ -138,21 +137,13 @@ def _evaluate(config, configs, states, workdir: str) -> dict:
 
 
 def restore_members(config, workdir: str, checkpoint: str, mode: str):
-  """images -> (members, N, classes) logits of every member of every variant, from each
-  variant's `checkpoint` (its own best, latest or a step): --mode=predict's model."""
+  """(images -> member logits, steps): every variant's `checkpoint` (its own best, latest or a
+  step) restored, as --mode=eval and predict use them."""
   from digitjax import evaluate
   configs = variant_configs(config)
   restored = [evaluate.restore(variant, variant_dir(workdir, i), checkpoint, mode)
               for i, variant in enumerate(configs)]
-  evaluators = [train.Evaluator.for_config(variant, mesh)
-                for variant, (_, _, _, mesh) in zip(configs, restored)]
-
-  def member_logits(images):
-    parts = [evaluator.logits(state, images)
-             for evaluator, (state, _, _, _) in zip(evaluators, restored)]
-    return np.concatenate([p if p.ndim == 3 else p[None] for p in parts])
-
-  return member_logits
+  return _members(configs, [state for state, *_ in restored]), [step for _, step, *_ in restored]
 
 
 def run_eval(config, workdir: str, checkpoint: str, split: str) -> dict:
@@ -160,25 +151,20 @@ def run_eval(config, workdir: str, checkpoint: str, split: str) -> dict:
   a step), all their members averaged on `split`; printed and written to workdir/eval.json."""
   from digitjax import evaluate
   configlib.validate(config)
-  configs = variant_configs(config)
   if split not in evaluate.SPLITS:
     raise UserError(f'--split={split!r} is unknown: use one of {", ".join(evaluate.SPLITS)}')
   prefix = evaluate.SPLITS[split]
-  states, steps = [], []
-  for i, variant in enumerate(configs):
-    state, step, _, _ = evaluate.restore(variant, variant_dir(workdir, i), checkpoint)
-    states.append(state)
-    steps.append(step)
-  examples = getattr(data.load_splits(configs[0]), prefix)
+  member_logits, steps = restore_members(config, workdir, checkpoint, 'eval')
+  examples = getattr(data.load_splits(config), prefix)  # the data all variants share
   if not len(examples['label']):
     raise UserError(f'the {split} split is empty (config.validation_fraction='
                     f'{config.validation_fraction}); evaluate another --split')
-  metrics = _combined(configs, states, {prefix: examples})[prefix]
+  metrics = train.evaluation_metrics(member_logits(examples['image']), examples['label'])
   result = {'split': split, 'checkpoint': checkpoint, 'checkpoint_steps': steps,
             f'{prefix}_accuracy': metrics['accuracy'], f'{prefix}_loss': metrics['loss'],
             f'{prefix}_examples': len(examples['label']),
             **ensemble.member_summary(prefix, metrics)}
-  log(f'Ensemble of {len(metrics["members"])} members from {len(configs)} variants (steps '
+  log(f'Ensemble of {len(metrics["members"])} members from {len(steps)} variants (steps '
       f'{steps}, {checkpoint}): {prefix}_accuracy {metrics["accuracy"]:.4f} - {prefix}_loss '
       f'{metrics["loss"]:.4f} ({len(examples["label"])} images)'
       + ensemble.describe(prefix, result))
