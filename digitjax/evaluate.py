@@ -244,9 +244,9 @@ def run(mode: str, config, workdir: str, checkpoint: str | None = None, split: s
         inputs: list[str] | None = None, output: str | None = None) -> int:
   """Runs one of the modes other than train; returns the process's exit status."""
   checkpoint = checkpoint or DEFAULT_CHECKPOINT[mode]
-  if config.ensemble_variants and mode != 'predict':
+  if config.ensemble_variants and mode in ('eval', 'report'):  # predict: run_predict combines
     from digitjax import variants
-    if mode != 'eval':
+    if mode == 'report':
       raise UserError(f'--mode={mode} takes one variant of config.ensemble_variants at a time: '
                       f'--workdir={variants.variant_dir(workdir, 0)} (and so on) with that '
                       f'variant\'s overrides and --config.ensemble_variants="()"; eval and '
