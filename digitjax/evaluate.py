@@ -131,24 +131,36 @@ def per_class_accuracy(logits: np.ndarray, labels: np.ndarray, num_classes: int)
           for c in range(num_classes)}
 
 
+def restore_members(config, workdir: str, checkpoint: str, mode: str = 'eval'):
+  """(images -> logits, step, epoch) of the checkpoint `checkpoint` names: (N, C) logits of one
+  model, (K, N, C) of an ensemble's members. With config.ensemble_variants, every member of every
+  variant, each variant's own checkpoint (the steps a list, the epoch None)."""
+  if config.ensemble_variants:
+    from digitjax import variants
+    member_logits, steps = variants.restore_members(config, workdir, checkpoint, mode)
+    return member_logits, steps, None
+  state, step, meta, mesh = restore(config, workdir, checkpoint, mode)
+  evaluator = train.Evaluator.for_config(config, mesh)
+  return (lambda images: evaluator.logits(state, images)), step, meta.get('epoch')
+
+
 def run_eval(config, workdir: str, checkpoint: str = 'best', split: str = 'test') -> dict:
   """Evaluates a checkpoint on a split; prints the numbers and writes workdir/eval.json."""
   configlib.validate(config)
   if split not in SPLITS:
     raise UserError(f'--split={split!r} is unknown: use one of {", ".join(SPLITS)}')
-  state, step, meta, mesh = restore(config, workdir, checkpoint)
+  member_logits, step, epoch = restore_members(config, workdir, checkpoint)
   prefix = SPLITS[split]
   examples = getattr(data.load_splits(config), prefix)
   if not len(examples['label']):
     raise UserError(f'the {split} split is empty (config.validation_fraction='
                     f'{config.validation_fraction}); evaluate another --split')
-  evaluator = train.Evaluator.for_config(config, mesh)
-  logits = evaluator.logits(state, examples['image'])
+  logits = member_logits(examples['image'])
   metrics = train.evaluation_metrics(logits, examples['label'])
   per_class = per_class_accuracy(ensemble.combine_logits(logits), examples['label'],
                                  config.model.num_classes)
   result = {'split': split, 'checkpoint': checkpoint, 'checkpoint_step': step,
-            'epoch': meta.get('epoch'), f'{prefix}_accuracy': metrics['accuracy'],
+            'epoch': epoch, f'{prefix}_accuracy': metrics['accuracy'],
             f'{prefix}_loss': metrics['loss'], f'{prefix}_examples': len(examples['label']),
             f'{prefix}_per_class_accuracy': per_class, **ensemble.member_summary(prefix, metrics)}
   log(f'Checkpoint step {step} ({checkpoint}): {prefix}_accuracy {metrics["accuracy"]:.4f} - '
@@ -200,13 +212,7 @@ def run_predict(config, workdir: str, inputs: list[str], output: str | None = No
   if not inputs:
     raise UserError('--mode=predict needs --inputs=PATH[,PATH...] (image files, folders, '
                     '.npy/.npz arrays)')
-  if config.ensemble_variants:
-    from digitjax import variants
-    member_logits, _ = variants.restore_members(config, workdir, checkpoint, 'predict')
-  else:
-    state, _, _, mesh = restore(config, workdir, checkpoint, 'predict')
-    evaluator = train.Evaluator.for_config(config, mesh)
-    member_logits = lambda x: evaluator.logits(state, x)
+  member_logits, _, _ = restore_members(config, workdir, checkpoint, 'predict')
   read = images.read_inputs(inputs)
   probabilities = np.zeros((0, config.model.num_classes))
   if len(read.images):
@@ -244,15 +250,12 @@ def run(mode: str, config, workdir: str, checkpoint: str | None = None, split: s
         inputs: list[str] | None = None, output: str | None = None) -> int:
   """Runs one of the modes other than train; returns the process's exit status."""
   checkpoint = checkpoint or DEFAULT_CHECKPOINT[mode]
-  if config.ensemble_variants and mode in ('eval', 'report'):  # predict: run_predict combines
+  if config.ensemble_variants and mode == 'report':
     from digitjax import variants
-    if mode == 'report':
-      raise UserError(f'--mode={mode} takes one variant of config.ensemble_variants at a time: '
-                      f'--workdir={variants.variant_dir(workdir, 0)} (and so on) with that '
-                      f'variant\'s overrides and --config.ensemble_variants="()"; eval and '
-                      f'predict take them all')
-    variants.run_eval(config, workdir, checkpoint, split)
-    return 0
+    raise UserError(f'--mode={mode} takes one variant of config.ensemble_variants at a time: '
+                    f'--workdir={variants.variant_dir(workdir, 0)} (and so on) with that '
+                    f'variant\'s overrides and --config.ensemble_variants="()"; eval and '
+                    f'predict take them all')
   if mode == 'eval':
     run_eval(config, workdir, checkpoint, split)
     return 0

@@ -138,38 +138,9 @@ def _evaluate(config, configs, states, workdir: str) -> dict:
 
 def restore_members(config, workdir: str, checkpoint: str, mode: str):
   """(images -> member logits, steps): every variant's `checkpoint` (its own best, latest or a
-  step) restored, as --mode=eval and predict use them."""
+  step) restored, for --mode=eval and predict (evaluate.restore_members)."""
   from digitjax import evaluate
   configs = variant_configs(config)
   restored = [evaluate.restore(variant, variant_dir(workdir, i), checkpoint, mode)
               for i, variant in enumerate(configs)]
   return _members(configs, [state for state, *_ in restored]), [step for _, step, *_ in restored]
-
-
-def run_eval(config, workdir: str, checkpoint: str, split: str) -> dict:
-  """--mode=eval of a workdir of variants: each variant's `checkpoint` (its own best, latest or
-  a step), all their members averaged on `split`; printed and written to workdir/eval.json."""
-  from digitjax import evaluate
-  configlib.validate(config)
-  if split not in evaluate.SPLITS:
-    raise UserError(f'--split={split!r} is unknown: use one of {", ".join(evaluate.SPLITS)}')
-  prefix = evaluate.SPLITS[split]
-  member_logits, steps = restore_members(config, workdir, checkpoint, 'eval')
-  examples = getattr(data.load_splits(config), prefix)  # the data all variants share
-  if not len(examples['label']):
-    raise UserError(f'the {split} split is empty (config.validation_fraction='
-                    f'{config.validation_fraction}); evaluate another --split')
-  metrics = train.evaluation_metrics(member_logits(examples['image']), examples['label'])
-  result = {'split': split, 'checkpoint': checkpoint, 'checkpoint_steps': steps,
-            f'{prefix}_accuracy': metrics['accuracy'], f'{prefix}_loss': metrics['loss'],
-            f'{prefix}_examples': len(examples['label']),
-            **ensemble.member_summary(prefix, metrics)}
-  log(f'Ensemble of {len(metrics["members"])} members from {len(steps)} variants (steps '
-      f'{steps}, {checkpoint}): {prefix}_accuracy {metrics["accuracy"]:.4f} - {prefix}_loss '
-      f'{metrics["loss"]:.4f} ({len(examples["label"])} images)'
-      + ensemble.describe(prefix, result))
-  if parallel.is_main_process():
-    path = os.path.join(workdir, 'eval.json')
-    train.write_json_atomic(path, result)
-    log(f'Wrote {path}')
-  return result
