@@ -154,10 +154,11 @@ def train_step(state, batch, augment: augment_lib.AffineRanges | None = None,
              'accuracy': sum(aux[1] for _, aux in parts) / n}
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params,
                                        value=metrics['loss'])
-  _, (_, _, new_stats) = parts[0]  # BatchNorm's running statistics (one chunk), or None
   state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        opt_state=opt_state,
-                        **({} if new_stats is None else {'batch_stats': new_stats}))
+                        opt_state=opt_state)
+  _, (_, _, new_stats) = parts[0]  # BatchNorm's running statistics (one chunk), or None
+  if new_stats is not None:
+    state = state.replace(batch_stats=new_stats)
   return state, metrics
 
 
