@@ -7,6 +7,7 @@ vmapped or member by member.
   python benchmarks/layers.py                # everything (~3 min)
   python benchmarks/layers.py --inference    # only the inference rows
 """
+import contextlib
 import os
 import statistics
 import sys
@@ -51,6 +52,18 @@ def main():
       f = conv(impl)
       timed(f'conv {size}x{size}x{cin}->{cout} {impl} fwd+bwd',
             lambda x, k: jax.grad(lambda x, k: jax.nn.relu(f(x, k)).sum(), (0, 1))(x, k), x, k)
+  # im2col's kernel gradient for one gradient chunk (16 images) of conv2 and conv3: JAX's rule,
+  # patches^T . dy (a transposed left operand: Eigen on XLA:CPU), and digitjax's
+  # (dy^T . patches)^T (model._patch_matmul; a plain product: YNNPACK).
+  for rows, depth in ((BATCH // 2 * 10 * 10, 288), (BATCH // 2 * 8 * 8, 576)):
+    patches = jax.random.normal(key, (rows, depth))
+    dy = jax.random.normal(key, (rows, 64))
+    kernel = jax.random.normal(key, (depth, 64))
+    timed(f'kernel grad {rows}x{depth} patches^T.dy',
+          lambda p, dy: jax.vjp(lambda k: p @ k, kernel)[1](dy)[0], patches, dy)
+    timed(f'kernel grad {rows}x{depth} (dy^T.patches)^T',
+          lambda p, dy: jax.vjp(lambda k: model_lib._patch_matmul(p, k), kernel)[1](dy)[0],
+          patches, dy)
   x = jax.random.normal(key, (BATCH, 24, 24, 32))
   for impl in ('lax', 'reshape'):
     timed(f'pool 24x24x32 {impl} fwd+bwd',
@@ -97,6 +110,18 @@ def inference(key, n=10000, batch=1000, members=3, trials=5):
     print(f'{k:<52} {statistics.median(t):7.3f} s median {min(t):7.3f} s min', flush=True)
 
 
+@contextlib.contextmanager
+def _jax_kernel_gradient(on: bool):
+  """While tracing: im2col's matmul as a plain jnp.dot, whose kernel gradient is JAX's rule."""
+  saved = model_lib._patch_matmul
+  if on:
+    model_lib._patch_matmul = lambda p, k, precision=None: jnp.dot(p, k, precision=precision)
+  try:
+    yield
+  finally:
+    model_lib._patch_matmul = saved
+
+
 def whole_steps(key, trials=9, steps=60):
   """digitjax's own train_step (SGD 0.01/0.9, batch 32) per formulation: per-step jit calls, and
   the same step inside lax.scan (the device input's loop). Trials are interleaved, so a noisy
@@ -107,11 +132,15 @@ def whole_steps(key, trials=9, steps=60):
   batches = [{'image': images[i * BATCH:(i + 1) * BATCH], 'label': labels[i * BATCH:(i + 1) * BATCH]}
              for i in range(steps)]
   variants = {}
-  for conv_impl, pool_impl, skip, chunks in (('lax', 'lax', False, 1), ('im2col', 'reshape', False, 1),
-                                             ('im2col', 'reshape', True, 1), ('im2col', 'reshape', True, 2),
-                                             ('mixed', 'reshape', True, 1), ('mixed', 'reshape', True, 2),
-                                             ('im2col,winograd,winograd', 'reshape', True, 1),
-                                             ('lax,winograd,winograd', 'reshape', True, 2)):
+  # The last field: im2col's kernel gradient by JAX's own rule (patches^T . dy), as before
+  # model._patch_matmul, to show what that formulation gains in a whole step.
+  for conv_impl, pool_impl, skip, chunks, jax_rule in (
+      ('lax', 'lax', False, 1, False), ('im2col', 'reshape', False, 1, False),
+      ('im2col', 'reshape', True, 1, False), ('im2col', 'reshape', True, 2, False),
+      ('mixed', 'reshape', True, 1, False), ('mixed', 'reshape', True, 2, False),
+      ('mixed', 'reshape', True, 2, True), ('im2col', 'reshape', True, 2, True),
+      ('im2col,winograd,winograd', 'reshape', True, 1, False),
+      ('lax,winograd,winograd', 'reshape', True, 2, False)):
     model = model_lib.CNN(conv_impl=conv_impl, pool_impl=pool_impl, skip_dead_rows=skip)
     params = model.init(key, images[:1].astype(jnp.float32))['params']
     state = train.TrainState.create(apply_fn=model.apply, params=params,
@@ -133,12 +162,17 @@ def whole_steps(key, trials=9, steps=60):
     scanned = jax.jit(lambda s, body=body: jax.lax.scan(body, s, jnp.arange(steps))[0],
                       donate_argnums=0)
     name = f'{conv_impl}/{pool_impl} skip_dead_rows={skip} chunks={chunks}'
-    variants[f'step {name}'] = (per_step, jax.tree.map(jnp.copy, state))
-    variants[f'scan {name}'] = (scanned, jax.tree.map(jnp.copy, state))
+    if jax_rule:
+      name += ' kernel grad patches^T.dy'
+    variants[f'step {name}'] = (per_step, jax.tree.map(jnp.copy, state), jax_rule)
+    variants[f'scan {name}'] = (scanned, jax.tree.map(jnp.copy, state), jax_rule)
+  states = {}
+  for k, (f, s, jax_rule) in variants.items():  # compile (the jit caches keep these traces), warm up
+    with _jax_kernel_gradient(jax_rule):
+      states[k] = jax.block_until_ready(f(s))
   times = {k: [] for k in variants}
-  states = {k: jax.block_until_ready(f(s)) for k, (f, s) in variants.items()}  # compile, warm up
   for _ in range(trials):
-    for k, (f, _) in variants.items():
+    for k, (f, _, _) in variants.items():
       start = time.perf_counter()
       states[k] = jax.block_until_ready(f(states[k]))
       times[k].append((time.perf_counter() - start) / steps * 1e3)

@@ -90,6 +90,22 @@ def test_im2col_conv_falls_back_for_other_convolutions():
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_patch_matmul_gradients_are_the_plain_products_gradients():
+  # im2col's matmul computes its kernel gradient as (dy^T . patches)^T: the same sums as JAX's
+  # patches^T . dy, in another order, so equal up to float32 rounding, jitted or not.
+  keys = jax.random.split(jax.random.key(0), 3)
+  patches = jax.random.normal(keys[0], (4, 5, 5, 18))
+  kernel = jax.random.normal(keys[1], (18, 7))
+  dy = jax.random.normal(keys[2], (4, 5, 5, 7))
+  expected_out, expected_vjp = jax.vjp(jnp.dot, patches, kernel)
+  for fn in (model_lib._patch_matmul, jax.jit(model_lib._patch_matmul)):
+    out, vjp = jax.vjp(fn, patches, kernel)
+    np.testing.assert_array_equal(out, expected_out)
+    for got, expected in zip(vjp(dy), expected_vjp(dy)):
+      assert got.shape == expected.shape
+      np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_train_step_lowers_loss_on_a_fixed_batch(config):
   state = train.create_train_state(config, jax.random.key(0))
   images, labels = synthetic_digits(32, seed=0)
