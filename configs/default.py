@@ -66,7 +66,7 @@ def get_config():
   config.augment.shift = 0.1           # shift, fraction of the image size, per axis
 
   # Input and speed (these change how fast, not what is computed)
-  config.input_pipeline = 'auto'       # 'device' (on device, lax.scan) | 'tfds' | 'auto' (per backend)
+  config.input_pipeline = 'auto'       # 'device' (on device, lax.scan) | 'tfds' (per-step host batches) | 'auto' (= 'device')
   config.chunk_steps = 100             # steps per compiled scan call with the 'device' input
   config.grad_chunks = 0               # gradient summed over this many sub-batches, run in
   #                                      parallel; 0 = auto (2 on one CPU device, else 1)

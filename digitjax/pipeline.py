@@ -26,21 +26,20 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from digitjax import data, parallel
 
 
-def resolve(kind: str, ensemble_size: int = 1) -> str:
-  """'auto': 'tfds' on CPU, 'device' on accelerators and for ensembles (the one path that feeds
-  them).
+def resolve(kind: str) -> str:
+  """'auto' is 'device' on every backend (and the one path that feeds ensembles).
 
-  On this 2-core CPU the two ran the tutorial's epoch at 8.76 (tfds) and 8.94 (device) ms/step,
-  medians of 5 (benchmarks/compare.py, README "Performance"; XLA:CPU's convolution, used for
-  conv1 on the tfds path, is slow inside a loop), and the tfds path starts faster. (At batch
-  64-128 the device path is the faster one: configs/fast.py asks for it.)
-  On a GPU or TPU the device path saves a host-to-device copy and a dispatch per step.
+  On this 2-core CPU the device path ran the tutorial's epoch at 7.27 ms/step and the tfds path
+  at 8.52, medians of 5 (benchmarks/compare.py, README "Performance"): the device path runs
+  im2col for all three convolutions (XLA:CPU's own is slow inside a loop), and with im2col's
+  kernel gradient as a plain product that is now the faster step, with no per-step slicing,
+  transfer or dispatch on the host. (Before that change the tfds path was slightly ahead, 8.76
+  vs 8.94 ms/step, and was the CPU's 'auto'.) On a GPU or TPU the device path saves a
+  host-to-device copy and a dispatch per step.
   """
   if kind != 'auto':
     return kind
-  if ensemble_size > 1:
-    return 'device'
-  return 'tfds' if jax.default_backend() == 'cpu' else 'device'
+  return 'device'
 
 
 class HostInput:
@@ -131,7 +130,7 @@ def _scan_steps(step_fn, chunk, batch_size, sharding, state, sums, arrays, perm,
 
 def make_input(kind: str, split, batch_size: int, mesh, step_fn, chunk_steps: int = 100,
                ensemble_size: int = 1):
-  kind = resolve(kind, ensemble_size)
+  kind = resolve(kind)
   if kind == 'device':
     return DeviceInput(split, batch_size, mesh, step_fn, chunk_steps, ensemble_size)
   if kind == 'tfds':

@@ -380,7 +380,7 @@ def _train_and_evaluate(config, workdir: str,
       f'{len(splits.test["label"])} test examples; {steps_per_epoch} steps of '
       f'{config.batch_size} per epoch')
 
-  input_kind = pipeline.resolve(config.input_pipeline, config.ensemble_size)
+  input_kind = pipeline.resolve(config.input_pipeline)
   in_scan = input_kind == 'device'
   model = model_lib.build_model(config.model, in_scan=in_scan)
   log(model_lib.summary_table(model))
