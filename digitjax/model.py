@@ -36,8 +36,8 @@ def im2col_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
                 dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
   """`lax.conv_general_dilated` for NHWC x HWIO, stride 1, VALID, as shifted slices + one matmul.
 
-  On CPU its gradients are 2-3x faster than XLA's convolution (benchmarks/layers.py). Any case it
-  does not cover goes to `lax.conv_general_dilated` unchanged.
+  On CPU its gradients are 1.5-2x faster than XLA's convolution (benchmarks/layers.py). Any case
+  it does not cover goes to `lax.conv_general_dilated` unchanged.
   """
   if not _im2col_covers(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                         dimension_numbers, feature_group_count, kwargs):
@@ -54,9 +54,9 @@ def _patch_matmul(patches_BxHxWxK, kernel_KxO, precision=None):
 
   JAX's own rule gives patches^T . dy, a product whose left operand is transposed: XLA:CPU runs
   that one on Eigen and not on YNNPACK, which does the plain row-major product in ~2/3 of the
-  time (conv3's kernel gradient on one core: 0.74 vs 1.13 ms; benchmarks/layers.py). The
-  optimization barrier keeps XLA from folding the small transpose of the result back into the
-  product. The same sums, so the same gradient up to float rounding.
+  time (conv3's kernel gradient for 16 images on one core: 0.75 vs 1.13 ms; benchmarks/layers.py
+  times both rules). The optimization barrier keeps XLA from folding the small transpose of the
+  result back into the product. The same sums, so the same gradient up to float rounding.
   """
   return jnp.dot(patches_BxHxWxK, kernel_KxO, precision=precision)
 
@@ -275,11 +275,12 @@ def build_model(model_config, num_classes: int | None = None, in_scan: bool = Fa
                 inference: bool = False) -> CNN:
   """The model from config.model: plain arguments in, so the module never sees a ConfigDict.
 
-  conv_impl 'auto' on CPU is 'mixed' (XLA's convolution for the single-channel first layer, where
-  im2col's 9-wide matmul is slow; im2col for the others), but 'im2col' when the training step runs
-  inside `lax.scan` (`in_scan`, the device input): XLA:CPU's convolution is much slower in a loop
-  body. Both measured in benchmarks/layers.py, as is 'winograd' (fewer multiplications, but a
-  slower step on this 2-core CPU). Off CPU, 'auto' is XLA's own layers.
+  conv_impl 'auto' on CPU is 'im2col' when the training step runs inside `lax.scan` (`in_scan`:
+  the device input, the default), where XLA:CPU's convolution is much slower, and 'mixed' on the
+  per-step (tfds) path (XLA's convolution for the single-channel first layer, im2col for the
+  others; within noise of 'im2col' there). Measured in benchmarks/layers.py, as is 'winograd'
+  (fewer multiplications, but a slower step on this 2-core CPU). Off CPU, 'auto' is XLA's own
+  layers.
 
   `inference` is the model that evaluation and prediction run (forward only): there 'auto' is XLA's
   own convolution and pooling on every backend. Their backward pass is what is slow on CPU; the
