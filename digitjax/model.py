@@ -54,7 +54,7 @@ def _patch_matmul(patches_BxHxWxK, kernel_KxO, precision=None):
 
   JAX's own rule gives patches^T . dy, a product whose left operand is transposed: XLA:CPU runs
   that one on Eigen and not on YNNPACK, which does the plain row-major product in ~2/3 of the
-  time (conv3's kernel gradient for 16 images on one core: 0.75 vs 1.13 ms; benchmarks/layers.py
+  time (conv3's kernel gradient for 16 images: 0.75 vs 1.13 ms on one core; benchmarks/layers.py
   times both rules). The optimization barrier keeps XLA from folding the small transpose of the
   result back into the product. The same sums, so the same gradient up to float rounding.
   """
