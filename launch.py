@@ -19,10 +19,13 @@ flags.DEFINE_string('checkpoint', None, "eval/predict/report: 'best', 'latest' o
 flags.DEFINE_enum('split', 'test', ['train', 'validation', 'test'], 'eval: the split to evaluate.')
 flags.DEFINE_list('inputs', None, 'predict: image files, folders of them, .npy/.npz arrays.')
 flags.DEFINE_string('output', None, 'predict: the CSV file to write (default: stdout).')
+flags.DEFINE_string('member', None, 'eval/predict/report on a population: one member (its index '
+                    'or name) instead of what the population delivers.')
 flags.mark_flags_as_required(['config', 'workdir'])
 # The modes each optional flag means something to: anywhere else it is a mistake, not a no-op.
 MODE_FLAGS = {'checkpoint': ('eval', 'predict', 'report'), 'split': ('eval',),
-              'inputs': ('predict',), 'output': ('predict',)}
+              'inputs': ('predict',), 'output': ('predict',),
+              'member': ('eval', 'predict', 'report')}
 
 
 def check_mode_flags():
@@ -44,24 +47,21 @@ def main(argv):
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
   from digitjax import parallel
   parallel.initialize_distributed(FLAGS.config.distributed)  # before anything touches devices
-  from digitjax import train
+  from digitjax import loop, population
   from digitjax.errors import UserError
   absl_logging.info('JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(),
                jax.process_count())
   try:
-    if FLAGS.mode == 'train' and FLAGS.config.ensemble_variants:
-      from digitjax import variants
-      variants.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.mode == 'train':
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if FLAGS.mode == 'train':
+      population.train(FLAGS.config, FLAGS.workdir)
     else:
-      from digitjax import evaluate
-      sys.exit(evaluate.run(FLAGS.mode, FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
-                            FLAGS.split, FLAGS.inputs, FLAGS.output))
+      from digitjax import modes
+      sys.exit(modes.run(FLAGS.mode, FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
+                         FLAGS.split, FLAGS.inputs, FLAGS.output, FLAGS.member))
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  except train.Preempted:
+  except loop.Preempted:
     for sig in (signal.SIGTERM, signal.SIGINT):  # the checkpoint is saved: ignore more signals
       signal.signal(sig, signal.SIG_IGN)
     sys.exit(143)

@@ -43,10 +43,6 @@ def get_config():
   config.learning_rate = 0.01          # SGD learning rate
   config.momentum = 0.9                # SGD momentum
   config.seed = 0                      # one seed for init, validation split and example order
-  config.ensemble_size = 1             # models trained at once by vmap; member i uses seed + i
-  config.ensemble_variants = ()        # ensembles of variants: overrides per variant, e.g.
-  #                                      ('', 'model.batch_norm=True'); each trains ensemble_size
-  #                                      members in workdir/variant<i>, all of them averaged
   config.schedule = 'constant'         # learning rate: 'constant' | 'cosine' | 'onecycle'
   config.warmup_epochs = 0.0           # linear warmup from 0 ('constant' and 'cosine')
   config.onecycle_pct_start = 0.3      # share of the steps spent rising ('onecycle')
@@ -64,6 +60,21 @@ def get_config():
   config.augment.rotation = 10.0       # degrees, uniform in [-rotation, rotation]
   config.augment.zoom = 0.1            # scale uniform in [1 - zoom, 1 + zoom]
   config.augment.shift = 0.1           # shift, fraction of the image size, per axis
+
+  # Experiments: a population of members, each this config plus overrides (README "Experiments").
+  # Without a sweep the run is a single model in the workdir itself.
+  config.sweep = ml_collections.ConfigDict()
+  config.sweep.grid = ''               # 'field=v1,v2,...; field=v1,...': every combination, e.g.
+  #                                      'learning_rate=0.003,0.01,0.03,0.1; seed=0,1,2' (12)
+  config.sweep.members = ()            # override sets, each 'field=value; field=value' ('' = as
+  #                                      is), e.g. ('', 'model.batch_norm=True'); with a grid,
+  #                                      each set is combined with every grid point
+  config.sweep.select = 'best'         # what the population delivers, chosen on validation:
+  #                                      'best' member | 'ensemble' (mean probabilities of all)
+  #                                      | 'top3' (of the 3 best; any k)
+  config.sweep.execution = 'auto'      # members of a group: 'map' (one after another, each its
+  #                                      own program) | 'vmap' (one program) | 'auto' (map on
+  #                                      CPU, vmap on GPU/TPU)
 
   # Input and speed (these change how fast, not what is computed)
   config.input_pipeline = 'auto'       # 'device' (on device, lax.scan) | 'tfds' (per-step host batches) | 'auto' (= 'device')
@@ -84,6 +95,8 @@ def get_config():
 
   # Evaluation, logging, checkpoints
   config.eval_batch_size = 1000        # batch for validation/test (padded; multiple of devices)
+  config.log_every_steps = 100         # TensorBoard: training loss, accuracy and learning rate
+  #                                      every this many steps (0 = epoch ends only)
   config.checkpoint_keep = 3           # latest checkpoints kept (the best one is kept as well)
   config.plots = True                  # draw the pictures under workdir/plots at the end
   return config

@@ -30,13 +30,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from digitjax import configlib
 from digitjax.errors import UserError
 
-# Fields that must match between a checkpoint and the config resuming it.
-RESUME_FIELDS = ('dataset', 'seed', 'batch_size', 'validation_fraction', 'data.max_train_examples',
-                 'data.split_seed', 'model.conv_features', 'model.pool_after',
-                 'model.dense_features', 'model.num_classes', 'model.batch_norm',
-                 'ensemble_size')
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
 
 
@@ -52,15 +48,13 @@ class DamagedCheckpoint(Exception):
   pass
 
 
-def _get(config_dict: dict, dotted: str):
-  value = config_dict
-  for part in dotted.split('.'):
-    value = value.get(part) if isinstance(value, dict) else None
-  return list(value) if isinstance(value, (tuple, list)) else value
-
-
 def resume_fields(config_dict: dict) -> dict[str, Any]:
-  return {f: _get(config_dict, f) for f in RESUME_FIELDS}
+  """The config fields a checkpoint records, so that a config that does not fit it is named."""
+  fields = {}
+  for f in configlib.RESUME_FIELDS:
+    value = configlib.get(config_dict, f, None)
+    fields[f] = list(value) if isinstance(value, (tuple, list)) else value
+  return fields
 
 
 def _dotted(path) -> str:
@@ -185,10 +179,22 @@ def _install_unraisablehook() -> None:
   sys.unraisablehook = hook
 
 
+def _process_options(process: int | None, directory: str) -> dict:
+  if process is None or jax.process_count() == 1:
+    return {}
+  return {'multiprocessing_options': ocp.options.MultiprocessingOptions(
+      primary_host=process, active_processes={process},
+      barrier_sync_key_prefix=hashlib.sha256(directory.encode()).hexdigest()[:16])}
+
+
 class Checkpoints:
   """Thin wrapper over ocp.CheckpointManager for this package's state and metadata."""
 
-  def __init__(self, directory: str, keep: int = 3, read_only: bool = False):
+  def __init__(self, directory: str, keep: int = 3, read_only: bool = False,
+               process: int | None = None):
+    """`process`: the one process that writes these checkpoints, for a population member
+    trained by one process of several (arrays on its own devices); None: all processes take
+    part, as a data-parallel run's do."""
     self.directory, self.read_only = os.path.abspath(directory), read_only
     if os.path.exists(self.directory) and not os.path.isdir(self.directory):
       raise UserError(f'{self.directory} is not a directory, so checkpoints cannot be written '
@@ -207,7 +213,8 @@ class Checkpoints:
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, best_fn=val_accuracy, best_mode='max',
-        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
+        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
+        **_process_options(process, self.directory))
     try:
       self.manager = ocp.CheckpointManager(self.directory, options=options,
                                            item_names=('state', 'meta'))
@@ -271,10 +278,16 @@ class Checkpoints:
 
   def _write_error(self, step, e: Exception) -> CheckpointWriteError:
     kept = [s for s in self._steps_on_disk() if s != step]
+    reason = _reason(e)
+    fix = {os.strerror(errno.ENOSPC): 'free space', os.strerror(errno.EDQUOT): 'free space',
+           os.strerror(errno.EFBIG): 'free space',
+           os.strerror(errno.EROFS): 'make the workdir writable',
+           os.strerror(errno.EACCES): 'fix the workdir\'s permissions'}.get(reason,
+                                                                            'fix the cause')
     return CheckpointWriteError(
-        f'could not write checkpoint {step} in {self.directory}: {_reason(e)}; the checkpoints '
-        f'saved before ({kept or "none"}) are intact; free space or fix the path, then run the '
-        f'same command to resume')
+        f'could not write checkpoint {step} in {self.directory}: {reason}; the checkpoints '
+        f'saved before ({kept or "none"}) are intact; {fix}, then run the same command to '
+        f'resume')
 
   def close(self) -> None:
     self.manager.close()
@@ -334,6 +347,28 @@ class Checkpoints:
                       f'checkpoints away to start over, or use another --workdir')
     return None, None, None
 
+  def check_newest_fits(self, config_dict: dict) -> None:
+    """A CheckpointMismatch if the newest readable record belongs to another config."""
+    for step in sorted(self.steps(), reverse=True):
+      try:
+        meta = self.read_meta(step)
+      except Exception:  # damaged: restore_newest reports it
+        continue
+      self.check_compatible(meta, config_dict, step)
+      return
+
+  def discard_after(self, step: int) -> None:
+    """Removes the checkpoints after `step`: the run resumes from `step` (the one its
+    population's members share) and will write them again, bit for bit the same."""
+    later = [s for s in self.steps() if s > step]
+    if not later or self.read_only:
+      return
+    logging.warning('Removing checkpoint(s) %s of %s: the run resumes from step %d, which every '
+                    'member has, and will write them again', later, self.directory, step)
+    for s in later:
+      self.manager.delete(s)
+    self.manager.reload()
+
   def _set_aside(self, steps: list[int]) -> None:
     """Moves damaged checkpoints out of the way of the steps the resumed run will save."""
     if not steps or self.read_only:
@@ -350,8 +385,14 @@ class Checkpoints:
 
   def check_compatible(self, meta: dict, config_dict: dict, step: int) -> None:
     saved, current = meta.get('resume_fields', {}), resume_fields(config_dict)
+    if (saved.get('ensemble_size') or 1) > 1:
+      raise CheckpointMismatch(
+          f'checkpoint {self.directory}/{step} holds a seed ensemble of '
+          f'{saved["ensemble_size"]} models stacked in one state, written by an earlier '
+          f'digitjax; ensembles are populations now, one folder per member: train it again in '
+          f'a new --workdir with --config.sweep.grid=\'seed=...\' --config.sweep.select=ensemble')
     diffs = [f'{k}={saved[k]!r} in the checkpoint but {current[k]!r} in the config'
-             for k in RESUME_FIELDS if k in saved and saved[k] != current[k]]
+             for k in configlib.RESUME_FIELDS if k in saved and saved[k] != current[k]]
     if diffs:
       raise CheckpointMismatch(f'checkpoint {self.directory}/{step} does not fit the config: '
                                f'{"; ".join(diffs)}; use the checkpoint\'s settings or a new '

@@ -1,11 +1,122 @@
-"""Checks on config values, run before any work so a bad value costs nothing."""
+"""The config's meaning: its checks, the one dotted-path helper, the fields a checkpoint must
+share with a config, and every 'auto' choice, resolved in one place (`resolve`).
+
+Nothing here imports the rest of digitjax (only errors), so every layer may use it.
+"""
 from __future__ import annotations
 
-from digitjax.data import SUPPORTED_DATASETS
+import dataclasses
+import difflib
+import math
+from typing import Any
+
 from digitjax.errors import UserError
 
-
+SUPPORTED_DATASETS = ('mnist', 'fashion_mnist')
 CONV_IMPLS = ('lax', 'im2col', 'winograd', 'mixed')
+SCHEDULES = ('constant', 'cosine', 'onecycle')
+MAX_EPOCHS = 10_000
+
+# The fields a checkpoint must share with the config that resumes it (the batch size shapes the
+# example order, the model the arrays, the data fields which examples are trained on).
+MODEL_FIELDS = ('model.conv_features', 'model.pool_after', 'model.dense_features',
+                'model.num_classes', 'model.batch_norm')
+SPLIT_FIELDS = ('dataset', 'seed', 'validation_fraction', 'data.max_train_examples',
+                'data.split_seed')
+RESUME_FIELDS = SPLIT_FIELDS[:2] + ('batch_size',) + SPLIT_FIELDS[2:] + MODEL_FIELDS
+# ... and with a config that only uses it: predict needs the architecture; eval and report also
+# the data's split (they evaluate a split of it).
+FIT_FIELDS = {'predict': MODEL_FIELDS, 'export': MODEL_FIELDS,
+              'eval': SPLIT_FIELDS + MODEL_FIELDS, 'report': SPLIT_FIELDS + MODEL_FIELDS}
+
+# Numeric fields that members of one vmapped group may set differently: each becomes a
+# per-member array in the group's one program (steps.py). Every other field is structure.
+MEMBER_NUMERIC_FIELDS = ('seed', 'learning_rate', 'momentum', 'weight_decay', 'warmup_epochs',
+                         'onecycle_pct_start', 'augment.rotation', 'augment.zoom',
+                         'augment.shift', 'model.dropout_rate')
+# Fields every member of a population shares: the data (members are compared and combined
+# example by example), where the run lives, and the population itself.
+SHARED_FIELDS = ('dataset', 'validation_fraction', 'data.', 'distributed.',
+                 'compilation_cache_dir', 'sweep.', 'eval_batch_size', 'plots',
+                 'log_every_steps')
+
+# Fields that no longer exist, and what replaced them: named in the error instead of a typo hint.
+REMOVED_FIELDS = {
+    'ensemble_size': "seed ensembles are populations now: --config.sweep.grid='seed=0,1,2' "
+                     "--config.sweep.select=ensemble",
+    'ensemble_variants': "ensembles of variants are populations now: --config.sweep.members="
+                         "\"('', 'model.batch_norm=True')\" --config.sweep.select=ensemble",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Dotted paths
+
+
+def get(config, dotted: str, default: Any = KeyError) -> Any:
+  """config['a']['b'] for 'a.b', on a ConfigDict or a plain dict (a checkpoint's record)."""
+  value = config
+  for part in dotted.split('.'):
+    try:
+      value = value[part]
+    except (KeyError, TypeError, AttributeError):
+      if default is KeyError:
+        raise KeyError(dotted) from None
+      return default
+  return value
+
+
+def set_field(config, dotted: str, value: Any) -> None:
+  """Sets an existing field; an unknown one is a UserError naming the closest real name."""
+  *parents, leaf = dotted.split('.')
+  target = config
+  for part in parents:
+    target = target[part] if _has(target, part) else None
+    if target is None:
+      raise unknown_field(config, dotted)
+  if not _has(target, leaf) or hasattr(target[leaf], 'keys'):
+    raise unknown_field(config, dotted)
+  try:
+    target[leaf] = value  # ConfigDict checks the type
+  except (TypeError, ValueError) as e:
+    raise UserError(f'config.{dotted}={value!r} has the wrong type: the field holds '
+                    f'{type(target[leaf]).__name__} values ({e})') from None
+
+
+def _has(config, key: str) -> bool:
+  try:
+    return key in config
+  except TypeError:
+    return False
+
+
+def field_names(config, prefix: str = '') -> list[str]:
+  """Every leaf field's dotted name."""
+  names = []
+  for key in config.keys():
+    value = config[key]
+    if hasattr(value, 'keys'):
+      names += field_names(value, f'{prefix}{key}.')
+    else:
+      names.append(prefix + key)
+  return names
+
+
+def unknown_field(config, dotted: str) -> UserError:
+  if dotted in REMOVED_FIELDS:
+    return UserError(f'config.{dotted} was removed: {REMOVED_FIELDS[dotted]}')
+  close = difflib.get_close_matches(dotted, field_names(config), n=1)
+  hint = f"; did you mean '{close[0]}'?" if close else '; see configs/default.py for the fields'
+  return UserError(f"config.{dotted} is not a config field{hint}")
+
+
+def matches(dotted: str, prefixes) -> bool:
+  """Whether `dotted` is one of `prefixes` (a name, or 'section.' for all of a section)."""
+  return any(dotted == p or (p.endswith('.') and dotted.startswith(p)) for p in prefixes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
 
 
 def conv_impls(conv_impl: str, num_convs: int) -> list[str]:
@@ -30,23 +141,27 @@ def _conv_impl_ok(model_config) -> bool:
   return True
 
 
+def _finite(x) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x)
+
+
 def validate(config) -> None:
   """Raises UserError naming the first field whose value cannot work."""
   checks = [
       ('dataset', config.dataset in SUPPORTED_DATASETS, f'one of {SUPPORTED_DATASETS}'),
       ('batch_size', config.batch_size > 0, 'a positive integer'),
       ('eval_batch_size', config.eval_batch_size > 0, 'a positive integer'),
-      ('num_epochs', config.num_epochs >= 1, 'at least 1'),
-      ('learning_rate', config.learning_rate > 0, 'positive'),
+      ('num_epochs', _finite(config.num_epochs) and 0 < config.num_epochs <= MAX_EPOCHS,
+       f'a number of passes over the training examples in (0, {MAX_EPOCHS}] (fractions '
+       f'allowed, e.g. 0.2)'),
+      ('learning_rate', _finite(config.learning_rate) and config.learning_rate >= 0,
+       '0 (a frozen member, for comparisons) or positive'),
       ('momentum', 0 <= config.momentum < 1, 'in [0, 1)'),
       ('validation_fraction', 0 <= config.validation_fraction < 1, 'in [0, 1)'),
       ('data.max_train_examples', config.data.max_train_examples >= 0, '0 (all) or positive'),
       ('checkpoint_keep', config.checkpoint_keep >= 1, 'at least 1'),
-      ('ensemble_size', config.ensemble_size >= 1, 'at least 1'),
-      ('ensemble_variants', len(config.ensemble_variants) != 1
-       and all(isinstance(v, str) for v in config.ensemble_variants),
-       "empty, or two or more strings of overrides (e.g. ('', 'model.batch_norm=True'))"),
       ('data.split_seed', config.data.split_seed >= -1, '-1 (= seed) or a seed >= 0'),
+      ('seed', config.seed >= 0, 'a seed >= 0'),
       ('model.conv_features', len(config.model.conv_features) >= 1
        and all(f > 0 for f in config.model.conv_features), 'a non-empty list of positive widths'),
       ('model.dense_features', config.model.dense_features > 0, 'positive'),
@@ -54,14 +169,14 @@ def validate(config) -> None:
       ('input_pipeline', config.input_pipeline in ('auto', 'device', 'tfds'),
        "'auto', 'device' or 'tfds'"),
       ('chunk_steps', config.chunk_steps >= 1, 'at least 1'),
-      ('input_pipeline', config.ensemble_size == 1 or config.input_pipeline != 'tfds',
-       "'device' or 'auto' when ensemble_size > 1 (ensembles gather their batches on device)"),
-      ('schedule', config.schedule in ('constant', 'cosine', 'onecycle'),
-       "'constant', 'cosine' or 'onecycle'"),
-      ('warmup_epochs', 0 <= config.warmup_epochs <= config.num_epochs
+      ('schedule', config.schedule in SCHEDULES, "'constant', 'cosine' or 'onecycle'"),
+      ('warmup_epochs', _finite(config.warmup_epochs)
+       and 0 <= config.warmup_epochs <= config.num_epochs
        and not (config.schedule == 'cosine' and config.warmup_epochs >= config.num_epochs),
        'in [0, num_epochs], and below num_epochs with the cosine schedule'),
-      ('weight_decay', config.weight_decay >= 0, '0 or positive'),
+      ('onecycle_pct_start', 0 < config.onecycle_pct_start < 1, 'in (0, 1)'),
+      ('weight_decay', _finite(config.weight_decay) and config.weight_decay >= 0,
+       '0 or positive'),
       ('model.dropout_rate', 0 <= config.model.dropout_rate < 1, 'in [0, 1)'),
       ('augment.rotation', 0 <= config.augment.rotation <= 180, 'in [0, 180] degrees'),
       ('augment.zoom', 0 <= config.augment.zoom < 1, 'in [0, 1)'),
@@ -76,10 +191,87 @@ def validate(config) -> None:
        '0 or 1 with model.batch_norm (BatchNorm normalizes by the whole batch)'),
       ('model.pool_impl', config.model.pool_impl in ('auto', 'lax', 'reshape'),
        "'auto', 'lax' or 'reshape'"),
+      ('sweep.execution', config.sweep.execution in ('auto', 'map', 'vmap'),
+       "'auto', 'map' or 'vmap'"),
+      ('log_every_steps', config.log_every_steps >= 0, '0 (epoch ends only) or positive'),
   ]
   for field, ok, expected in checks:
     if not ok:
-      value = config
-      for part in field.split('.'):
-        value = value[part]
-      raise UserError(f'config.{field}={value!r} is invalid: it must be {expected}')
+      raise UserError(f'config.{field}={get(config, field)!r} is invalid: it must be {expected}')
+
+
+def total_steps(num_epochs: float, steps_per_epoch: int) -> int:
+  """Training steps of a run: num_epochs may be fractional (the last epoch is then partial)."""
+  return int(round(num_epochs * steps_per_epoch))
+
+
+def split_seed(config) -> int:
+  """Seed of the validation holdout: data.split_seed, or `seed` when it is -1 (the default)."""
+  return config.seed if config.data.split_seed < 0 else config.data.split_seed
+
+
+# ---------------------------------------------------------------------------------------------
+# 'auto', resolved
+
+
+@dataclasses.dataclass(frozen=True)
+class Choices:
+  """What the 'auto' fields of a config mean on this backend and device layout."""
+  backend: str
+  input_pipeline: str      # 'device' (lax.scan over a device-resident split) | 'tfds'
+  conv_impl: str           # the training step's convolutions
+  pool_impl: str           # ... and pooling
+  eval_conv_impl: str      # evaluation and prediction (forward only)
+  eval_pool_impl: str
+  grad_chunks: int         # the batch's gradient summed over this many sub-batches
+  execution: str           # members of a group: 'map' (one after another) | 'vmap'
+
+  def line(self) -> str:
+    return (f'{self.input_pipeline} input, {self.conv_impl} convolutions, gradient in '
+            f'{self.grad_chunks} chunk(s)')
+
+
+def resolve(config, backend: str | None = None, data_devices: int = 1,
+            group_size: int = 1) -> Choices:
+  """Every 'auto' choice of `config` for a group of `group_size` members whose batches are
+  split over `data_devices` devices, on `backend` (default: JAX's). Measured reasons:
+
+  - input_pipeline 'auto' = 'device' everywhere: on this 2-core CPU the scan over the
+    device-resident split ran the tutorial's epoch at 7.27 ms/step against 8.52 for per-step host
+    batches (benchmarks/compare.py); on accelerators it saves a copy and a dispatch per step.
+  - conv_impl 'auto': on CPU 'im2col' inside lax.scan (XLA:CPU's own convolution is far slower
+    there) and 'mixed' per step; XLA's own elsewhere. Evaluation (forward only) uses XLA's own on
+    every backend: its forward pass is the fastest measured (benchmarks/layers.py --inference).
+  - pool_impl 'auto': 'reshape' on CPU (XLA:CPU's select_and_scatter gradient is slow), XLA's
+    elsewhere.
+  - grad_chunks 0 = 2 on one CPU device, where the two halves keep both cores busy (~8% faster
+    steps at batch 32), else 1: accelerators are parallel within each op, a split of a batch
+    sharded over devices would reshard it, a vmapped group's products are already K times
+    larger, and BatchNorm needs the whole batch.
+  - sweep.execution 'auto': 'map' on CPU, where one model's step already keeps both cores busy
+    and vmapped members ran slower than the same members one after another (README
+    "Experiments"); 'vmap' on GPU and TPU, which one small model leaves mostly idle.
+  """
+  if backend is None:
+    import jax
+    backend = jax.default_backend()
+  cpu = backend == 'cpu'
+  execution = config.sweep.execution
+  if execution == 'auto':
+    execution = 'map' if cpu else 'vmap'
+  if group_size == 1:
+    execution = 'map'
+  input_pipeline = 'device' if config.input_pipeline == 'auto' else config.input_pipeline
+  in_scan = input_pipeline == 'device'
+  pick = lambda value, cpu_choice, other: value if value != 'auto' else (
+      cpu_choice if cpu else other)
+  grad_chunks = config.grad_chunks or (
+      2 if cpu and data_devices == 1 and execution == 'map' and config.batch_size % 2 == 0
+      and not config.model.batch_norm else 1)
+  return Choices(
+      backend=backend, input_pipeline=input_pipeline,
+      conv_impl=pick(config.model.conv_impl, 'im2col' if in_scan else 'mixed', 'lax'),
+      pool_impl=pick(config.model.pool_impl, 'reshape', 'lax'),
+      eval_conv_impl=pick(config.model.conv_impl, 'lax', 'lax'),
+      eval_pool_impl=pick(config.model.pool_impl, 'lax', 'lax'),
+      grad_chunks=grad_chunks, execution=execution)

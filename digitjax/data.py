@@ -19,9 +19,9 @@ import zlib
 
 import numpy as np
 
+from digitjax.configlib import SUPPORTED_DATASETS, split_seed
 from digitjax.errors import UserError
 
-SUPPORTED_DATASETS = ('mnist', 'fashion_mnist')
 IDX_STEMS = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
              'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
 # SHA-256 of the decompressed original files (shared/data/mnist/README.md).
@@ -239,16 +239,9 @@ def holdout_indices(n: int, fraction: float, seed: int, max_examples: int = 0):
   return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def split_seed(config) -> int:
-  """Seed of the validation holdout: data.split_seed, or `seed` when it is -1 (the default).
-
-  A seed ensemble's members (seeds seed, seed+1, ...) share the holdout of `seed` this way.
-  """
-  return config.seed if config.data.split_seed < 0 else config.data.split_seed
-
-
 def load_splits(config) -> Splits:
-  """Train/val/test arrays for config.dataset: tfds-prepared, validation held out by split_seed."""
+  """Train/val/test arrays for config.dataset: tfds-prepared, validation held out by the seed
+  configlib.split_seed gives (a population's members share the holdout of its base seed)."""
   from digitjax import parallel
   d = config.data
   args = (config.dataset, d.data_dir or None, d.manual_dir or None, d.verify_checksums)

@@ -1,24 +1,15 @@
 """Where metrics go: the console (Keras-like lines, a progress bar on a terminal), JSON lines
-and TensorBoard event files under the workdir. Only process 0 writes."""
+and TensorBoard event files of a run. Only process 0 writes (or, for a population member that
+one process trains alone, that process)."""
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import sys
 import time
 
-import numpy as np
-
 from digitjax import parallel
-
-
-def log_softmax64(logits: np.ndarray) -> np.ndarray:
-  """Log-probabilities along the last axis, in float64 on the host (metrics, ensembles)."""
-  logp = np.asarray(logits, np.float64)
-  logp = logp - logp.max(-1, keepdims=True)
-  return logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+from digitjax import workdir as workdir_lib
 
 
 def log(msg: str = '') -> None:
@@ -27,46 +18,51 @@ def log(msg: str = '') -> None:
 
 
 class MetricWriter:
-  """Appends {'step':..., **metrics} to workdir/metrics.jsonl and to TensorBoard scalars."""
+  """Appends {'step':..., **metrics} to a run's metrics.jsonl and to TensorBoard scalars.
 
-  def __init__(self, workdir: str):
-    self.enabled = parallel.is_main_process()
+  `after_step`: the step the run resumes from; records the log holds beyond it (written by a
+  run that got further before it was stopped) are dropped, so none is written twice.
+  """
+
+  def __init__(self, files: workdir_lib.RunFiles, after_step: int | None = None,
+               enabled: bool | None = None):
+    self.enabled = parallel.is_main_process() if enabled is None else enabled
     self._tb = None
     if not self.enabled:
       return
-    self._jsonl = os.path.join(workdir, 'metrics.jsonl')
+    self._log = workdir_lib.JsonLines(files.metrics, after_step)
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=10)
+      self._tb = SummaryWriter(files.tensorboard, flush_secs=10)
     except ImportError:  # optional: JSON lines still carry everything
       logging.warning('tensorboardX is not installed; TensorBoard files are not written')
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
+    """A record in metrics.jsonl and its numbers in TensorBoard."""
     if not self.enabled:
       return
-    with open(self._jsonl, 'a') as f:
-      f.write(json.dumps({'step': step, **metrics}) + '\n')
-    if self._tb is not None:
-      for name, value in metrics.items():
-        if isinstance(value, (int, float)):
-          self._tb.add_scalar(name, value, step)
+    self._log.append({'step': step, **metrics})
+    self.scalars(step, metrics)
+
+  def scalars(self, step: int, metrics: dict[str, float]) -> None:
+    """Numbers for TensorBoard only (the training curve between epochs)."""
+    if self._tb is None:
+      return
+    for name, value in metrics.items():
+      if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        self._tb.add_scalar(name, value, step)
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
 
 
-def read_history(workdir: str) -> list[dict]:
-  """The per-epoch records of metrics.jsonl, the last one for each epoch (runs may resume)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
+def read_history(files: workdir_lib.RunFiles) -> list[dict]:
+  """The per-epoch records of a run's metrics.jsonl, the last one for each epoch."""
   by_epoch = {}
-  with open(path) as f:
-    for line in f:
-      record = json.loads(line)
-      if 'epoch' in record:
-        by_epoch[record['epoch']] = record
+  for record in workdir_lib.read_jsonl(files.metrics):
+    if isinstance(record.get('epoch'), int):
+      by_epoch[record['epoch']] = record
   return [by_epoch[e] for e in sorted(by_epoch)]
 
 

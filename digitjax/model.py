@@ -192,13 +192,6 @@ def _pool_bwd(winner, g):
 _reshape_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
 
 
-def resolve_impl(impl: str, cpu_choice: str, other_choice: str) -> str:
-  """'auto' picks the CPU formulation on CPU backends and XLA's own layers elsewhere."""
-  if impl != 'auto':
-    return impl
-  return cpu_choice if jax.default_backend() == 'cpu' else other_choice
-
-
 def used_input_size(size: int, num_convs: int, pool_after) -> int:
   """How many leading input rows (or columns) can reach the output at all.
 
@@ -218,6 +211,22 @@ def used_input_size(size: int, num_convs: int, pool_after) -> int:
   return size
 
 
+class Dropout(nn.Dropout):
+  """flax's Dropout, whose rate may also come at call time as an array (the per-member rates of
+  a vmapped group). Its name, key and arithmetic are nn.Dropout's, so a Python rate gives
+  exactly what nn.Dropout gives; an array rate of 0 keeps every input unchanged."""
+
+  @nn.compact
+  def __call__(self, inputs, deterministic: bool = False, rate=None):
+    rate = self.rate if rate is None else rate
+    static = isinstance(rate, (int, float))
+    if deterministic or (static and rate == 0.0):
+      return inputs
+    keep_prob = 1.0 - rate
+    mask = jax.random.bernoulli(self.make_rng('dropout'), p=keep_prob, shape=inputs.shape)
+    return lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
+
+
 class CNN(nn.Module):
   """The tutorial's Keras Sequential CNN."""
   conv_features: Sequence[int] = (32, 64, 64)
@@ -234,7 +243,9 @@ class CNN(nn.Module):
   batch_norm: bool = False               # BatchNorm after each conv and the hidden dense layer
 
   @nn.compact
-  def __call__(self, x_BxHxWxC, train: bool = False):
+  def __call__(self, x_BxHxWxC, train: bool = False, dropout_rate=None):
+    """Logits; `dropout_rate` (default: the module's) may be an array: a vmapped member's."""
+    rate = self.dropout_rate if dropout_rate is None else dropout_rate
     x = x_BxHxWxC
     # Batch statistics are means over every output row, dead ones included: no cropping then.
     if self.skip_dead_rows and not self.batch_norm:
@@ -251,11 +262,11 @@ class CNN(nn.Module):
       if i in self.pool_after:
         x = max_pool_2x2(x, self.pool_impl)
     x = x.reshape(x.shape[0], -1)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = Dropout(self.dropout_rate)(x, deterministic=not train, rate=rate)
     x = nn.Dense(self.dense_features, kernel_init=nn.initializers.he_uniform(),
                  use_bias=not self.batch_norm, name='dense1')(x)
     x = nn.relu(self._normalized(x, train, f'bn{len(self.conv_features) + 1}'))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = Dropout(self.dropout_rate)(x, deterministic=not train, rate=rate)
     # The tutorial's output layer keeps Keras's default glorot_uniform initializer.
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.glorot_uniform(),
                     name='dense2')(x)
@@ -271,32 +282,14 @@ class CNN(nn.Module):
                         name=name)(x)
 
 
-def build_model(model_config, num_classes: int | None = None, in_scan: bool = False,
-                inference: bool = False) -> CNN:
-  """The model from config.model: plain arguments in, so the module never sees a ConfigDict.
-
-  conv_impl 'auto' on CPU is 'im2col' when the training step runs inside `lax.scan` (`in_scan`:
-  the device input, the default), where XLA:CPU's convolution is much slower, and 'mixed' on the
-  per-step (tfds) path (XLA's convolution for the single-channel first layer, im2col for the
-  others; within noise of 'im2col' there). Measured in benchmarks/layers.py, as is 'winograd'
-  (fewer multiplications, but a slower step on this 2-core CPU). Off CPU, 'auto' is XLA's own
-  layers.
-
-  `inference` is the model that evaluation and prediction run (forward only): there 'auto' is XLA's
-  own convolution and pooling on every backend. Their backward pass is what is slow on CPU; the
-  forward pass is the fastest measured (benchmarks/layers.py --inference: 10,000 images in
-  0.27 s, against 1.47 s with the 'mixed' training formulation). The parameters are the same either way.
-  """
-  if inference:
-    conv_impl = resolve_impl(model_config.conv_impl, 'lax', 'lax')
-    pool_impl = resolve_impl(model_config.pool_impl, 'lax', 'lax')
-  else:
-    conv_impl = resolve_impl(model_config.conv_impl, 'im2col' if in_scan else 'mixed', 'lax')
-    pool_impl = resolve_impl(model_config.pool_impl, 'reshape', 'lax')
+def build_model(model_config, conv_impl: str = 'lax', pool_impl: str = 'lax') -> CNN:
+  """The model from config.model and the formulations to run (configlib.resolve picks them for
+  'auto'): plain arguments in, so the module never sees a ConfigDict. The parameters are the
+  same whichever formulation runs."""
   return CNN(conv_features=tuple(model_config.conv_features),
              pool_after=tuple(model_config.pool_after),
              dense_features=model_config.dense_features,
-             num_classes=num_classes or model_config.num_classes,
+             num_classes=model_config.num_classes,
              dropout_rate=model_config.dropout_rate,
              batch_norm=model_config.batch_norm,
              conv_impl=conv_impl, pool_impl=pool_impl)

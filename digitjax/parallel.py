@@ -1,7 +1,11 @@
-"""Data parallelism with JAX's own machinery: one mesh axis 'data', replicated state.
+"""Parallelism with JAX's own machinery: a mesh with axes ('members', 'data').
 
-The global batch is split along 'data'; on many hosts each process feeds only its own rows and
-`jax.make_array_from_process_local_data` assembles the global array.
+'data' splits each global batch (the train state replicated along it); on many hosts each
+process feeds only its own rows and `jax.make_array_from_process_local_data` assembles the
+global array. 'members' holds the members of a vmapped population group, each on its own
+devices, with no communication between them. A population of several members split over
+processes gives each process a mesh of its own devices only (`local=True`): its members then
+never wait for another process.
 """
 from __future__ import annotations
 
@@ -42,10 +46,28 @@ def _cluster_detected(dist) -> bool:
   return bool(dist.coordinator_address) or any(m in os.environ for m in markers)
 
 
-def make_mesh() -> jax.sharding.Mesh:
+def make_mesh(local: bool = False, members: int = 1, devices=None) -> jax.sharding.Mesh:
+  """All devices (or this process's, `local`, or `devices`) as a (members, data) mesh."""
+  if devices is None:
+    devices = jax.local_devices() if local else jax.devices()
+  devices = np.asarray(devices).reshape(members, -1)
   # Auto axes: the compiler propagates shardings, so model code stays sharding-agnostic.
-  return jax.make_mesh((jax.device_count(),), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.sharding.Mesh(devices, ('members', 'data'),
+                           axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def is_local(mesh) -> bool:
+  """Whether every device of `mesh` belongs to this process."""
+  return all(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
+def share(mesh) -> tuple[int, int]:
+  """(index, count): this process's share of a global batch on `mesh`."""
+  return (0, 1) if is_local(mesh) else (jax.process_index(), jax.process_count())
+
+
+def data_size(mesh) -> int:
+  return mesh.shape['data']
 
 
 def replicated(mesh) -> NamedSharding:
@@ -54,6 +76,12 @@ def replicated(mesh) -> NamedSharding:
 
 def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P('data'))
+
+
+def member_sharding(mesh, batch: bool = False) -> NamedSharding:
+  """A group's stacked arrays: the leading member axis over 'members' (and a batch axis after
+  it over 'data')."""
+  return NamedSharding(mesh, P('members', 'data') if batch else P('members'))
 
 
 def check_cpu_layout(allow_several_cpu_devices: bool) -> None:
@@ -71,14 +99,14 @@ def check_cpu_layout(allow_several_cpu_devices: bool) -> None:
 
 
 def check_divisible(name: str, size: int, mesh) -> None:
-  n = mesh.devices.size
+  n = data_size(mesh)
   if size % n:
     raise UserError(f'{name}={size} is not divisible by the {n} devices; pick a multiple of {n}')
 
 
 def to_global(local_batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
   """This process's rows of a global batch -> global arrays sharded along 'data'."""
-  if jax.process_count() == 1:
+  if jax.process_count() == 1 or is_local(sharding.mesh):
     return jax.device_put(local_batch, sharding)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 

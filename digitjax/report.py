@@ -164,9 +164,8 @@ def draw_mistakes(test: dict, probabilities: np.ndarray, path: str, count: int =
   return _save(fig, path)
 
 
-def draw_all(workdir: str, splits, test_logits: np.ndarray, history: list[dict]) -> list[str]:
-  """All the run's pictures under workdir/plots; returns their paths."""
-  plots = os.path.join(workdir, 'plots')
+def draw_all(plots: str, splits, test_logits: np.ndarray, history: list[dict]) -> list[str]:
+  """All of a run's pictures in the folder `plots`; returns their paths."""
   os.makedirs(plots, exist_ok=True)
   path = lambda name: os.path.join(plots, name)
   probabilities = np.asarray(jax.nn.softmax(test_logits.astype(np.float32), axis=-1))
@@ -180,3 +179,87 @@ def draw_all(workdir: str, splits, test_logits: np.ndarray, history: list[dict])
       draw_predictions(splits.test, predictions, path('predictions.png')),
       draw_mistakes(splits.test, probabilities, path('mistakes.png')),
   ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Populations
+
+
+POPULATION_FILES = ('population_curves.png', 'population_fields.png')
+
+
+def draw_population(plots: str, results: dict, histories: list[list[dict]],
+                    fields: list[str]) -> list[str]:
+  """A population's members side by side: validation accuracy per epoch for every member, and
+  final validation accuracy against each swept numeric field."""
+  os.makedirs(plots, exist_ok=True)
+  return [draw_member_curves(results['members'], histories,
+                             os.path.join(plots, 'population_curves.png')),
+          draw_fields(results['members'], fields, os.path.join(plots, 'population_fields.png'))]
+
+
+def draw_member_curves(members: list[dict], histories: list[list[dict]], path: str) -> str:
+  fig = _figure(10, 5.5)
+  ax = fig.add_subplot()
+  for m, history in zip(members, histories):
+    points = [(r['epoch'], r['val_accuracy']) for r in history
+              if isinstance(r.get('val_accuracy'), float) and np.isfinite(r['val_accuracy'])]
+    if points:
+      x, y = zip(*points)
+      ax.plot(x, y, marker='o', markersize=3, linewidth=2.2 if m['selected'] else 1.2,
+              label=m['name'] + (' (delivered)' if m['selected'] else ''))
+  ax.set_xlabel('epoch')
+  ax.set_ylabel('validation accuracy')
+  ax.set_title(f'Validation accuracy per epoch, {len(members)} members')
+  ax.grid(alpha=0.3)
+  if len(members) <= 16 and ax.lines:
+    ax.legend(fontsize=7, ncol=2 if len(members) > 8 else 1)
+  return _save(fig, path)
+
+
+def _numeric(values) -> bool:
+  return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def draw_fields(members: list[dict], fields: list[str], path: str) -> str:
+  """One panel per swept numeric field (seeds excepted): each other setting a line, its seeds
+  drawn as the mean with the min-max spread; a log axis for learning rates (and any positive
+  field spanning more than a factor of 10)."""
+  scored = [m for m in members if m['val_accuracy'] is not None]
+  numeric = [f for f in fields if f != 'seed' and
+             _numeric([m['overrides'].get(f) for m in scored if f in m['overrides']])
+             and any(f in m['overrides'] for m in scored)]
+  panels = numeric or ['seed' if 'seed' in fields else None]
+  fig = _figure(5.5 * len(panels), 4.5)
+  for k, field in enumerate(panels):
+    ax = fig.add_subplot(1, len(panels), k + 1)
+    if field is None:
+      ax.bar(range(len(scored)), [m['val_accuracy'] for m in scored])
+      ax.set_xticks(range(len(scored)), [m['name'] for m in scored], rotation=60, ha='right',
+                    fontsize=7)
+    else:
+      others = [f for f in fields if f not in (field, 'seed')]
+      series: dict[str, dict] = {}
+      for m in scored:
+        label = ','.join(f'{f}={m["overrides"].get(f)}' for f in others) or 'all members'
+        series.setdefault(label, {}).setdefault(m['overrides'].get(field), []).append(
+            m['val_accuracy'])
+      for label, points in series.items():
+        xs = sorted(x for x in points if x is not None)
+        mean = [float(np.mean(points[x])) for x in xs]
+        low = [mean[i] - min(points[x]) for i, x in enumerate(xs)]
+        high = [max(points[x]) - mean[i] for i, x in enumerate(xs)]
+        ax.errorbar(xs, mean, yerr=[low, high], marker='o', capsize=4, label=label)
+      values = [x for p in series.values() for x in p if x is not None]
+      if values and min(values) > 0 and ('learning_rate' in field or
+                                          max(values) / min(values) > 10):
+        ax.set_xscale('log')
+      ax.set_xlabel(field)
+      if len(series) > 1 and len(series) <= 10:
+        ax.legend(fontsize=7)
+    ax.set_ylabel('final validation accuracy')
+    ax.grid(alpha=0.3)
+  seeds = sorted({m['overrides'].get('seed') for m in scored} - {None})
+  fig.suptitle('Final validation accuracy by setting' +
+               (f' (mean and spread over seeds {seeds})' if len(seeds) > 1 else ''))
+  return _save(fig, path)

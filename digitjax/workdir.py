@@ -1,26 +1,245 @@
-"""The run's workdir: one process at a time, and a clear error when it cannot be written.
+"""The workdir: every file name under it, one way to write and read those files back, and one
+run at a time.
 
-`claim(workdir)` creates the workdir and takes workdir/run.lock: a file holding the owner's pid
-under an exclusive `flock`. The kernel drops a flock when its process dies, however it dies, so
-a lock file left by a killed run is stale by construction and is taken over with a warning,
-while a live owner makes a second run refuse to start. Inside the claim, OS errors that mean
-"the disk refused the write" (read-only, full, not a directory...) become one-line UserErrors.
+Layout of a run (a population of one member):
+  config.json        the run's config (the modes read it when --config is not given)
+  checkpoints/       orbax: the latest `checkpoint_keep` and the best by validation accuracy
+  metrics.jsonl      one JSON record per line (epochs, step logs, the test figures)
+  tensorboard/       event files
+  results.json       the finished run's figures
+  eval.json          the last --mode=eval
+  plots/             PNG pictures
+  export/            --mode=export's SavedModel and ONNX files
+A population of several members adds, beside its own config.json, results.json and plots/:
+  members/<i>-<overrides>/   each member's files, laid out as a run's (TensorBoard's under
+  tensorboard/<i>-<overrides>/, so that TensorBoard overlays the members)
+  population.csv     one row per member
+
+JSON files are written aside and renamed into place (never half-written). JSON lines are
+appended; a torn last line (a kill or power loss during a write) is reported and cut off when
+the file is next opened, and a run that resumes from an earlier step than its log reached drops
+the records after that step, so no record is ever duplicated.
+
+`claim(workdir)` takes workdir/run.lock, a file holding the owner's pid under an exclusive
+`flock`. The kernel drops a flock when its process dies, however it dies, so a lock left by a
+killed run is stale by construction and is taken over with a warning, while a live owner makes a
+second run refuse to start. Inside the claim, OS errors that mean "the disk refused the write"
+(read-only, full, not a directory...) become one-line UserErrors.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
+import json
 import logging
+import math
 import os
+import re
 import socket
 
 from digitjax.errors import UserError
 
+CONFIG = 'config.json'
+CHECKPOINTS = 'checkpoints'
+DAMAGED_CHECKPOINTS = 'damaged_checkpoints'
+METRICS = 'metrics.jsonl'
+TENSORBOARD = 'tensorboard'
+RESULTS = 'results.json'
+EVAL = 'eval.json'
+PLOTS = 'plots'
+EXPORT = 'export'
+MEMBERS = 'members'
+POPULATION_CSV = 'population.csv'
 LOCK_FILE = 'run.lock'
 # Errors of writing that the user fixes on the disk side, not in the code.
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
                 errno.ENOTDIR, errno.EISDIR)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFiles:
+  """The files of one run: a whole workdir, or one member of a population."""
+  dir: str
+  tensorboard: str
+
+  @classmethod
+  def of(cls, workdir: str) -> 'RunFiles':
+    return cls(workdir, os.path.join(workdir, TENSORBOARD))
+
+  def path(self, name: str) -> str:
+    return os.path.join(self.dir, name)
+
+  @property
+  def checkpoints(self) -> str:
+    return self.path(CHECKPOINTS)
+
+  @property
+  def metrics(self) -> str:
+    return self.path(METRICS)
+
+  @property
+  def results(self) -> str:
+    return self.path(RESULTS)
+
+  @property
+  def config(self) -> str:
+    return self.path(CONFIG)
+
+  @property
+  def plots(self) -> str:
+    return self.path(PLOTS)
+
+
+def member_files(workdir: str, index: int, name: str) -> RunFiles:
+  """Member `index` of a population in `workdir`: members/<index>-<name>/, its TensorBoard run
+  tensorboard/<index>-<name>/."""
+  folder = f'{index:02d}-{safe_name(name)}'
+  return RunFiles(os.path.join(workdir, MEMBERS, folder),
+                  os.path.join(workdir, TENSORBOARD, folder))
+
+
+def safe_name(name: str) -> str:
+  """A member's name as one path component: no separators, no spaces, at most 80 characters."""
+  name = re.sub(r'[^A-Za-z0-9._=,+()\-\[\]]+', '_', name).strip('_.') or 'member'
+  return name[:80]
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON files
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """Writes JSON aside and renames it into place: readers see the old file or the new one.
+
+  Non-finite floats (nothing measured: an empty validation split) are written as null, so the
+  file stays standard JSON.
+  """
+  tmp = f'{path}.{os.getpid()}.tmp'
+  try:
+    with open(tmp, 'w') as f:
+      json.dump(_finite_or_none(obj), f, indent=2, allow_nan=False)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
+
+
+def _finite_or_none(obj):
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  if isinstance(obj, dict):
+    return {k: _finite_or_none(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite_or_none(v) for v in obj]
+  return obj
+
+
+def read_json(path: str, what: str = 'file') -> dict | None:
+  """A JSON object from `path`; None if there is none. A damaged file (not JSON, not an
+  object) is reported once and treated as absent: whatever wrote it will write it again."""
+  try:
+    with open(path) as f:
+      obj = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    logging.warning('Ignoring the damaged %s %s (%s); it will be written again', what, path,
+                    _short(e))
+    return None
+  if not isinstance(obj, dict):
+    logging.warning('Ignoring the damaged %s %s (not a JSON object); it will be written again',
+                    what, path)
+    return None
+  return obj
+
+
+def _short(e: Exception) -> str:
+  return (str(e).splitlines() or [type(e).__name__])[0][:120]
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON lines
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """The records of a JSON-lines file; a torn or damaged line is skipped (see JsonLines)."""
+  records = []
+  try:
+    with open(path, 'rb') as f:
+      lines = f.read().split(b'\n')
+  except FileNotFoundError:
+    return records
+  for line in lines:
+    if line.strip():
+      record = _parse(line)
+      if record is not None:
+        records.append(record)
+  return records
+
+
+def _parse(line: bytes) -> dict | None:
+  try:
+    record = json.loads(line)
+  except ValueError:
+    return None
+  return record if isinstance(record, dict) else None
+
+
+class JsonLines:
+  """An append-only JSON-lines file that survives torn writes.
+
+  Opening it repairs it: damaged lines (a torn last line, or garbage) are reported once and
+  removed, and with `after_step`, records of steps beyond it (written by a run that got further
+  than the checkpoint it is resumed from) are dropped, so a resumed run never duplicates them.
+  """
+
+  def __init__(self, path: str, after_step: int | None = None):
+    self.path = path
+    if os.path.exists(path):
+      self._repair(after_step)
+
+  def _repair(self, after_step: int | None) -> None:
+    with open(self.path, 'rb') as f:
+      raw = f.read()
+    keep, torn, dropped = [], 0, 0
+    for line in raw.split(b'\n'):
+      if not line.strip():
+        continue
+      record = _parse(line)
+      if record is None:
+        torn += 1
+      elif after_step is not None and isinstance(record.get('step'), int) and (
+          record['step'] > after_step):
+        dropped += 1
+      else:
+        keep.append(line)
+    if torn:
+      logging.warning('%s: removed %d damaged line(s) (a write that was cut off)', self.path,
+                      torn)
+    if torn or dropped or (raw and not raw.endswith(b'\n')):
+      tmp = f'{self.path}.{os.getpid()}.tmp'
+      with open(tmp, 'wb') as f:
+        f.write(b''.join(line + b'\n' for line in keep))
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, self.path)
+
+  def append(self, record: dict) -> None:
+    line = json.dumps(_finite_or_none(record), allow_nan=False) + '\n'
+    with open(self.path, 'a') as f:
+      f.write(line)
+
+  def read(self) -> list[dict]:
+    return read_jsonl(self.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per workdir
 
 
 class WorkdirBusy(UserError):
@@ -31,15 +250,21 @@ class WorkdirNotWritable(UserError):
   pass
 
 
-def _not_writable(workdir: str, e: OSError) -> WorkdirNotWritable:
-  reason = 'it is a file, not a directory' if e.errno == errno.EEXIST else e.strerror or str(e)
+def not_writable(workdir: str, e: OSError) -> WorkdirNotWritable:
+  reason = ('it is a file, not a directory' if e.errno in (errno.EEXIST, errno.ENOTDIR)
+            else e.strerror or str(e))
   where = f' ({e.filename})' if e.filename else ''
+  fix = {errno.ENOSPC: 'free space', errno.EDQUOT: 'free space or raise the quota',
+         errno.EFBIG: 'free space', errno.EROFS: 'make it writable or use another --workdir',
+         errno.EACCES: 'fix its permissions or use another --workdir',
+         errno.EPERM: 'fix its permissions or use another --workdir'}.get(
+      e.errno, 'use a directory path for --workdir')
   return WorkdirNotWritable(
       f'cannot write to --workdir={workdir}: {reason}{where}; checkpoints saved before are '
-      f'untouched; free space or fix the path, then run the same command')
+      f'untouched; {fix}, then run the same command')
 
 
-def _is_disk_error(e: OSError, workdir: str) -> bool:
+def is_disk_error(e: OSError, workdir: str) -> bool:
   """A refused write under `workdir` (a full disk may not say which file was being written)."""
   if e.errno not in _DISK_ERRNOS:
     return False
@@ -99,18 +324,23 @@ def claim(workdir: str, exclusive: bool = True):
   """Creates `workdir` and, if `exclusive`, holds its lock for the duration of the block.
 
   Only one process of a multi-process run should be `exclusive`; the others share the workdir.
+  A workdir this call created is removed again if the block fails before writing anything.
   """
+  created = not os.path.exists(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
     fd = acquire(workdir) if exclusive else None
   except OSError as e:
-    raise _not_writable(workdir, e) from e
+    raise not_writable(workdir, e) from e
   try:
     yield
   except OSError as e:
-    if _is_disk_error(e, workdir):
-      raise _not_writable(workdir, e) from e
+    if is_disk_error(e, workdir):
+      raise not_writable(workdir, e) from e
     raise
   finally:
     if fd is not None:
       release(workdir, fd)
+    if created:
+      with contextlib.suppress(OSError):
+        os.rmdir(workdir)  # only if empty: an error before any work leaves no trace

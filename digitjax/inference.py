@@ -1,0 +1,226 @@
+"""Inference: logits of a split, metrics from logits, members combined, checkpoints restored for
+use. Training evaluates with the very `Evaluator` the modes use, so eval reproduces results.json.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import jax
+import numpy as np
+
+from digitjax import checkpoint as ckpt_lib, configlib, model as model_lib, parallel, steps
+from digitjax import workdir as workdir_lib
+from digitjax.errors import UserError
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics from logits
+
+
+def log_softmax64(logits: np.ndarray) -> np.ndarray:
+  """Log-probabilities along the last axis, in float64 on the host."""
+  logp = np.asarray(logits, np.float64)
+  logp = logp - logp.max(-1, keepdims=True)
+  return logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  if not len(labels):  # an empty split (validation_fraction=0): nothing to measure
+    return {'loss': float('nan'), 'accuracy': float('nan')}
+  logp = log_softmax64(logits)
+  return {'loss': float(-logp[np.arange(len(labels)), labels].mean()),
+          'accuracy': float((logits.argmax(-1) == labels).mean())}
+
+
+def combine_logits(member_logits) -> np.ndarray:
+  """Members' logits, (K, N, C) or a list of K (N, C) -> (N, C) log of the mean softmax
+  probability. The log keeps the result usable wherever logits are: softmax gives the mean
+  probabilities back and argmax the ensemble's prediction. One member's logits pass unchanged.
+  """
+  if isinstance(member_logits, np.ndarray) and member_logits.ndim == 2:
+    return member_logits
+  if len(member_logits) == 1:
+    return np.asarray(member_logits[0])
+  stacked = np.stack([np.asarray(m) for m in member_logits])
+  if stacked.size == 0:  # an empty split: nothing to average
+    return stacked[0]
+  log_probs = log_softmax64(stacked)
+  top = log_probs.max(0)  # log(mean(exp)) taken about the largest, so nothing underflows
+  return top + np.log(np.exp(log_probs - top).mean(0))
+
+
+def member_summary(split: str, member_metrics: list[dict]) -> dict:
+  """member_<split>_accuracy and _loss (one entry per member) and the accuracy's mean and
+  sample standard deviation over members; {} for a single model."""
+  if len(member_metrics) < 2:
+    return {}
+  accuracy = [m['accuracy'] for m in member_metrics]
+  return {f'member_{split}_accuracy': accuracy,
+          f'member_{split}_accuracy_mean': float(np.mean(accuracy)),
+          f'member_{split}_accuracy_std': float(np.std(accuracy, ddof=1)),
+          f'member_{split}_loss': [m['loss'] for m in member_metrics]}
+
+
+def describe(split: str, summary: dict) -> str:
+  """' - member_val_accuracy: 0.9812 0.9790 (mean 0.9801, std 0.0016)'; '' for one model."""
+  accuracy = summary.get(f'member_{split}_accuracy')
+  if accuracy is None:
+    return ''
+  return (f' - member_{split}_accuracy: {" ".join(f"{a:.4f}" for a in accuracy)} '
+          f'(mean {summary[f"member_{split}_accuracy_mean"]:.4f}, '
+          f'std {summary[f"member_{split}_accuracy_std"]:.4f})')
+
+
+def per_class_accuracy(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+  """{'0': accuracy on the examples labelled 0, ...}; None for a class with no examples."""
+  predictions = logits.argmax(-1)
+  return {str(c): float(np.mean(predictions[labels == c] == c)) if np.any(labels == c) else None
+          for c in range(num_classes)}
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+  return np.exp(log_softmax64(logits)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+class Evaluator:
+  """Logits of a whole split in fixed-size padded batches: one compiled program per batch size.
+
+  The batch is config.eval_batch_size, or the split's size (rounded up to the devices) when it
+  is smaller: a huge eval_batch_size never pads a small split to it.
+  """
+
+  def __init__(self, mesh, batch_size: int, model: model_lib.CNN):
+    parallel.check_divisible('eval_batch_size', batch_size, mesh)
+    self.mesh, self.batch_size = mesh, batch_size
+    self._sharding = parallel.batch_sharding(mesh)
+    self._step = jax.jit(functools.partial(steps.eval_step, model=model),
+                         out_shardings=parallel.replicated(mesh))
+
+  @classmethod
+  def for_config(cls, config, mesh, choices: configlib.Choices | None = None) -> 'Evaluator':
+    """The evaluator of a run: its eval batch, and the model's inference formulation."""
+    choices = choices or configlib.resolve(config, data_devices=parallel.data_size(mesh))
+    model = model_lib.build_model(config.model, choices.eval_conv_impl, choices.eval_pool_impl)
+    return cls(mesh, config.eval_batch_size, model)
+
+  def logits(self, state, images: np.ndarray) -> np.ndarray:
+    n, devices = len(images), parallel.data_size(self.mesh)
+    b = min(self.batch_size, -(-max(n, 1) // devices) * devices)
+    index, count = parallel.share(self.mesh)
+    per_process = b // count
+    outputs = []
+    for start in range(0, n, b):
+      chunk = images[start:start + b]
+      if len(chunk) < b:
+        chunk = np.concatenate([chunk, np.zeros((b - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+      mine = chunk[index * per_process:(index + 1) * per_process]
+      outputs.append(self._step(state, parallel.to_global({'image': mine}, self._sharding)))
+    if not outputs:
+      return np.zeros((0, 0), np.float32)
+    return np.concatenate(jax.device_get(outputs), axis=0)[:n]
+
+  def evaluate(self, state, split: dict[str, np.ndarray]) -> dict:
+    return classification_metrics(self.logits(state, split['image']), split['label'])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints restored for use
+
+
+def abstract_state(config, mesh):
+  """The train state's tree, shapes and dtypes for `config`, replicated on `mesh` (no arrays:
+  a restore target)."""
+  model = model_lib.build_model(config.model)
+  spec = steps.spec(config, model, steps_per_epoch=1)
+  shapes = jax.eval_shape(functools.partial(steps.init_state, spec,
+                                            steps.hyper(config, steps_per_epoch=1)),
+                          jax.random.key(0))
+  sharding = parallel.replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      shapes)
+
+
+def open_checkpoints(files: workdir_lib.RunFiles) -> ckpt_lib.Checkpoints:
+  directory = files.checkpoints
+  if not os.path.isdir(directory):
+    raise UserError(f'no checkpoint in {files.dir} ({directory} does not exist); train with '
+                    f'--mode=train first, or point --workdir at a trained run')
+  with _read_only_notices_hidden():
+    checkpoints = ckpt_lib.Checkpoints(directory, read_only=True)
+  if not checkpoints.steps():
+    checkpoints.close()
+    raise UserError(f'no checkpoint in {directory}; train with --mode=train first')
+  return checkpoints
+
+
+class _read_only_notices_hidden:
+  """Orbax warns that a read-only manager is read-only; predict's stderr is for bad inputs."""
+
+  def __enter__(self):
+    self.logger = logging.getLogger('absl')
+    self.level = self.logger.level
+    if self.logger.getEffectiveLevel() >= logging.WARNING:  # not when the user asked for -v
+      self.logger.setLevel(logging.ERROR)
+
+  def __exit__(self, *exc):
+    self.logger.setLevel(self.level)
+
+
+def select_step(checkpoints: ckpt_lib.Checkpoints, which: str) -> int:
+  """The step that --checkpoint names: 'best' (by validation accuracy), 'latest' or a number."""
+  steps_ = checkpoints.steps()
+  if which == 'latest':
+    return steps_[-1]
+  if which == 'best':
+    best = checkpoints.best_step()
+    # Only checkpoints saved at an epoch's end carry a validation accuracy; a run stopped in its
+    # first epoch has none, and its latest checkpoint is all there is.
+    return steps_[-1] if best is None else best
+  if which.isdigit():
+    if int(which) not in steps_:
+      raise UserError(f'--checkpoint={which}: no checkpoint at that step in '
+                      f'{checkpoints.directory}; it holds steps {steps_}')
+    return int(which)
+  raise UserError(f'--checkpoint={which!r} is unknown: use best, latest or a step number '
+                  f'(this workdir holds steps {steps_})')
+
+
+def restore(config, files: workdir_lib.RunFiles, which: str, mode: str, mesh):
+  """(state, step, meta): the checkpoint `which` names, replicated on `mesh`.
+
+  It must fit the config in the fields `mode` depends on (configlib.FIT_FIELDS).
+  """
+  checkpoints = open_checkpoints(files)
+  try:
+    step = select_step(checkpoints, which)
+    where = f'{checkpoints.directory}/{step}'
+    try:
+      meta = checkpoints.read_meta(step)
+    except Exception as e:  # orbax raises many kinds for damaged files
+      raise UserError(f'checkpoint {where} is unreadable ({first_line(e)}); pick another with '
+                      f'--checkpoint=STEP (steps: {checkpoints.steps()})') from e
+    saved = meta.get('resume_fields', {}) if isinstance(meta, dict) else {}
+    fit = {k: v for k, v in saved.items()
+           if k in configlib.FIT_FIELDS[mode] or k == 'ensemble_size'}
+    checkpoints.check_compatible({'resume_fields': fit}, config.to_dict(), step)
+    target = abstract_state(config, mesh)
+    checkpoints.check_shapes(step, target)
+    try:
+      state, meta = checkpoints.restore(step, target)
+    except Exception as e:
+      raise UserError(f'checkpoint {where} is unreadable ({first_line(e)}); pick another with '
+                      f'--checkpoint=STEP (steps: {checkpoints.steps()})') from e
+  finally:
+    checkpoints.close()
+  return state, step, meta
+
+
+def first_line(error: Exception) -> str:
+  lines = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {lines[0][:200] if lines else ""}'

@@ -1,0 +1,589 @@
+"""The step-based loop of one group: members that train side by side, restored or initialized,
+epoch by epoch, stopped cleanly by signals, each ending with its results.
+
+A single run is a group of one member. A group's members share the loop's structure (batch
+size, steps, model, schedule kind...); each has its own config (seed, learning rate...), files
+(checkpoints, metrics, results), state and example order. `execution`:
+- 'map': member after member for each chunk of steps, each through its own compiled step, the
+  very program its single run compiles (so each member is its single run, bit for bit);
+- 'vmap': one program for all, the states stacked along a member axis (sharded over the mesh's
+  'members' axis), the numbers that differ between members passed as arrays (steps.Hyper).
+Members are saved side by side at the same steps; a resumed group restores the newest step that
+every member can read, so a kill at any moment costs no member more than its last save.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from digitjax import checkpoint as ckpt_lib, configlib, data, inference, metrics as metrics_lib
+from digitjax import model as model_lib, parallel, pipeline, steps
+from digitjax import workdir as workdir_lib
+from digitjax.errors import UserError
+from digitjax.metrics import log
+
+
+class NonFiniteLossError(UserError):
+  pass
+
+
+class Preempted(Exception):
+  """The run stopped on a signal after saving a checkpoint; launch.py exits non-zero."""
+
+
+@dataclasses.dataclass
+class Member:
+  """One model of a population: the base config plus `overrides`."""
+  index: int
+  name: str              # its overrides as text ('learning_rate=0.01,seed=0'), or 'base'
+  overrides: dict        # field -> value
+  config: Any            # the effective ConfigDict
+  files: workdir_lib.RunFiles
+
+
+@dataclasses.dataclass
+class Outcome:
+  """How a member's training ended: its results.json record and, for the population's
+  selection, its logits on the validation and test splits."""
+  member: Member
+  results: dict
+  history: list[dict]
+  val_logits: np.ndarray | None = None
+  test_logits: np.ndarray | None = None
+  state: Any = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals
+
+
+class StopSignals:
+  """SIGTERM/SIGINT ask the loop to stop after the current chunk; a second one is ignored."""
+
+  def __init__(self):
+    self.received = None
+
+  def __enter__(self):
+    self._old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: no signal handling
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.received is None:
+      self.received = signal.Signals(signum).name
+      logging.warning('%s received: stopping after this step and saving a checkpoint',
+                      self.received)
+    else:
+      logging.warning('%s received again: still saving the checkpoint, please wait',
+                      signal.Signals(signum).name)
+
+  def agreed(self, collective: bool = True) -> bool:
+    """Whether this process, or with `collective` any process, got a signal (a collective:
+    call it at the same step everywhere)."""
+    if collective and parallel.any_process(self.received is not None):
+      self.received = self.received or 'a signal to another process'
+    return self.received is not None
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+def _process_age() -> float | None:
+  """Seconds since this process started (imports included), or None where unknown."""
+  try:
+    import psutil
+    return time.time() - psutil.Process().create_time()
+  except Exception:
+    return None
+
+
+def epoch_line(prefix: str, epoch: int, num_epochs: int, seconds: float, record: dict) -> str:
+  val = lambda key: '-' if not math.isfinite(record[key]) else f'{record[key]:.4f}'
+  return (f'{prefix}Epoch {epoch}/{num_epochs} - {seconds:.1f}s - loss: '
+          f'{record["train_loss"]:.4f} - accuracy: {record["train_accuracy"]:.4f} - val_loss: '
+          f'{val("val_loss")} - val_accuracy: {val("val_accuracy")}')
+
+
+# ---------------------------------------------------------------------------------------------
+# The group
+
+
+class _Group:
+  """The members' states and compiled steps, one program each ('map') or one for all ('vmap')."""
+
+  def __init__(self, members, splits, mesh, choices, steps_per_epoch):
+    self.members, self.mesh, self.choices = members, mesh, choices
+    self.spe = steps_per_epoch
+    self.vmapped = choices.execution == 'vmap' and len(members) > 1
+    self.specs = [steps.spec(m.config, model_lib.build_model(
+        m.config.model, choices.conv_impl, choices.pool_impl), steps_per_epoch,
+        choices.grad_chunks) for m in members]
+    self.hypers = [steps.hyper(m.config, steps_per_epoch) for m in members]
+    self.device_input = choices.input_pipeline == 'device'
+    self.arrays = pipeline.place(splits.train, mesh) if self.device_input else splits.train
+
+  # States
+
+  def init(self) -> list:
+    keys = [jax.random.key(m.config.seed) for m in self.members]
+    if not self.vmapped:
+      inits = {}  # one program per structure: the numbers do not shape the initial state
+      for spec, hp in zip(self.specs, self.hypers):
+        inits.setdefault(spec, jax.jit(functools.partial(steps.init_state, spec, hp)))
+      return [jax.device_put(inits[spec](key), parallel.replicated(self.mesh))
+              for spec, key in zip(self.specs, keys)]
+    # One vmapped init for all: each member gets the parameters its single run starts from
+    # (the initializers are elementwise).
+    init = jax.jit(jax.vmap(functools.partial(steps.init_state, self.specs[0], self.hypers[0])))
+    stacked = init(jnp.stack(keys))
+    return [jax.device_put(jax.tree.map(lambda x: x[i], stacked), parallel.replicated(self.mesh))
+            for i in range(len(self.members))]
+
+  def abstract(self, state):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=parallel.replicated(self.mesh)), state)
+
+  def carry(self, states: list):
+    """The loop's carry: a list of member states, or one stacked state."""
+    if not self.vmapped:
+      return states
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    return jax.device_put(stacked, parallel.member_sharding(self.mesh))
+
+  def states(self, carry) -> list:
+    """Each member's state, replicated on the mesh (for evaluation and checkpoints)."""
+    if not self.vmapped:
+      return carry
+    return [jax.device_put(jax.tree.map(lambda x: x[i], carry), parallel.replicated(self.mesh))
+            for i in range(len(self.members))]
+
+  def empty_sums(self):
+    if not self.vmapped:
+      return [jax.device_put(steps.empty_sums(), parallel.replicated(self.mesh))
+              for _ in self.members]
+    sums = jax.tree.map(lambda x: jnp.stack([x] * len(self.members)), steps.empty_sums())
+    return jax.device_put(sums, parallel.member_sharding(self.mesh))
+
+  def read_sums(self, sums) -> list[dict]:
+    if not self.vmapped:
+      return [steps.read_sums(s) for s in sums]
+    host = jax.device_get(sums)
+    return [steps.read_sums(jax.tree.map(lambda x: x[i], host))
+            for i in range(len(self.members))]
+
+  # Programs
+
+  def make_inputs(self, batch_size: int, chunk_steps: int) -> list[tuple]:
+    """(feeder, numbers) of each member ('map'), or of the group ('vmap').
+
+    Numbers that differ between members are passed to the step as arrays. Under 'map', only
+    those whose arithmetic stays exactly that of a Python number (EXACT_NUMBERS) are: members
+    that differ in nothing else share one compiled step, and the others get their own (a
+    single run's is all Python numbers: the program it always compiled to).
+    """
+    varying = [f for f in steps.Hyper._fields
+               if len({getattr(h, f) for h in self.hypers}) > 1]
+    if self.vmapped:
+      numbers = {f: jnp.asarray([getattr(h, f) for h in self.hypers], jnp.float32)
+                 for f in varying}
+      template, spec = self.hypers[0], self.specs[0]
+
+      def member_step(state, sums, batch, values):
+        return steps.train_and_accumulate(state, sums, batch, template._replace(**values), spec)
+
+      step_fn = lambda state, sums, batch, values: jax.vmap(member_step)(state, sums, batch,
+                                                                         values)
+      feed = pipeline.DeviceInput(self.arrays, batch_size, self.mesh, step_fn, chunk_steps,
+                                  members=len(self.members))
+      return [(feed, jax.device_put(numbers, parallel.member_sharding(self.mesh)))]
+    passed = [f for f in varying if f in steps.exact_numbers(self.specs[0])]
+    programs, feeds = {}, []
+    for spec, hp in zip(self.specs, self.hypers):
+      key = (spec, hp._replace(**{f: None for f in passed}))
+      if key not in programs:
+        step_fn = functools.partial(_step_with_numbers, hp=hp, spec=spec)
+        programs[key] = self._input(step_fn, batch_size, chunk_steps)
+      numbers = {f: jax.device_put(np.float32(getattr(hp, f)), parallel.replicated(self.mesh))
+                 for f in passed}
+      feeds.append((programs[key], numbers))
+    return feeds
+
+  def _input(self, step_fn, batch_size, chunk_steps):
+    if self.device_input:
+      return pipeline.DeviceInput(self.arrays, batch_size, self.mesh, step_fn, chunk_steps)
+    return pipeline.HostInput(self.arrays, batch_size, self.mesh, step_fn)
+
+  def permutation(self, epoch: int, n: int):
+    perms = [data.epoch_permutation(m.config.seed, epoch, n) for m in self.members]
+    return jnp.stack(perms) if self.vmapped else perms
+
+  def learning_rate(self, i: int, step: int) -> float:
+    lr = steps.learning_rate_schedule(self.specs[i], self.hypers[i])
+    return float(lr(step)) if callable(lr) else float(lr)
+
+
+def _step_with_numbers(state, sums, batch, numbers, hp, spec):
+  return steps.train_and_accumulate(state, sums, batch, hp._replace(**numbers), spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Restore
+
+
+def _restore_common(checkpoints, targets, config_dicts, active) -> tuple[list | None, list, int]:
+  """(states, metas, step): every active member restored at the newest step all of them can
+  read (damaged checkpoints are skipped and set aside); (None, [], 0) if they share none.
+
+  Each member's newest checkpoint is first checked against its config, so that nothing is
+  ever discarded from a workdir that belongs to another config.
+  """
+  for c, cfg, a in zip(checkpoints, config_dicts, active):
+    if a:
+      c.check_newest_fits(cfg)
+  on_disk = [set(c.steps()) for c, a in zip(checkpoints, active) if a]
+  if not on_disk or not any(on_disk):
+    return None, [], 0
+  candidates = sorted(set.intersection(*on_disk), reverse=True)
+  while candidates:
+    states, metas, got = [], [], []
+    for c, target, cfg, a in zip(checkpoints, targets, config_dicts, active):
+      if not a:
+        states.append(None), metas.append(None), got.append(None)
+        continue
+      state, meta, step = c.restore_newest(target, cfg, steps=candidates)
+      if state is None:
+        return None, [], 0
+      states.append(state), metas.append(meta), got.append(step)
+    reached = {s for s in got if s is not None}
+    if len(reached) == 1:
+      return states, metas, reached.pop()
+    candidates = [s for s in candidates if s <= min(reached)]
+  return None, [], 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_group(members: list[Member], splits: data.Splits, mesh, choices: configlib.Choices,
+                stop: StopSignals, process: int | None = None, collective: bool = True,
+                logits: bool = True) -> list[Outcome]:
+  """Trains `members` to the end of their schedule, resuming from their checkpoints, and
+  evaluates each on the test split; writes each member's files. Returns their outcomes.
+
+  `process`: the one process that trains these members (a population split over processes);
+  None: every process takes part (data parallelism). `collective`: whether signals are agreed
+  between processes (they are when all processes run this group). `logits`: whether the
+  outcomes carry validation logits (a population's selection needs them).
+  """
+  cfg = members[0].config
+  named = len(members) > 1 or members[0].name != 'base'
+  prefix = lambda m: f'[{m.name}] ' if named else ''
+  writes = parallel.is_main_process() if process is None else jax.process_index() == process
+  n_train = len(splits.train['label'])
+  spe = n_train // cfg.batch_size
+  last_step = configlib.total_steps(cfg.num_epochs, spe)
+  num_epochs = math.ceil(last_step / spe)
+  group = _Group(members, splits, mesh, choices, spe)
+  config_dicts = [m.config.to_dict() for m in members]
+
+  checkpoints = [ckpt_lib.Checkpoints(m.files.checkpoints, m.config.checkpoint_keep,
+                                      process=process) for m in members]
+  try:
+    finished = [_diverged_record(m) for m in members]
+    active = [f is None for f in finished]
+    fresh = group.init()
+    restored, metas, step = _restore_common(checkpoints, [group.abstract(s) for s in fresh],
+                                            config_dicts, active)
+    if restored is None:
+      states, train_seconds = fresh, [0.0] * len(members)
+      for c, a in zip(checkpoints, active):
+        if a:
+          c.discard_after(0)
+    else:
+      states = [r if r is not None else f for r, f in zip(restored, fresh)]
+      train_seconds = [m['train_seconds'] if m else 0.0 for m in metas]
+      for c, a in zip(checkpoints, active):
+        if a:
+          c.discard_after(step)
+      if step < last_step:
+        log(f'Resuming {"the group " if named else ""}from checkpoint at step {step} '
+            f'(epoch {step // spe + 1}, step {step % spe} of it)')
+    done = _already_done(members, step, last_step, active)
+    if done is not None:
+      return _report_done(done, members, group, states, splits, mesh, logits)
+    return _train(members, group, states, step, last_step, num_epochs, spe, train_seconds,
+                  splits, mesh, choices, stop, checkpoints, active, finished, writes, prefix,
+                  collective, logits)
+  except BaseException:
+    for c in checkpoints:  # a save in flight ends before the error is reported
+      c.abandon()
+    raise
+  finally:
+    for c in checkpoints:
+      c.close()
+
+
+def _diverged_record(member: Member) -> dict | None:
+  results = workdir_lib.read_json(member.files.results, 'results file')
+  return results if results and results.get('diverged_at_step') is not None else None
+
+
+def _already_done(members, step, last_step, active) -> list[dict] | None:
+  """Every member's results.json, if all of them describe the step the group has reached."""
+  if step < last_step:
+    return None
+  records = []
+  for m, a in zip(members, active):
+    results = workdir_lib.read_json(m.files.results, 'results file')
+    if not results or (a and results.get('checkpoint_step') != step):
+      return None
+    records.append(results)
+  return records
+
+
+def _report_done(records, members, group, states, splits, mesh, logits) -> list[Outcome]:
+  evaluator = inference.Evaluator.for_config(members[0].config, mesh, group.choices)
+  outcomes = []
+  for m, r, state in zip(members, records, states):
+    if not logits:
+      log(f'Already trained to step {r["checkpoint_step"]}; results from {m.files.results}: '
+          f'test_accuracy {r["test_accuracy"]:.4f}, test_loss {r["test_loss"]:.4f}')
+      outcomes.append(Outcome(m, r, [], state=state))
+      continue
+    log(f'{"[" + m.name + "] " if m.name != "base" else ""}Already trained to step '
+        f'{r["checkpoint_step"]}; results from {m.files.results}: '
+        + ('diverged' if r.get('diverged_at_step') is not None else
+           f'test_accuracy {r["test_accuracy"]:.4f}, test_loss {r["test_loss"]:.4f}'))
+    diverged = r.get('diverged_at_step') is not None
+    outcomes.append(Outcome(
+        m, r, metrics_lib.read_history(m.files),
+        None if diverged else evaluator.logits(state, splits.val['image']),
+        None if diverged else evaluator.logits(state, splits.test['image']), state))
+  return outcomes
+
+
+def _train(members, group, states, step, last_step, num_epochs, spe, train_seconds, splits,
+           mesh, choices, stop, checkpoints, active, finished, writes, prefix,
+           collective, logits) -> list[Outcome]:
+  cfg = members[0].config
+  K = len(members)
+  evaluator = inference.Evaluator.for_config(cfg, mesh, choices)
+  writers = [metrics_lib.MetricWriter(m.files, after_step=step, enabled=writes)
+             for m in members]
+  inputs = group.make_inputs(cfg.batch_size, cfg.chunk_steps)
+  carry = group.carry(states)
+  sums = group.empty_sums()
+  compile_start = time.perf_counter()
+  compiled = set()
+  for i, (feed, numbers) in enumerate(inputs):
+    if id(feed) not in compiled:
+      feed.compile(carry if group.vmapped else carry[i], sums if group.vmapped else sums[i],
+                   numbers)
+      compiled.add(id(feed))
+  compile_seconds = time.perf_counter() - compile_start
+  log(f'Compiled the train step in {compile_seconds:.1f}s on {parallel.data_size(mesh)} '
+      f'{jax.default_backend()} device(s), {choices.line()}'
+      + (f'; {K} members, {choices.execution}, {len(compiled)} program(s)' if K > 1 else ''))
+  diverged = {i: f['diverged_at_step'] for i, f in enumerate(finished) if f is not None}
+  log_every = cfg.log_every_steps
+  first_step_seconds = None
+  records = [None] * K
+
+  def save(epoch_done: bool):
+    member_states = group.states(carry)
+    for i, (m, c) in enumerate(zip(members, checkpoints)):
+      if i in diverged:
+        continue
+      meta = {'step': step, 'epoch': step / spe, 'train_seconds': train_seconds[i],
+              'resume_fields': ckpt_lib.resume_fields(m.config.to_dict()),
+              'config': m.config.to_dict()}
+      c.save(step, member_states[i], meta,
+             {'val_accuracy': records[i]['val_accuracy']} if epoch_done and records[i] else None)
+
+  def stop_now(signal_name: str):
+    for c in checkpoints:
+      c.wait()
+    log(f'Stopped by {signal_name} at step {step}; checkpoint saved; run the same command to '
+        f'resume')
+    raise Preempted(f'stopped by {signal_name} at step {step}; checkpoint saved')
+
+  while step < last_step:
+    epoch = step // spe
+    perms = group.permutation(epoch, len(splits.train['label']))
+    epoch_end = min(spe, last_step - epoch * spe)
+    progress = metrics_lib.Progress(epoch_end, f'Epoch {epoch + 1}/{num_epochs}')
+    sums = group.empty_sums()
+    logged = [None] * K  # (steps, loss sum, accuracy sum) at the last step log
+    epoch_start = time.perf_counter()
+    first = step % spe
+    runs = ([inputs[0][0].run(carry, sums, perms, first, epoch_end, inputs[0][1])]
+            if group.vmapped else
+            [feed.run(state, s, perm, first, epoch_end, numbers)
+             for (feed, numbers), state, s, perm in zip(inputs, carry, sums, perms)])
+    while True:
+      # One chunk (or, per step, `sync_every` steps) of every member, member after member.
+      results, elapsed = [], []
+      for i, run in enumerate(runs):
+        if not group.vmapped and i in diverged:
+          results.append(None)
+          elapsed.append(0.0)
+          continue
+        start = time.perf_counter()
+        got = None
+        for _ in range(inputs[i][0].sync_every):
+          latest = next(run, None)
+          if latest is None:
+            break
+          got = latest
+        if got is not None:
+          jax.block_until_ready(got[1])
+        results.append(got)
+        elapsed.append(time.perf_counter() - start)
+      if all(r is None for r in results):
+        break
+      done_in_epoch = max(r[2] for r in results if r is not None)
+      if group.vmapped:
+        carry, sums = results[0][0], results[0][1]
+        for i in range(K):
+          train_seconds[i] += elapsed[0]
+      else:
+        for i, r in enumerate(results):
+          if r is not None:
+            carry[i], sums[i] = r[0], r[1]
+            train_seconds[i] += elapsed[i]
+      step = epoch * spe + done_in_epoch
+      if first_step_seconds is None:
+        first_step_seconds = _process_age()
+      if progress.due():
+        progress.show(done_in_epoch, group.read_sums(sums)[0]['loss'])
+      if log_every and writes and (step // log_every > (step - _chunk(inputs)) // log_every
+                                   or done_in_epoch == epoch_end):
+        _log_steps(group, writers, sums, logged, step, diverged)
+      if stop.agreed(collective):
+        break
+    progress.clear()
+    train = group.read_sums(sums)
+    for i, t in enumerate(train):
+      if i in diverged or t['first_nonfinite_step'] is None:
+        continue
+      if K == 1:
+        raise NonFiniteLossError(
+            f'the training loss became non-finite at step {t["first_nonfinite_step"]}; '
+            f'nothing after the last checkpoint ({checkpoints[i].steps()[-1:] or "none"}) was '
+            f'saved; lower config.learning_rate')
+      diverged[i] = t['first_nonfinite_step']
+      _write_diverged(members[i], t['first_nonfinite_step'], checkpoints[i], writes)
+    if stop.received and step < epoch * spe + epoch_end:  # mid-epoch: no evaluation
+      save(epoch_done=False)
+      stop_now(stop.received)
+    member_states = group.states(carry)
+    epoch_seconds = time.perf_counter() - epoch_start
+    for i, m in enumerate(members):
+      if i in diverged:
+        continue
+      val = evaluator.evaluate(member_states[i], splits.val)
+      records[i] = {'epoch': epoch + 1, 'train_loss': train[i]['loss'],
+                    'train_accuracy': train[i]['accuracy'], 'val_loss': val['loss'],
+                    'val_accuracy': val['accuracy'], 'epoch_seconds': epoch_seconds}
+      log(epoch_line(prefix(m), epoch + 1, num_epochs, epoch_seconds, records[i]))
+      writers[i].write(step, records[i])
+    save(epoch_done=True)
+    if stop.agreed(collective):  # the signal came at the epoch's last step or its evaluation
+      stop_now(stop.received)
+
+  for c in checkpoints:
+    c.wait()  # a failed last save is an error before results.json points at it
+  return _finish(members, group, carry, step, spe, train_seconds, compile_seconds,
+                 first_step_seconds, evaluator, splits, writers, diverged, writes, prefix, logits)
+
+
+def _chunk(inputs) -> int:
+  return getattr(inputs[0][0], 'chunk', inputs[0][0].sync_every)
+
+
+def _log_steps(group, writers, sums, logged, step, diverged) -> None:
+  """TensorBoard's training curve: loss and accuracy over the steps since the last log, and
+  the learning rate, per member."""
+  for i, (writer, t) in enumerate(zip(writers, _raw_sums(group, sums))):
+    if i in diverged:
+      continue
+    before = logged[i] or (0, 0.0, 0.0)
+    n = t[0] - before[0]
+    if n > 0:
+      writer.scalars(step, {'train/loss': (t[1] - before[1]) / n,
+                            'train/accuracy': (t[2] - before[2]) / n,
+                            'train/learning_rate': group.learning_rate(i, step)})
+    logged[i] = t
+
+
+def _raw_sums(group, sums) -> list[tuple]:
+  host = jax.device_get(sums)
+  if not group.vmapped:
+    return [(int(s['steps']), float(s['loss']), float(s['accuracy'])) for s in host]
+  return [(int(host['steps'][i]), float(host['loss'][i]), float(host['accuracy'][i]))
+          for i in range(len(group.members))]
+
+
+def _write_diverged(member: Member, at_step: int, checkpoints, writes: bool) -> None:
+  saved = checkpoints.steps()
+  log(f'[{member.name}] the training loss became non-finite at step {at_step}: this member '
+      f'stops here (its checkpoints: {saved or "none"}); the others go on')
+  if writes:
+    workdir_lib.write_json_atomic(member.files.results, {
+        'diverged_at_step': at_step, 'checkpoint_step': saved[-1] if saved else None,
+        'overrides': member.overrides, 'config': member.config.to_dict()})
+
+
+def _finish(members, group, carry, step, spe, train_seconds, compile_seconds,
+            first_step_seconds, evaluator, splits, writers, diverged, writes, prefix,
+            logits) -> list[Outcome]:
+  outcomes = []
+  member_states = group.states(carry)
+  for i, m in enumerate(members):
+    if i in diverged:
+      outcomes.append(Outcome(m, workdir_lib.read_json(m.files.results) or {
+          'diverged_at_step': diverged[i]}, metrics_lib.read_history(m.files)))
+      writers[i].close()
+      continue
+    state = member_states[i]
+    test_logits = evaluator.logits(state, splits.test['image'])
+    val_logits = evaluator.logits(state, splits.val['image']) if logits else None
+    test = inference.classification_metrics(test_logits, splits.test['label'])
+    history = metrics_lib.read_history(m.files)
+    last = history[-1] if history else {}
+    results = {
+        'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
+        'val_accuracy': last.get('val_accuracy'), 'val_loss': last.get('val_loss'),
+        'num_params': model_lib.count_params(state.params),
+        'epochs_completed': round(step / spe, 4), 'checkpoint_step': step,
+        'train_seconds': train_seconds[i],
+        'seconds_per_epoch': train_seconds[i] / max(step / spe, 1e-9),
+        'compile_seconds': compile_seconds, 'start_to_first_step_seconds': first_step_seconds,
+        'devices': parallel.data_size(evaluator.mesh), 'backend': jax.default_backend(),
+        **({'overrides': m.overrides} if m.name != 'base' else {}),
+        'config': m.config.to_dict(),
+    }
+    log(f'{prefix(m)}Test: loss {test["loss"]:.4f} - accuracy {test["accuracy"]:.4f} '
+        f'({len(splits.test["label"])} images)')
+    if writes:
+      workdir_lib.write_json_atomic(m.files.results, results)
+    writers[i].write(step, {'test_loss': test['loss'], 'test_accuracy': test['accuracy']})
+    writers[i].close()
+    outcomes.append(Outcome(m, results, history, val_logits, test_logits, state))
+  return outcomes

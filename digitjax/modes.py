@@ -1,0 +1,228 @@
+"""The modes that put a trained workdir to use without training: eval, predict, report.
+
+Each works on a single run, on one member of a population (`member`: its index or name), or on
+what a population delivers (its selection: the best member, or the mean probabilities of
+several). Checkpoints are opened read-only. eval adds eval.json, report redraws plots/, predict
+writes only its --output. Evaluation goes through the Evaluator training used, with the
+config's eval_batch_size, so `--checkpoint=latest` reproduces results.json exactly.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+import sys
+
+import numpy as np
+
+from digitjax import configlib, data, inference, loop, metrics as metrics_lib, parallel
+from digitjax import population as population_lib
+from digitjax import workdir as workdir_lib
+from digitjax.errors import UserError
+from digitjax.metrics import log
+
+# --split value -> the Splits field and the metric prefix results.json uses for it.
+SPLITS = {'train': 'train', 'validation': 'val', 'test': 'test'}
+# report redraws what training drew at its end: the final state, which results.json describes.
+DEFAULT_CHECKPOINT = {'eval': 'best', 'predict': 'best', 'report': 'latest', 'export': 'best'}
+
+
+@dataclasses.dataclass
+class Target:
+  """What a mode uses: `members` (their mean probabilities), and where its files go."""
+  members: list[loop.Member]
+  files: workdir_lib.RunFiles
+  population: list[loop.Member] | None = None  # all members, when the target is a selection
+  results: dict | None = None                  # the population's results.json
+
+  @property
+  def what(self) -> str:
+    if self.population is None:
+      return '' if self.members[0].name == 'base' else f' of member {self.members[0].name}'
+    return (f' of the population\'s selection ({len(self.members)} of '
+            f'{len(self.population)} members)')
+
+
+def target(config, workdir: str, member: str | None = None) -> Target:
+  """The run, member or population selection that `workdir` and `member` name."""
+  members = population_lib.members_of(config, workdir)
+  if len(members) == 1 and members[0].name == 'base':
+    if member is not None:
+      raise UserError(f'--member={member}: {workdir} was trained without config.sweep, so it '
+                      f'has no members; leave --member out')
+    return Target(members, workdir_lib.RunFiles.of(workdir))
+  if member is not None:
+    chosen = [m for m in members if member in (str(m.index), m.name)]
+    if not chosen:
+      raise UserError(f'--member={member} is not a member of this population: use an index '
+                      f'0-{len(members) - 1} or a name ({", ".join(m.name for m in members[:4])}'
+                      f'{", ..." if len(members) > 4 else ""})')
+    return Target(chosen, chosen[0].files)
+  files = workdir_lib.RunFiles.of(workdir)
+  results = workdir_lib.read_json(files.results, 'results file')
+  if not results or 'selected' not in results:
+    raise UserError(f'{workdir} holds a population that has not finished training, so it has '
+                    f'no selection yet; train it to the end (the same --mode=train command), '
+                    f'or pick one member with --member=INDEX')
+  chosen = [m for m in members if m.name in results['selected']]
+  if len(chosen) != len(results['selected']):
+    raise UserError(f'{files.results} selects members ({results["selected"]}) that the config '
+                    f'does not declare; use the config the population was trained with')
+  return Target(chosen, files, members, results)
+
+
+class Restored:
+  """The members' chosen checkpoints, restored: logits of any images, member by member."""
+
+  def __init__(self, goal: Target, which: str, mode: str):
+    self.mesh = parallel.make_mesh()
+    self.states, self.steps, self.epochs, self.evaluators = [], [], [], []
+    for m in goal.members:
+      state, step, meta = inference.restore(m.config, m.files, which, mode, self.mesh)
+      self.states.append(state)
+      self.steps.append(step)
+      self.epochs.append(meta.get('epoch'))
+      self.evaluators.append(inference.Evaluator.for_config(m.config, self.mesh))
+
+  def member_logits(self, images: np.ndarray) -> list[np.ndarray]:
+    return [e.logits(s, images) for e, s in zip(self.evaluators, self.states)]
+
+  @property
+  def step(self):
+    return self.steps[0] if len(self.steps) == 1 else self.steps
+
+
+# ---------------------------------------------------------------------------------------------
+# eval
+
+
+def run_eval(config, workdir: str, checkpoint: str = 'best', split: str = 'test',
+             member: str | None = None) -> dict:
+  """Evaluates a checkpoint on a split; prints the numbers and writes eval.json."""
+  if split not in SPLITS:
+    raise UserError(f'--split={split!r} is unknown: use one of {", ".join(SPLITS)}')
+  goal = target(config, workdir, member)
+  restored = Restored(goal, checkpoint, 'eval')
+  prefix = SPLITS[split]
+  examples = getattr(data.load_splits(goal.members[0].config), prefix)
+  if not len(examples['label']):
+    raise UserError(f'the {split} split is empty (config.validation_fraction='
+                    f'{config.validation_fraction}); evaluate another --split')
+  member_logits = restored.member_logits(examples['image'])
+  logits = inference.combine_logits(member_logits)
+  metrics = inference.classification_metrics(logits, examples['label'])
+  per_member = [inference.classification_metrics(l, examples['label']) for l in member_logits]
+  per_class = inference.per_class_accuracy(logits, examples['label'],
+                                           goal.members[0].config.model.num_classes)
+  result = {'split': split, 'checkpoint': checkpoint, 'checkpoint_step': restored.step,
+            'epoch': restored.epochs[0] if len(restored.epochs) == 1 else None,
+            **({'members': [m.name for m in goal.members]} if goal.population else {}),
+            f'{prefix}_accuracy': metrics['accuracy'], f'{prefix}_loss': metrics['loss'],
+            f'{prefix}_examples': len(examples['label']),
+            f'{prefix}_per_class_accuracy': per_class,
+            **inference.member_summary(prefix, per_member)}
+  log(f'Checkpoint step {restored.step} ({checkpoint}){goal.what}: {prefix}_accuracy '
+      f'{metrics["accuracy"]:.4f} - {prefix}_loss {metrics["loss"]:.4f} '
+      f'({len(examples["label"])} images)' + inference.describe(prefix, result))
+  log('Per-class accuracy: ' + ' | '.join(
+      f'{c} {"-" if a is None else f"{a:.4f}"}' for c, a in per_class.items()))
+  if parallel.is_main_process():
+    path = goal.files.path(workdir_lib.EVAL)
+    workdir_lib.write_json_atomic(path, result)
+    log(f'Wrote {path}')
+  return result
+
+
+# ---------------------------------------------------------------------------------------------
+# predict
+
+
+def _csv_text(names: list[str], probabilities: np.ndarray) -> str:
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator='\n')  # quotes any path holding a comma
+  writer.writerow(['path', 'prediction', 'confidence'])
+  for name, p in zip(names, probabilities):
+    writer.writerow([name, int(p.argmax()), f'{p.max():.4f}'])
+  return buffer.getvalue()
+
+
+def _write_text(text: str, output: str | None) -> None:
+  if not output:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return
+  try:
+    with open(output, 'w') as f:
+      f.write(text)
+  except OSError as e:
+    raise UserError(f'--output={output}: cannot write ({e.strerror})') from e
+
+
+def run_predict(config, workdir: str, inputs: list[str], output: str | None = None,
+                checkpoint: str = 'best', member: str | None = None) -> int:
+  """Classifies image files, folders of them and arrays; returns the exit status.
+
+  The CSV goes to stdout or `output`; each unreadable input is one `PATH: error: reason` line on
+  stderr and makes the status 1, while the other inputs are still classified.
+  """
+  from digitjax import images  # Pillow is needed only here
+  if not inputs:
+    raise UserError('--mode=predict needs --inputs=PATH[,PATH...] (image files, folders, '
+                    '.npy/.npz arrays)')
+  goal = target(config, workdir, member)
+  restored = Restored(goal, checkpoint, 'predict')
+  read = images.read_inputs(inputs)
+  probabilities = np.zeros((0, goal.members[0].config.model.num_classes))
+  if len(read.images):
+    # An ensemble's confidence is its mean softmax probability: combine_logits is its log.
+    probabilities = inference.probabilities(inference.combine_logits(
+        restored.member_logits(read.images[..., None])))
+  if parallel.is_main_process():  # every process computes, one speaks
+    for path, reason in read.errors:
+      print(f'{path}: error: {reason}', file=sys.stderr, flush=True)
+    _write_text(_csv_text(read.names, probabilities), output)
+  return 1 if read.errors else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def run_report(config, workdir: str, checkpoint: str = 'latest',
+               member: str | None = None) -> list[str]:
+  """Redraws the pictures from checkpoints and metrics.jsonl, without training."""
+  goal = target(config, workdir, member)
+  restored = Restored(goal, checkpoint, 'report')
+  splits = data.load_splits(goal.members[0].config)
+  test_logits = inference.combine_logits(restored.member_logits(splits.test['image']))
+  if not parallel.is_main_process():  # all processes evaluate; process 0 draws, as in training
+    return []
+  from digitjax import report  # matplotlib is imported only when pictures are drawn
+  histories = [metrics_lib.read_history(m.files) for m in goal.members]
+  paths = report.draw_all(goal.files.plots, splits, test_logits, histories[0])
+  if goal.population is not None:
+    paths += report.draw_population(
+        goal.files.plots, goal.results, [metrics_lib.read_history(m.files)
+                                         for m in goal.population],
+        population_lib.swept_fields(config))
+  log(f'Drew {len(paths)} pictures of checkpoint step {restored.step} ({checkpoint})'
+      f'{goal.what} into {goal.files.plots}: {", ".join(os.path.basename(p) for p in paths)}')
+  return paths
+
+
+def run(mode: str, config, workdir: str, checkpoint: str | None = None, split: str = 'test',
+        inputs: list[str] | None = None, output: str | None = None,
+        member: str | None = None) -> int:
+  """Runs one of the modes other than train; returns the process's exit status."""
+  configlib.validate(config)
+  checkpoint = checkpoint or DEFAULT_CHECKPOINT[mode]
+  if mode == 'eval':
+    run_eval(config, workdir, checkpoint, split, member)
+    return 0
+  if mode == 'predict':
+    return run_predict(config, workdir, inputs, output, checkpoint, member)
+  if mode == 'report':
+    run_report(config, workdir, checkpoint, member)
+    return 0
+  raise UserError(f'--mode={mode!r} is unknown: use train, eval, predict, report or export')

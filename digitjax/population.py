@@ -1,0 +1,506 @@
+"""Experiments as populations: members (the base config plus overrides), trained in groups,
+compared side by side, and one delivered model chosen on validation.
+
+config.sweep declares the members (configs/default.py documents the syntax):
+- `grid`: 'field=v1,v2,...; field=v1,...' -> every combination, in the order written;
+- `members`: override sets, each 'field=value; field=value' ('' = the config as it is);
+  with a grid, each set is combined with every grid point;
+- `select`: what the population delivers: 'best' (by validation accuracy), 'ensemble' (the mean
+  probabilities of all members) or 'top<k>' (of the k best by validation accuracy).
+Members share the data and its validation holdout (that of the base config's seed). A config
+without a sweep is a population of one: its run is exactly a single run, in the workdir itself.
+
+Members that differ only in numbers (configlib.MEMBER_NUMERIC_FIELDS: seed, learning rate,
+momentum, weight decay, warmup, augmentation ranges, dropout rate) form one group, trained
+side by side by loop.train_group ('map' or 'vmap', configlib.resolve); members that differ in
+structure (widths, BatchNorm, batch size, epochs, schedule kind...) form groups trained one
+after another. With several processes, members are dealt out to them (member i to process
+i mod P), each process training its own on its own devices: no communication between them
+until the end, when process 0 combines the results.
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import logging
+import os
+import re
+import time
+
+import jax
+import numpy as np
+
+from digitjax import configlib, data, inference, loop, metrics as metrics_lib, parallel
+from digitjax import workdir as workdir_lib
+from digitjax.errors import UserError
+from digitjax.metrics import log
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep's syntax
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+  """`text` split at each `sep` outside brackets and quotes."""
+  parts, depth, quote, current = [], 0, None, []
+  for ch in text:
+    if quote:
+      quote = None if ch == quote else quote
+    elif ch in '\'"':
+      quote = ch
+    elif ch in '([{':
+      depth += 1
+    elif ch in ')]}':
+      depth -= 1
+    elif ch == sep and depth == 0:
+      parts.append(''.join(current))
+      current = []
+      continue
+    current.append(ch)
+  parts.append(''.join(current))
+  return parts
+
+
+def _literal(text: str):
+  """A Python literal (0.01, True, (32, 64, 64), 'cosine'), or a bare word as a string."""
+  text = text.strip()
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_overrides(text: str, where: str) -> dict:
+  """'a=1; b.c=(1, 2)' -> {'a': 1, 'b.c': (1, 2)}."""
+  overrides = {}
+  for item in filter(str.strip, _split_top(text, ';')):
+    key, sep, value = item.partition('=')
+    key = key.strip()
+    if not sep or not key or not value.strip():
+      raise UserError(f"{where}: {item.strip()!r} is not field=value (e.g. "
+                      f"'model.batch_norm=True'; several separated by ';')")
+    if key in overrides:
+      raise UserError(f'{where}: {key} is set twice')
+    overrides[key] = _literal(value)
+  return overrides
+
+
+def parse_grid(text: str) -> list[tuple[str, list]]:
+  """'learning_rate=0.01,0.1; seed=0,1' -> [('learning_rate', [0.01, 0.1]), ('seed', [0, 1])]."""
+  axes = []
+  for item in filter(str.strip, _split_top(text, ';')):
+    key, sep, values = item.partition('=')
+    key = key.strip()
+    values = [v for v in _split_top(values, ',') if v.strip()]
+    if not sep or not key or not values:
+      raise UserError(f"config.sweep.grid: {item.strip()!r} is not field=v1,v2,... (e.g. "
+                      f"'learning_rate=0.003,0.01,0.03,0.1; seed=0,1,2')")
+    if key in (k for k, _ in axes):
+      raise UserError(f'config.sweep.grid: {key} is swept twice')
+    values = [_literal(v) for v in values]
+    if len({json.dumps(v, default=str) for v in values}) < len(values):
+      raise UserError(f'config.sweep.grid: {key} lists a value twice ({values})')
+    axes.append((key, values))
+  return axes
+
+
+def format_value(value) -> str:
+  if isinstance(value, (tuple, list)):
+    return '(' + ','.join(format_value(v) for v in value) + ')'
+  return str(value)
+
+
+def member_name(overrides: dict) -> str:
+  return ','.join(f'{k}={format_value(v)}' for k, v in overrides.items()) or 'base'
+
+
+SELECT_RE = re.compile(r'^(best|ensemble|top([1-9][0-9]*))$')
+
+
+# ---------------------------------------------------------------------------------------------
+# Members
+
+
+def members_of(config, workdir: str) -> list[loop.Member]:
+  """The members `config` declares, each validated; a UserError names the first bad one."""
+  configlib.validate(config)
+  select = config.sweep.select
+  if not SELECT_RE.match(select):
+    raise UserError(f"config.sweep.select={select!r} is invalid: it must be 'best', "
+                    f"'ensemble' or 'top<k>' (e.g. 'top3')")
+  if isinstance(config.sweep.members, str) or not all(
+      isinstance(m, str) for m in config.sweep.members):
+    raise UserError(f'config.sweep.members={config.sweep.members!r} is invalid: it must be a '
+                    f"tuple of override strings, e.g. ('', 'model.batch_norm=True')")
+  sets = [parse_overrides(text, f'config.sweep.members[{i}]')
+          for i, text in enumerate(config.sweep.members)] or [{}]
+  grid = parse_grid(config.sweep.grid)
+  combos = list(itertools.product(*[[(k, v) for v in values] for k, values in grid]))
+  overrides = []
+  for chosen in sets:
+    for combo in combos:
+      both = set(chosen) & {k for k, _ in combo}
+      if both:
+        raise UserError(f'config.sweep: {sorted(both)[0]} is set both by config.sweep.members '
+                        f'and by config.sweep.grid; set it in one of them')
+      overrides.append({**chosen, **dict(combo)})
+  if len(overrides) == 1 and not overrides[0]:
+    return [loop.Member(0, 'base', {}, config, workdir_lib.RunFiles.of(workdir))]
+  base_split_seed = configlib.split_seed(config)
+  members, seen = [], {}
+  for i, chosen in enumerate(overrides):
+    name = member_name(chosen)
+    where = f'config.sweep member {i} ({name})'
+    member = config.copy_and_resolve_references()
+    member.sweep.grid, member.sweep.members = '', ()
+    for key, value in chosen.items():
+      if configlib.matches(key, configlib.SHARED_FIELDS):
+        raise UserError(f'{where}: {key} is shared by every member (they are compared and '
+                        f'combined on the same data); set it for the whole population')
+      try:
+        configlib.set_field(member, key, value)
+      except UserError as e:
+        raise UserError(f'{where}: {e}') from None
+    member.data.split_seed = base_split_seed  # members share the base config's holdout
+    try:
+      configlib.validate(member)
+    except UserError as e:
+      raise UserError(f'{where}: {e}') from None
+    key = json.dumps(member.to_dict(), sort_keys=True, default=str)
+    if key in seen:
+      raise UserError(f'{where} is the same config as member {seen[key]}; remove one of them')
+    seen[key] = i
+    members.append(loop.Member(i, name, chosen, member,
+                               workdir_lib.member_files(workdir, i, name)))
+  _check_select(config, len(members))
+  return members
+
+
+def _check_select(config, size: int) -> None:
+  top = SELECT_RE.match(config.sweep.select).group(2)
+  if top and int(top) > size:
+    raise UserError(f'config.sweep.select={config.sweep.select!r} asks for more members than '
+                    f'the population has ({size})')
+  if size > 1 and config.sweep.select != 'ensemble' and config.validation_fraction == 0:
+    raise UserError(f"config.sweep.select={config.sweep.select!r} chooses by validation "
+                    f"accuracy, and config.validation_fraction=0 leaves no validation split; "
+                    f"hold some out, or use select='ensemble'")
+
+
+def group_key(config) -> str:
+  """What members of one group share: everything but the per-member numbers (and of those,
+  whether weight decay and a constant schedule's warmup are there at all: they change the
+  optimizer state's tree)."""
+  fields = config.to_dict()
+  for name in configlib.MEMBER_NUMERIC_FIELDS:
+    *parents, leaf = name.split('.')
+    target = fields
+    for p in parents:
+      target = target[p]
+    target.pop(leaf)
+  fields['_weight_decay'] = config.weight_decay > 0
+  fields['_warmup'] = config.warmup_epochs > 0
+  for name in ('checkpoint_keep', 'log_every_steps'):
+    fields.pop(name)
+  return json.dumps(fields, sort_keys=True, default=str)
+
+
+def groups_of(members: list[loop.Member]) -> list[list[loop.Member]]:
+  """Members that can share a program, in the order of their first member."""
+  groups: dict[str, list] = {}
+  for m in members:
+    groups.setdefault(group_key(m.config), []).append(m)
+  return list(groups.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def train(config, workdir: str) -> dict:
+  """Trains the population `config` declares in `workdir` (a single run without a sweep),
+  resuming whatever was started; returns what results.json holds: for a population, the
+  delivered model's figures and one record per member under 'members'
+  (`pandas.DataFrame(results['members'])` tabulates them).
+  """
+  members = members_of(config, workdir)  # every member is checked before any work
+  with workdir_lib.claim(workdir, exclusive=parallel.is_main_process()):
+    return _train(config, workdir, members)
+
+
+def _train(config, workdir, members) -> dict:
+  parallel.check_cpu_layout(config.distributed.allow_several_cpu_devices)
+  single = len(members) == 1 and members[0].name == 'base'
+  files = workdir_lib.RunFiles.of(workdir)
+  if not single:
+    _check_same_members(workdir, members)
+    done = _finished_population(files, config, members)
+    if done is not None:
+      return done
+  splits = data.load_splits(config)
+  _check_sizes(config, members, splits)
+  processes = jax.process_count()
+  shard = processes > 1 and not single
+  mine = [m for m in members if not shard or m.index % processes == jax.process_index()]
+  batch_sizes = {m.config.batch_size for m in members}
+  n_train = len(splits.train['label'])
+  log(f'{config.dataset}: {n_train} train, {len(splits.val["label"])} validation, '
+      f'{len(splits.test["label"])} test examples'
+      + (f'; {n_train // config.batch_size} steps of {config.batch_size} per epoch'
+         if len(batch_sizes) == 1 else ''))
+  if shard:
+    log(f'{len(members)} members over {processes} processes: each trains its own')
+  if not single and parallel.is_main_process():
+    workdir_lib.write_json_atomic(files.config, _config_record(config, members))
+  outcomes = []
+  start = time.perf_counter()
+  with loop.StopSignals() as stop:
+    groups = groups_of(mine)
+    for g, group in enumerate(groups):
+      if not single:
+        log(f'Group {g + 1}/{len(groups)}: {len(group)} member(s): '
+            f'{", ".join(m.name for m in group)}')
+      outcomes += _train_group(group, splits, stop, shard, single)
+  seconds = time.perf_counter() - start
+  if single:
+    outcome = outcomes[0]
+    if config.plots and parallel.is_main_process() and outcome.test_logits is not None:
+      from digitjax import report  # matplotlib is imported only when pictures are drawn
+      report.draw_all(files.plots, splits, outcome.test_logits,
+                      metrics_lib.read_history(files))
+    return outcome.results
+  if shard:
+    outcomes = _gather(outcomes, members, splits)
+    if not parallel.is_main_process():
+      return {}
+  return summarize(config, workdir, outcomes, splits, seconds)
+
+
+def _train_group(group, splits, stop, shard: bool, single: bool) -> list[loop.Outcome]:
+  from digitjax import model as model_lib
+  cfg = group[0].config
+  mesh = parallel.make_mesh(local=shard)
+  parallel.check_divisible('batch_size', cfg.batch_size, mesh)
+  choices = configlib.resolve(cfg, data_devices=parallel.data_size(mesh),
+                              group_size=len(group))
+  if choices.execution == 'vmap' and len(group) > 1:
+    mesh = parallel.make_mesh(local=shard, members=_member_axis(len(group), mesh))
+    parallel.check_divisible('batch_size', cfg.batch_size, mesh)
+  log(model_lib.summary_table(model_lib.build_model(cfg.model)))
+  if not single:
+    for m in group:
+      if shard or parallel.is_main_process():
+        os.makedirs(m.files.dir, exist_ok=True)
+        workdir_lib.write_json_atomic(m.files.config, _config_record(m.config, [m]))
+  return loop.train_group(group, splits, mesh, choices, stop,
+                          process=jax.process_index() if shard else None,
+                          collective=not shard, logits=not single)
+
+
+def _member_axis(group_size: int, mesh) -> int:
+  """Devices along 'members' for a vmapped group: as many as divide both."""
+  import math
+  return math.gcd(group_size, mesh.devices.size)
+
+
+def _check_sizes(config, members, splits) -> None:
+  n_train = len(splits.train['label'])
+  for m in members:
+    spe = n_train // m.config.batch_size
+    where = '' if m.name == 'base' else f'config.sweep member {m.index} ({m.name}): '
+    if spe == 0:
+      raise UserError(f'{where}batch_size={m.config.batch_size} exceeds the {n_train} '
+                      f'training examples; lower config.batch_size')
+    if configlib.total_steps(m.config.num_epochs, spe) < 1:
+      raise UserError(f'{where}num_epochs={m.config.num_epochs} is less than one step of '
+                      f'{m.config.batch_size} examples ({spe} steps per epoch); raise '
+                      f'config.num_epochs')
+
+
+def _config_record(config, members) -> dict:
+  return {'config': config.to_dict(),
+          'members': [{'index': m.index, 'name': m.name, 'overrides': m.overrides}
+                      for m in members]}
+
+
+def _check_same_members(workdir: str, members) -> None:
+  """A workdir that holds another population is an error, never a mix of two."""
+  for m in members:
+    record = workdir_lib.read_json(m.files.config, 'member config')
+    if record is None:
+      continue
+    saved = record.get('members', [{}])[0].get('overrides')
+    if saved is not None and json.dumps(saved, sort_keys=True, default=str) != json.dumps(
+        {k: list(v) if isinstance(v, tuple) else v for k, v in m.overrides.items()},
+        sort_keys=True, default=str):
+      raise UserError(f'{m.files.dir} holds member {member_name(saved)}, but this population\'s '
+                      f'member {m.index} is {m.name}: --workdir={workdir} belongs to another '
+                      f'population; use a new --workdir')
+
+
+def _finished_population(files, config, members) -> dict | None:
+  results = workdir_lib.read_json(files.results, 'results file')
+  if not results or 'members' not in results:
+    return None
+  steps = {}
+  for m in members:
+    r = workdir_lib.read_json(m.files.results, 'results file')
+    if r is None:
+      return None
+    steps[m.name] = r.get('checkpoint_step')
+  recorded = {r['name']: r.get('checkpoint_step') for r in results['members']}
+  if recorded != steps or results.get('config', {}).get('sweep') != config.sweep.to_dict():
+    return None
+  log(f'Population of {len(members)} members already trained; results from {files.results}:')
+  log(table(results))
+  return results
+
+
+def _gather(outcomes, members, splits) -> list[loop.Outcome]:
+  """Every member's outcome on every process: results from the shared workdir, logits by one
+  all-gather (the only communication between the processes of a sharded population)."""
+  from jax.experimental import multihost_utils
+  parallel.barrier('digitjax:population-trained')
+  per = -(-len(members) // jax.process_count())
+  shape = lambda split: (per, len(split['label']), members[0].config.model.num_classes)
+  gathered = {}
+  for name, split in (('val', splits.val), ('test', splits.test)):
+    mine = np.zeros(shape(split), np.float32)
+    for k, o in enumerate(outcomes):
+      logits = getattr(o, f'{name}_logits')
+      if logits is not None and logits.size:
+        mine[k] = logits
+    gathered[name] = np.asarray(multihost_utils.process_allgather(mine))  # (P, per, N, C)
+  result = []
+  for m in members:
+    p, k = m.index % jax.process_count(), m.index // jax.process_count()
+    r = workdir_lib.read_json(m.files.results, 'results file') or {}
+    diverged = r.get('diverged_at_step') is not None
+    result.append(loop.Outcome(m, r, metrics_lib.read_history(m.files),
+                               None if diverged else gathered['val'][p, k],
+                               None if diverged else gathered['test'][p, k]))
+  return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection and results
+
+
+def select(outcomes: list[loop.Outcome], how: str) -> list[int]:
+  """Indices of the members the population delivers, chosen on validation accuracy only."""
+  valid = [i for i, o in enumerate(outcomes) if o.test_logits is not None]
+  if not valid:
+    raise UserError('every member of the population diverged (non-finite loss); lower '
+                    'config.learning_rate')
+  if how == 'ensemble':
+    return valid
+  score = lambda i: outcomes[i].results.get('val_accuracy')
+  ranked = sorted(valid, key=lambda i: (-(score(i) if score(i) is not None else -1), i))
+  top = SELECT_RE.match(how).group(2)
+  return ranked[:int(top) if top else 1]
+
+
+def _member_record(o: loop.Outcome, selected: bool) -> dict:
+  r, m = o.results, o.member
+  best = max((h['val_accuracy'] for h in o.history
+              if isinstance(h.get('val_accuracy'), float)), default=None)
+  return {'index': m.index, 'name': m.name, 'overrides': m.overrides,
+          'dir': os.path.relpath(m.files.dir, os.path.dirname(os.path.dirname(m.files.dir))),
+          'best_val_accuracy': best, 'val_accuracy': r.get('val_accuracy'),
+          'val_loss': r.get('val_loss'), 'test_accuracy': r.get('test_accuracy'),
+          'test_loss': r.get('test_loss'), 'train_seconds': r.get('train_seconds'),
+          'checkpoint_step': r.get('checkpoint_step'),
+          'diverged_at_step': r.get('diverged_at_step'), 'selected': selected}
+
+
+def summarize(config, workdir: str, outcomes: list[loop.Outcome], splits,
+              train_seconds: float | None = None) -> dict:
+  """The population's results.json, population.csv, console table and pictures."""
+  chosen = select(outcomes, config.sweep.select)
+  val = inference.classification_metrics(
+      inference.combine_logits([outcomes[i].val_logits for i in chosen]), splits.val['label'])
+  test_logits = inference.combine_logits([outcomes[i].test_logits for i in chosen])
+  test = inference.classification_metrics(test_logits, splits.test['label'])
+  ok = [o for o in outcomes if o.test_logits is not None]
+  member_metrics = lambda split: [{'accuracy': o.results[f'{split}_accuracy'],
+                                   'loss': o.results[f'{split}_loss']} for o in ok]
+  results = {
+      'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
+      'val_accuracy': val['accuracy'], 'val_loss': val['loss'],
+      'select': config.sweep.select, 'selected': [outcomes[i].member.name for i in chosen],
+      **inference.member_summary('test', member_metrics('test')),
+      **inference.member_summary('val', member_metrics('val')),
+      'train_seconds': train_seconds if train_seconds is not None else sum(
+          o.results.get('train_seconds') or 0.0 for o in outcomes),
+      'members': [_member_record(o, i in chosen) for i, o in enumerate(outcomes)],
+      'devices': jax.device_count(), 'processes': jax.process_count(),
+      'backend': jax.default_backend(), 'config': config.to_dict(),
+  }
+  log(f'Population of {len(outcomes)} members, select={config.sweep.select} '
+      f'({", ".join(results["selected"])}): test loss {test["loss"]:.4f} - accuracy '
+      f'{test["accuracy"]:.4f}')
+  log(table(results))
+  if parallel.is_main_process():
+    files = workdir_lib.RunFiles.of(workdir)
+    workdir_lib.write_json_atomic(files.results, results)
+    write_csv(files.path(workdir_lib.POPULATION_CSV), results, swept_fields(config))
+    if config.plots:
+      from digitjax import report  # matplotlib is imported only when pictures are drawn
+      report.draw_population(files.plots, results, [o.history for o in outcomes],
+                             swept_fields(config))
+      report.draw_all(files.plots, splits, test_logits, _curves_of(outcomes, chosen))
+  return results
+
+
+def _curves_of(outcomes, chosen) -> list[dict]:
+  """The learning curves drawn in curves.png: the delivered member's (the first chosen)."""
+  return outcomes[chosen[0]].history
+
+
+def swept_fields(config) -> list[str]:
+  """The fields the population varies, in the order they are declared."""
+  fields = []
+  for text in config.sweep.members:
+    fields += [k for k in parse_overrides(text, 'config.sweep.members') if k not in fields]
+  fields += [k for k, _ in parse_grid(config.sweep.grid) if k not in fields]
+  return fields
+
+
+def write_csv(path: str, results: dict, fields: list[str]) -> None:
+  columns = (['index', 'name'] + fields + [
+      'best_val_accuracy', 'val_accuracy', 'val_loss', 'test_accuracy', 'test_loss',
+      'train_seconds', 'checkpoint_step', 'diverged_at_step', 'selected'])
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator='\n')
+  writer.writerow(columns)
+  for m in results['members']:
+    row = {**m, **{f: format_value(m['overrides'].get(f, '')) for f in fields}}
+    writer.writerow(['' if row.get(c) is None else row.get(c) for c in columns])
+  tmp = f'{path}.{os.getpid()}.tmp'
+  with open(tmp, 'w') as f:
+    f.write(buffer.getvalue())
+  os.replace(tmp, path)
+
+
+def table(results: dict) -> str:
+  """The members as a table, best validation accuracy first."""
+  fmt = lambda x: '-' if x is None else f'{x:.4f}'
+  rows = sorted(results['members'], key=lambda m: (-(m['val_accuracy'] or -1), m['index']))
+  width = max(12, *(len(m['name']) for m in rows)) + 2
+  lines = [f'{"member":<{width}}{"val_acc":>9}{"best_val":>10}{"val_loss":>10}{"test_acc":>10}'
+           f'{"test_loss":>11}{"train_s":>9}']
+  for m in rows:
+    mark = ' *' if m['selected'] else ''
+    note = f'  diverged at step {m["diverged_at_step"]}' if m['diverged_at_step'] else ''
+    seconds = '-' if m['train_seconds'] is None else f'{m["train_seconds"]:.1f}'
+    lines.append(f'{m["name"]:<{width}}{fmt(m["val_accuracy"]):>9}'
+                 f'{fmt(m["best_val_accuracy"]):>10}{fmt(m["val_loss"]):>10}'
+                 f'{fmt(m["test_accuracy"]):>10}{fmt(m["test_loss"]):>11}{seconds:>9}'
+                 f'{mark}{note}')
+  lines.append(f'(* delivered: select={results["select"]}; test_accuracy '
+               f'{results["test_accuracy"]:.4f}, test_loss {results["test_loss"]:.4f})')
+  return '\n'.join(lines)
