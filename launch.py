@@ -41,9 +41,10 @@ def main(argv):
   if not FLAGS['verbosity'].present:  # orbax and tfds are chatty at INFO; -v 0 brings it back
     absl_logging.set_verbosity(absl_logging.WARNING)
   import jax
-  if FLAGS.config.compilation_cache_dir:  # later runs load compiled steps instead of compiling
-    jax.config.update('jax_compilation_cache_dir',
-                      os.path.expanduser(FLAGS.config.compilation_cache_dir))
+  from digitjax import configlib
+  cache = configlib.compilation_cache_dir(FLAGS.config)
+  if cache:  # later runs load compiled steps instead of compiling
+    jax.config.update('jax_compilation_cache_dir', cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
   from digitjax import parallel
   parallel.initialize_distributed(FLAGS.config.distributed)  # before anything touches devices

@@ -81,7 +81,8 @@ def get_config():
   config.chunk_steps = 100             # steps per compiled scan call with the 'device' input
   config.grad_chunks = 0               # gradient summed over this many sub-batches, run in
   #                                      parallel; 0 = auto (2 on one CPU device, else 1)
-  config.compilation_cache_dir = '~/.cache/digitjax/jax'  # JAX's persistent cache ('' = off)
+  config.compilation_cache_dir = 'auto'  # JAX's persistent cache: 'auto' = $XDG_CACHE_HOME
+  #                                        (default ~/.cache)/digitjax/jax; '' = off
 
   # Many hosts (see README "Running on many devices and hosts")
   config.distributed = ml_collections.ConfigDict()

@@ -211,10 +211,16 @@ class Checkpoints:
         policies.LatestN(n=keep),
         policies.BestN(get_metric_fn=val_accuracy, n=1, keep_checkpoints_without_metrics=False),
     ])
+    by_one = _process_options(process, self.directory)
+    # Orbax writes only global arrays in a multi-process run: a member that one process trains
+    # alone, on its own devices, is saved as host arrays and put back on the devices restored.
+    self.host_arrays = bool(by_one)
+    if by_one and not read_only:  # orbax leaves creating it to a manager of one process
+      os.makedirs(self.directory, exist_ok=True)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, best_fn=val_accuracy, best_mode='max',
-        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
-        **_process_options(process, self.directory))
+        create=not read_only and not by_one, read_only=read_only,
+        cleanup_tmp_directories=not read_only, **by_one)
     try:
       self.manager = ocp.CheckpointManager(self.directory, options=options,
                                            item_names=('state', 'meta'))
@@ -260,6 +266,8 @@ class Checkpoints:
   def save(self, step: int, state, meta: dict, metrics: dict | None = None) -> None:
     """Starts saving `state` at `step` in the background; errors surface here or in `wait`."""
     meta = {**meta, 'arrays_sha256': state_digest(state)}
+    if self.host_arrays:
+      state = jax.device_get(state)
     metrics = {k: v for k, v in (metrics or {}).items() if np.isfinite(v)}  # NaN: nothing measured
     try:
       self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -310,9 +318,13 @@ class Checkpoints:
   def restore(self, step: int, target):
     """Restores `step` into the structure, shapes and shardings of `target`, checking its digest."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    if self.host_arrays:
+      abstract = jax.tree.map(lambda x: np.empty(x.shape, x.dtype), abstract)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     state, meta = restored['state'], restored['meta']
+    if self.host_arrays:
+      state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, target))
     if meta.get('arrays_sha256') not in (None, state_digest(state)):
       raise DamagedCheckpoint('its arrays differ from the ones saved (SHA-256 mismatch)')
     return state, meta

@@ -205,6 +205,15 @@ def total_steps(num_epochs: float, steps_per_epoch: int) -> int:
   return int(round(num_epochs * steps_per_epoch))
 
 
+def compilation_cache_dir(config) -> str:
+  """JAX's persistent cache: 'auto' = $XDG_CACHE_HOME/digitjax/jax (~/.cache by default)."""
+  import os
+  if config.compilation_cache_dir != 'auto':
+    return os.path.expanduser(config.compilation_cache_dir)
+  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(root, 'digitjax', 'jax')
+
+
 def split_seed(config) -> int:
   """Seed of the validation holdout: data.split_seed, or `seed` when it is -1 (the default)."""
   return config.seed if config.data.split_seed < 0 else config.data.split_seed

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -110,6 +111,19 @@ def _process_age() -> float | None:
     return time.time() - psutil.Process().create_time()
   except Exception:
     return None
+
+
+def _test_pause(step: int, stop: StopSignals) -> None:
+  """Test-only: with DIGITJAX_TEST_PAUSE_AT_STEP=N in the environment, the run holds at the
+  first chunk boundary at or past step N, says so on stderr, and waits there for a signal
+  (tests/test_reliability.py kills or stops it at a known point, not after a sleep)."""
+  at = os.environ.get('DIGITJAX_TEST_PAUSE_AT_STEP')
+  if at is None or step < int(at) or getattr(stop, 'paused', False):
+    return
+  stop.paused = True
+  print(f'digitjax-test: paused at step {step}', file=sys.stderr, flush=True)
+  while stop.received is None:
+    time.sleep(0.02)
 
 
 def epoch_line(prefix: str, epoch: int, num_epochs: int, seconds: float, record: dict) -> str:
@@ -475,6 +489,7 @@ def _train(members, group, states, step, last_step, num_epochs, spe, train_secon
       if log_every and writes and (step // log_every > (step - _chunk(inputs)) // log_every
                                    or done_in_epoch == epoch_end):
         _log_steps(group, writers, sums, logged, step, diverged)
+      _test_pause(step, stop)
       if stop.agreed(collective):
         break
     progress.clear()

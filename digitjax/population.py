@@ -229,14 +229,19 @@ def train(config, workdir: str) -> dict:
   """
   members = members_of(config, workdir)  # every member is checked before any work
   with workdir_lib.claim(workdir, exclusive=parallel.is_main_process()):
-    return _train(config, workdir, members)
+    return workdir_lib.as_json(_train(config, workdir, members))
 
 
 def _train(config, workdir, members) -> dict:
   parallel.check_cpu_layout(config.distributed.allow_several_cpu_devices)
   single = len(members) == 1 and members[0].name == 'base'
   files = workdir_lib.RunFiles.of(workdir)
-  if not single:
+  if single:
+    record = workdir_lib.read_json(files.config, 'population config')
+    if record and len(record.get('members', [])) > 1:
+      raise UserError(f'--workdir={workdir} holds a population of {len(record["members"])} '
+                      f'members; give its config.sweep, or use a new --workdir')
+  else:
     _check_same_members(workdir, members)
     done = _finished_population(files, config, members)
     if done is not None:
@@ -329,17 +334,22 @@ def _config_record(config, members) -> dict:
 
 def _check_same_members(workdir: str, members) -> None:
   """A workdir that holds another population is an error, never a mix of two."""
-  for m in members:
-    record = workdir_lib.read_json(m.files.config, 'member config')
-    if record is None:
-      continue
-    saved = record.get('members', [{}])[0].get('overrides')
-    if saved is not None and json.dumps(saved, sort_keys=True, default=str) != json.dumps(
-        {k: list(v) if isinstance(v, tuple) else v for k, v in m.overrides.items()},
-        sort_keys=True, default=str):
-      raise UserError(f'{m.files.dir} holds member {member_name(saved)}, but this population\'s '
-                      f'member {m.index} is {m.name}: --workdir={workdir} belongs to another '
-                      f'population; use a new --workdir')
+  record = workdir_lib.read_json(workdir_lib.RunFiles.of(workdir).config, 'population config')
+  if record is None:
+    if os.path.isdir(os.path.join(workdir, workdir_lib.CHECKPOINTS)):
+      raise UserError(f'--workdir={workdir} holds a single run (trained without config.sweep); '
+                      f'train the population in a new --workdir')
+    return
+  saved = [m.get('name') for m in record.get('members', [])]
+  names = [m.name for m in members]
+  if saved != names:
+    differ = next((i for i, (a, b) in enumerate(zip(saved, names)) if a != b),
+                  min(len(saved), len(names)))
+    was = saved[differ] if differ < len(saved) else 'absent'
+    now = names[differ] if differ < len(names) else 'absent'
+    raise UserError(f'--workdir={workdir} holds another population ({len(saved)} members; '
+                    f'member {differ} was {was}, now {now}); use a new --workdir, or the '
+                    f'config it was trained with')
 
 
 def _finished_population(files, config, members) -> dict | None:
@@ -353,7 +363,8 @@ def _finished_population(files, config, members) -> dict | None:
       return None
     steps[m.name] = r.get('checkpoint_step')
   recorded = {r['name']: r.get('checkpoint_step') for r in results['members']}
-  if recorded != steps or results.get('config', {}).get('sweep') != config.sweep.to_dict():
+  if recorded != steps or results.get('config', {}).get('sweep') != workdir_lib.as_json(
+      config.sweep.to_dict()):
     return None
   log(f'Population of {len(members)} members already trained; results from {files.results}:')
   log(table(results))

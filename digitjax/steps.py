@@ -11,6 +11,7 @@ program trains them all (population.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -207,6 +208,16 @@ def init_state(spec: StepSpec, hp: Hyper, key) -> TrainState:
   if 'batch_stats' in variables:
     return BatchNormTrainState(batch_stats=variables['batch_stats'], **fields)
   return TrainState(**fields)
+
+
+def create(config, key, conv_impl: str = 'lax', pool_impl: str = 'lax', steps_per_epoch: int = 1,
+           grad_chunks: int = 1) -> tuple[TrainState, StepSpec, Hyper]:
+  """(state, spec, hp) of `config`: a way into the pure functions for tests and notebooks,
+  e.g. `jax.jit(functools.partial(train_step, hp=hp, spec=spec))(state, batch)`."""
+  spec_ = spec(config, model_lib.build_model(config.model, conv_impl, pool_impl),
+               steps_per_epoch, grad_chunks)
+  hp = hyper(config, steps_per_epoch)
+  return jax.jit(functools.partial(init_state, spec_, hp))(key), spec_, hp
 
 
 def _images(batch):

@@ -101,9 +101,10 @@ def member_files(workdir: str, index: int, name: str) -> RunFiles:
 
 
 def safe_name(name: str) -> str:
-  """A member's name as one path component: no separators, no spaces, at most 80 characters."""
+  """A member's name as one path component: no separators, no spaces, at most 120 characters
+  (the index before it keeps cut names apart)."""
   name = re.sub(r'[^A-Za-z0-9._=,+()\-\[\]]+', '_', name).strip('_.') or 'member'
-  return name[:80]
+  return name[:120]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ def write_json_atomic(path: str, obj) -> None:
   tmp = f'{path}.{os.getpid()}.tmp'
   try:
     with open(tmp, 'w') as f:
-      json.dump(_finite_or_none(obj), f, indent=2, allow_nan=False)
+      json.dump(as_json(obj), f, indent=2, allow_nan=False)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -129,13 +130,14 @@ def write_json_atomic(path: str, obj) -> None:
     raise
 
 
-def _finite_or_none(obj):
+def as_json(obj):
+  """`obj` as JSON holds it: tuples as lists, non-finite floats as None."""
   if isinstance(obj, float) and not math.isfinite(obj):
     return None
   if isinstance(obj, dict):
-    return {k: _finite_or_none(v) for k, v in obj.items()}
+    return {k: as_json(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
-    return [_finite_or_none(v) for v in obj]
+    return [as_json(v) for v in obj]
   return obj
 
 
@@ -230,7 +232,7 @@ class JsonLines:
       os.replace(tmp, self.path)
 
   def append(self, record: dict) -> None:
-    line = json.dumps(_finite_or_none(record), allow_nan=False) + '\n'
+    line = json.dumps(as_json(record), allow_nan=False) + '\n'
     with open(self.path, 'a') as f:
       f.write(line)
 
@@ -251,8 +253,8 @@ class WorkdirNotWritable(UserError):
 
 
 def not_writable(workdir: str, e: OSError) -> WorkdirNotWritable:
-  reason = ('it is a file, not a directory' if e.errno in (errno.EEXIST, errno.ENOTDIR)
-            else e.strerror or str(e))
+  reason = {errno.EEXIST: 'it is a file, not a directory',
+            errno.ENOTDIR: 'a folder on its path is a file'}.get(e.errno, e.strerror or str(e))
   where = f' ({e.filename})' if e.filename else ''
   fix = {errno.ENOSPC: 'free space', errno.EDQUOT: 'free space or raise the quota',
          errno.EFBIG: 'free space', errno.EROFS: 'make it writable or use another --workdir',

@@ -5,7 +5,7 @@ import socket
 import numpy as np
 import pytest
 
-from conftest import MNIST_DIR, requires_mnist, write_dataset, write_idx
+from conftest import write_dataset, write_idx
 from digitjax import data
 from digitjax.errors import UserError
 
@@ -109,11 +109,10 @@ def test_missing_manual_dir_names_the_fix(tmp_path):
     data.prepare('mnist', str(tmp_path / 'tfds'), str(tmp_path / 'nope'))
 
 
-@requires_mnist
-def test_real_mnist_files_pass_the_pins_and_counts():
+def test_real_mnist_files_pass_the_pins_and_counts(mnist_dir):
   for split, n, counts in (('train', 60000, [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]),
                            ('test', 10000, [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])):
-    images, labels = data.read_idx_split(str(MNIST_DIR), split, 'mnist', verify_checksums=True)
+    images, labels = data.read_idx_split(str(mnist_dir), split, 'mnist', verify_checksums=True)
     assert images.shape == (n, 28, 28, 1)
     assert np.bincount(labels).tolist() == counts
 

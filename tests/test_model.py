@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from conftest import synthetic_digits
-from digitjax import configlib, ensemble, model as model_lib, parallel, train
+from digitjax import configlib, inference, model as model_lib, parallel, steps
 from digitjax.errors import UserError
 
 
@@ -28,10 +28,13 @@ def test_summary_table_lists_layers_and_total():
   assert table.rstrip().endswith('Total params: 159,254')
 
 
-@pytest.mark.parametrize('conv_impl,pool_impl', [('lax', 'lax'), ('im2col', 'lax'),
-                                                 ('lax', 'reshape'), ('im2col', 'reshape'),
-                                                 ('mixed', 'reshape'), ('winograd', 'lax'),
-                                                 ('lax,winograd,winograd', 'reshape')])
+FORMULATIONS = [('im2col', 'reshape'), ('mixed', 'reshape'),  # the CPU's training formulations
+                *[pytest.param(*f, marks=pytest.mark.slow) for f in (
+                    ('lax', 'lax'), ('im2col', 'lax'), ('lax', 'reshape'), ('winograd', 'lax'),
+                    ('lax,winograd,winograd', 'reshape'))]]
+
+
+@pytest.mark.parametrize('conv_impl,pool_impl', FORMULATIONS)
 @pytest.mark.parametrize('inputs', ['uniform', 'digits'])
 def test_fast_layers_match_reference_outputs_and_gradients(conv_impl, pool_impl, inputs):
   # The reference is the plain Keras-shaped network: nn.Conv, nn.max_pool, every row computed.
@@ -55,12 +58,13 @@ def test_fast_layers_match_reference_outputs_and_gradients(conv_impl, pool_impl,
     return optax.softmax_cross_entropy_with_integer_labels(m.apply({'params': p}, x), y).mean()
 
   # Same parameter names and shapes: checkpoints are interchangeable.
-  fast_params = fast.init(jax.random.key(1), jnp.zeros((1, 28, 28, 1)))['params']
+  fast_params = jax.eval_shape(fast.init, jax.random.key(1), jnp.zeros((1, 28, 28, 1)))['params']
   assert jax.tree.structure(fast_params) == jax.tree.structure(params)
-  np.testing.assert_allclose(fast.apply({'params': params}, x),
-                             reference.apply({'params': params}, x), rtol=1e-5, atol=1e-5)
-  g_ref = jax.grad(lambda p: loss(reference, p))(params)
-  g_fast = jax.grad(lambda p: loss(fast, p))(params)
+  apply = lambda m: jax.jit(lambda p: m.apply({'params': p}, x))
+  np.testing.assert_allclose(apply(fast)(params), apply(reference)(params), rtol=1e-5,
+                             atol=1e-5)
+  g_ref = jax.jit(jax.grad(lambda p: loss(reference, p)))(params)
+  g_fast = jax.jit(jax.grad(lambda p: loss(fast, p)))(params)
   for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -107,10 +111,10 @@ def test_patch_matmul_gradients_are_the_plain_products_gradients():
 
 
 def test_train_step_lowers_loss_on_a_fixed_batch(config):
-  state = train.create_train_state(config, jax.random.key(0))
+  state, spec, hp = steps.create(config, jax.random.key(0))
   images, labels = synthetic_digits(32, seed=0)
   batch = {'image': images[..., None], 'label': labels.astype(np.int32)}
-  step = jax.jit(train.train_step, donate_argnums=0)
+  step = jax.jit(functools.partial(steps.train_step, hp=hp, spec=spec), donate_argnums=0)
   state, first = step(state, batch)
   for _ in range(20):
     state, metrics = step(state, batch)
@@ -127,12 +131,7 @@ def test_mixed_conv_uses_xla_for_single_channel_input_only():
   assert jaxpr.count('concatenate') == 2
 
 
-@pytest.mark.parametrize('in_scan,expected', [(False, 'mixed'), (True, 'im2col')])
-def test_auto_conv_impl_on_cpu_depends_on_the_loop(config, in_scan, expected):
-  assert jax.default_backend() == 'cpu'
-  assert model_lib.build_model(config.model, in_scan=in_scan).conv_impl == expected
-
-
+@pytest.mark.slow
 def test_winograd_conv_matches_xla_for_odd_sizes_and_falls_back_for_others():
   # Odd output sizes (13 -> 11) pad a zero row and column; 5x5 kernels and strides go to im2col
   # or XLA. Random weights and inputs of scale 1: outputs of scale ~17.
@@ -155,40 +154,30 @@ def test_conv_impl_names_are_checked(config, conv_impl):
     configlib.validate(config)
 
 
-def test_inference_uses_xla_layers_unless_the_config_names_a_formulation(config):
-  model = model_lib.build_model(config.model, inference=True)
-  assert (model.conv_impl, model.pool_impl) == ('lax', 'lax')
-  config.model.conv_impl, config.model.pool_impl = 'im2col', 'reshape'
-  model = model_lib.build_model(config.model, inference=True)
-  assert (model.conv_impl, model.pool_impl) == ('im2col', 'reshape')
-
-
 def test_evaluator_gives_the_training_models_logits(config):
-  # The evaluator runs the inference formulation on the training state's parameters: the
-  # logits are the training model's own, single model and ensemble (member by member) alike.
+  # The evaluator runs the inference formulation (XLA's layers) on the training state's
+  # parameters: the logits are those of the training formulation (im2col, reshape pooling).
   mesh = parallel.make_mesh()
   images = synthetic_digits(70, seed=3)[0][..., None]
-  states = [train.create_train_state(config, jax.random.key(s)) for s in (0, 1)]
-  expected = np.stack([s.apply_fn({'params': s.params}, images.astype(np.float32) / 255.0)
-                       for s in states])
-  single = train.Evaluator.for_config(config, mesh).logits(states[0], images)
-  np.testing.assert_allclose(single, expected[0], rtol=1e-5, atol=1e-5)
-  config.ensemble_size = 2
-  both = train.Evaluator.for_config(config, mesh).logits(ensemble.stack(states), images)
-  assert both.shape == (2, 70, 10)
-  np.testing.assert_allclose(both, expected, rtol=1e-5, atol=1e-5)
-  assert not np.allclose(both[0], both[1])  # each member its own parameters
+  evaluator = inference.Evaluator.for_config(config, mesh)
+  for seed in (0, 1):
+    state, spec, _ = steps.create(config, jax.random.key(seed), 'im2col', 'reshape')
+    expected = spec.model.apply({'params': state.params}, images.astype(np.float32) / 255.0)
+    np.testing.assert_allclose(evaluator.logits(state, images), expected, rtol=1e-5, atol=1e-5)
+  # A split smaller than eval_batch_size is not padded up to it; a larger one is batched.
+  assert inference.Evaluator(mesh, 10**6, spec.model).logits(state, images).shape == (70, 10)
+  np.testing.assert_array_equal(inference.Evaluator(mesh, 32, spec.model).logits(state, images),
+                                inference.Evaluator(mesh, 32, spec.model).logits(state, images))
 
 
 def test_gradient_in_chunks_equals_whole_batch_gradient(config):
   # Two sub-batches whose gradients are summed: the same step as one batch, up to rounding.
-  config.model.dropout_rate = 0.0
-  state = train.create_train_state(config, jax.random.key(0))
   images, labels = synthetic_digits(32, seed=3)
   batch = {'image': images[..., None], 'label': labels.astype(np.int32)}
   results = {}
   for chunks in (1, 2, 4):
-    step = jax.jit(functools.partial(train.train_step, grad_chunks=chunks))
+    state, spec, hp = steps.create(config, jax.random.key(0), grad_chunks=chunks)
+    step = jax.jit(functools.partial(steps.train_step, hp=hp, spec=spec))
     s, m = state, None
     for _ in range(3):
       s, m = step(s, batch)
@@ -201,13 +190,3 @@ def test_gradient_in_chunks_equals_whole_batch_gradient(config):
   moved = max(float(jnp.abs(a - b).max()) for a, b in
               zip(jax.tree.leaves(results[1][0]), jax.tree.leaves(state.params)))
   assert moved > 1e-3  # the steps did change the parameters
-
-
-def test_grad_chunks_auto_and_bad_values(config):
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
-  assert train.resolve_grad_chunks(config, mesh) == 2  # one CPU device, batch 32
-  config.ensemble_size = 4
-  assert train.resolve_grad_chunks(config, mesh) == 1
-  config.ensemble_size, config.grad_chunks = 1, 3
-  with pytest.raises(UserError, match='grad_chunks=3 is invalid'):
-    configlib.validate(config)

@@ -4,7 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from conftest import synthetic_digits
-from digitjax import data, parallel, pipeline, train
+import functools
+
+from digitjax import data, parallel, pipeline, steps
 
 
 def _split(n=200):
@@ -12,7 +14,14 @@ def _split(n=200):
   return {'image': images[..., None], 'label': labels.astype(np.int32)}
 
 
-def _record_batches(state, log, batch):
+def _feeder(kind, split, batch_size, mesh, step_fn, chunk_steps):
+  if kind == 'device':
+    return pipeline.DeviceInput(pipeline.place(split, mesh), batch_size, mesh, step_fn,
+                                chunk_steps)
+  return pipeline.HostInput(split, batch_size, mesh, step_fn)
+
+
+def _record_batches(state, log, batch, numbers):
   """A probe step: writes each batch's labels and per-row pixel sums into row `log['k']`."""
   k = log['k']
   pixels = batch['image'].astype(jnp.int32).sum(axis=(1, 2, 3))
@@ -28,11 +37,11 @@ def _batches_seen(kind, split, batch_size, first_step=0, chunk_steps=4):
   log = {'k': jnp.int32(0), 'labels': jnp.zeros((steps, batch_size), jnp.int32),
          'pixels': jnp.zeros((steps, batch_size), jnp.int32)}
   state = jnp.int32(0)
-  feeder = pipeline.make_input(kind, split, batch_size, mesh, _record_batches, chunk_steps)
-  feeder.compile(state, log)
+  feeder = _feeder(kind, split, batch_size, mesh, _record_batches, chunk_steps)
+  feeder.compile(state, log, {})
   done = []
   for state, log, step in feeder.run(state, log, data.epoch_permutation(7, 2, len(split['label'])),
-                                     first_step):
+                                     first_step, steps, {}):
     done.append(step)
   log = jax.device_get(log)
   return int(state), done, log['labels'][:int(log['k'])], log['pixels'][:int(log['k'])]
@@ -64,13 +73,14 @@ def test_scan_and_per_step_paths_reach_the_same_parameters(config):
   mesh = parallel.make_mesh()
   results = {}
   for kind in ('tfds', 'device'):
-    state = train.create_train_state(config, jax.random.key(0))
-    sums = train._empty_sums()
-    feeder = pipeline.make_input(kind, split, 16, mesh, train._train_and_accumulate, 4)
-    feeder.compile(state, sums)
-    for state, sums, _ in feeder.run(state, sums, data.epoch_permutation(0, 0, 160), 0):
+    state, spec, hp = steps.create(config, jax.random.key(0))
+    sums = steps.empty_sums()
+    step_fn = lambda s, m, b, n: steps.train_and_accumulate(s, m, b, hp, spec)
+    feeder = _feeder(kind, split, 16, mesh, step_fn, 4)
+    feeder.compile(state, sums, {})
+    for state, sums, _ in feeder.run(state, sums, data.epoch_permutation(0, 0, 160), 0, 10, {}):
       pass
-    results[kind] = (state, train._read_sums(sums))
+    results[kind] = (state, steps.read_sums(sums))
   (s_host, m_host), (s_dev, m_dev) = results['tfds'], results['device']
   assert int(s_host.step) == int(s_dev.step) == 10
   for a, b in zip(jax.tree.leaves(s_host.params), jax.tree.leaves(s_dev.params)):

@@ -2,18 +2,16 @@
 import csv
 import io
 import struct
-import subprocess
-import sys
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from conftest import MNIST_DIR, ROOT, requires_mnist, small_config, write_idx
-from digitjax import data, evaluate, images, train
+import digitjax
+from conftest import ROOT, launch_args, small_config, workdir_snapshot, write_idx
+from digitjax import data, images, inference, modes
 from digitjax.errors import UserError
-from conftest import workdir_snapshot
 
 
 def _read_csv(text):
@@ -22,18 +20,22 @@ def _read_csv(text):
   return {path: (int(p), float(c)) for path, p, c in rows[1:]}
 
 
+def _eval_probabilities(config, workdir, images_Nx28x28):
+  """What eval's own program gives for arrays that are already in MNIST form."""
+  restored = modes.Restored(modes.target(config, workdir), 'best', 'predict')
+  return inference.probabilities(inference.combine_logits(
+      restored.member_logits(images_Nx28x28[..., None])))
+
+
 def _eval_predictions(config, workdir, images_Nx28x28):
-  """What eval's own program predicts for arrays that are already in MNIST form."""
-  state, _, _, mesh = evaluate.restore(config, workdir, 'best')
-  logits = train.Evaluator(mesh, config.eval_batch_size).logits(state, images_Nx28x28[..., None])
-  return logits.argmax(-1)
+  return _eval_probabilities(config, workdir, images_Nx28x28).argmax(-1)
 
 
 @pytest.fixture(scope='module')
 def synthetic_run(idx_dir, tfds_dir, tmp_path_factory):
   config = small_config(idx_dir, tfds_dir)
   workdir = str(tmp_path_factory.mktemp('predict_run'))
-  train.train_and_evaluate(config, workdir)
+  digitjax.train(config, workdir)
   return config, workdir
 
 
@@ -95,21 +97,21 @@ def test_a_blank_picture_has_no_digit():
 
 
 @pytest.fixture(scope='module')
-def mnist_run(tmp_path_factory):
+def mnist_run(mnist_dir, tmp_path_factory):
   """Two short epochs on 7,200 real MNIST digits (about 96% accurate): a model worth asking."""
   source = tmp_path_factory.mktemp('mnist_subset')
   for split, prefix, count in (('train', 'train', 8000), ('test', 't10k', 1000)):
-    x, y = data.read_idx_split(str(MNIST_DIR), split, 'mnist')
+    x, y = data.read_idx_split(str(mnist_dir), split, 'mnist')
     write_idx(source / f'{prefix}-images-idx3-ubyte.gz', x[:count, ..., 0])
     write_idx(source / f'{prefix}-labels-idx1-ubyte.gz', y[:count])
   config = small_config(source, tmp_path_factory.mktemp('tfds_mnist_subset'), batch_size=32,
                         learning_rate=0.01, num_epochs=2, eval_batch_size=500)
   workdir = str(tmp_path_factory.mktemp('mnist_run'))
-  train.train_and_evaluate(config, workdir)
+  digitjax.train(config, workdir)
   return config, workdir
 
 
-@requires_mnist
+@pytest.mark.slow
 def test_predict_agrees_with_eval_on_test_images_in_many_forms(mnist_run, tmp_path):
   config, workdir = mnist_run
   test_images, _ = data.read_idx_split(config.data.manual_dir, 'test', 'mnist', False)
@@ -131,14 +133,18 @@ def test_predict_agrees_with_eval_on_test_images_in_many_forms(mnist_run, tmp_pa
       paths[path] = (form, i)
   assert Image.open(tmp_path / 'gray16_000.png').mode.startswith('I')  # really 16 bits deep
   output = str(tmp_path / 'predictions.csv')
-  assert evaluate.run_predict(config, workdir, [str(tmp_path)], output) == 0
+  assert modes.run_predict(config, workdir, [str(tmp_path)], output) == 0
   with open(output) as f:
     predicted = _read_csv(f.read())
   assert set(predicted) == set(paths)
   for form in forms:
     agree = [predicted[p][0] == expected[i] for p, (f, i) in paths.items() if f == form]
     assert np.mean(agree) >= 0.95, (form, np.mean(agree))
-  assert all(0.1 <= c <= 1 for _, c in predicted.values())
+  # The confidence of the unchanged grayscale images is eval's top probability, to 4 decimals.
+  probabilities = _eval_probabilities(config, workdir, test_images)
+  for path, (form, i) in paths.items():
+    if form == 'gray':
+      assert predicted[path][1] == float(f'{probabilities[i].max():.4f}'), path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +160,7 @@ def test_arrays_are_classified_row_by_row_exactly_as_eval_would(synthetic_run, t
   np.save(tmp_path / 'one.npy', x[5])                                # a single 28x28 image
   output = str(tmp_path / 'out.csv')
   inputs = [str(tmp_path / n) for n in ('rows.npy', 'pair.npz', 'one.npy')]
-  assert evaluate.run_predict(config, workdir, inputs, output) == 0
+  assert modes.run_predict(config, workdir, inputs, output) == 0
   with open(output) as f:
     predicted = _read_csv(f.read())
   names = [f'{inputs[0]}[{i}]' for i in range(3)] + [f'{inputs[1]}[x][{i}]' for i in range(2)]
@@ -193,7 +199,9 @@ def _bad_and_good_inputs(folder, config):
   }
 
 
-def test_each_bad_input_is_one_error_line_and_the_others_are_predicted(synthetic_run, tmp_path):
+@pytest.mark.slow
+def test_each_bad_input_is_one_error_line_and_the_others_are_predicted(synthetic_run, tmp_path,
+                                                                     processes):
   config, workdir = synthetic_run
   folder = tmp_path / 'inputs'
   folder.mkdir()
@@ -201,18 +209,20 @@ def test_each_bad_input_is_one_error_line_and_the_others_are_predicted(synthetic
   missing = str(tmp_path / 'missing.png')
   paths = [str(folder / n) for n in good + sorted(bad)] + [missing]
   before = workdir_snapshot(workdir)
-  proc = subprocess.run(
-      [sys.executable, str(ROOT / 'launch.py'), '--config=configs/default.py',
-       f'--workdir={workdir}', '--mode=predict', f'--inputs={",".join(paths)}',
-       '--config.eval_batch_size=50'],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  proc = processes.run(launch_args(
+      '--config=configs/default.py', f'--workdir={workdir}', '--mode=predict',
+      f'--inputs={",".join(paths)}', '--config.eval_batch_size=50'), cwd=ROOT)
   assert proc.returncode == 1, proc.stderr[-2000:]
   expected_errors = [f'{folder / n}: error: {reason}' for n, reason in sorted(bad.items())]
   expected_errors.append(f'{missing}: error: no such file or folder')
   assert proc.stderr.splitlines() == expected_errors
   predicted = _read_csv(proc.stdout)
   assert list(predicted) == [str(folder / n) for n in good]
-  assert all(0 <= p <= 9 and 0 < c <= 1 for p, c in predicted.values())
+  # The good pictures, brought to MNIST form as predict does, through eval's own program.
+  probabilities = _eval_probabilities(
+      config, workdir, images.read_inputs([str(folder / n) for n in good]).images)
+  assert [p for p, _ in predicted.values()] == probabilities.argmax(-1).tolist()
+  assert [c for _, c in predicted.values()] == [float(f'{p.max():.4f}') for p in probabilities]
   assert workdir_snapshot(workdir) == before  # predict writes nothing into the workdir
 
 
@@ -225,7 +235,7 @@ def test_a_folder_stands_for_its_images_and_an_empty_one_is_an_error(synthetic_r
   _drawn_seven().save(folder / 'a.png')
   (folder / 'README.txt').write_text('not read: a folder means its images')
   (tmp_path / 'nothing').mkdir()
-  status = evaluate.run_predict(config, workdir, [str(folder), str(tmp_path / 'nothing')])
+  status = modes.run_predict(config, workdir, [str(folder), str(tmp_path / 'nothing')])
   out, err = capsys.readouterr()
   assert status == 1
   assert list(_read_csv(out)) == [str(folder / 'a.png'), str(folder / 'b.jpg')]
@@ -236,15 +246,14 @@ def test_a_folder_stands_for_its_images_and_an_empty_one_is_an_error(synthetic_r
 def test_predict_needs_inputs_and_a_valid_checkpoint(synthetic_run, tmp_path):
   config, workdir = synthetic_run
   with pytest.raises(UserError, match='needs --inputs'):
-    evaluate.run_predict(config, workdir, [])
+    modes.run_predict(config, workdir, [])
   with pytest.raises(UserError, match='no checkpoint in'):
-    evaluate.run_predict(config, str(tmp_path), ['x.png'])
+    modes.run_predict(config, str(tmp_path), ['x.png'])
 
 
-def test_mode_flags_are_checked_before_any_work(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, str(ROOT / 'launch.py'), '--config=configs/default.py',
-       f'--workdir={tmp_path}', '--inputs=a.png'],
-      cwd=ROOT, capture_output=True, text=True, timeout=120)
+@pytest.mark.slow
+def test_mode_flags_are_checked_before_any_work(tmp_path, processes):
+  proc = processes.run(launch_args('--config=configs/default.py', f'--workdir={tmp_path}',
+                                   '--inputs=a.png'), cwd=ROOT, timeout=120)
   assert proc.returncode != 0
   assert '--inputs applies to --mode=predict only' in proc.stderr

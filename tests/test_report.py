@@ -1,17 +1,15 @@
 """The run's pictures: drawn at the end of training and again by --mode=report."""
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, small_config
-from digitjax import data, report, train
-from conftest import workdir_snapshot
+import digitjax
+from conftest import ROOT, launch_args, small_config, workdir_snapshot
+from digitjax import data, report
 
 # Pictures of digits are mostly black and white; charts mostly white with lines and text.
 MIN_STD = {'samples.png': 60, 'predictions.png': 60, 'mistakes.png': 20, 'class_counts.png': 20,
@@ -33,7 +31,7 @@ def run(idx_dir, tfds_dir, tmp_path_factory):
   """A synthetic run of two epochs with config.plots on: training draws the pictures."""
   config = small_config(idx_dir, tfds_dir, num_epochs=2, plots=True)
   workdir = str(tmp_path_factory.mktemp('report_run'))
-  train.train_and_evaluate(config, workdir)
+  digitjax.train(config, workdir)
   return config, workdir
 
 
@@ -44,20 +42,19 @@ def test_training_draws_every_picture(run):
     check_plot(os.path.join(workdir, 'plots', name), MIN_STD[name])
 
 
-def test_report_mode_redraws_them_without_training_or_touching_the_run(run):
+@pytest.mark.slow
+def test_report_mode_redraws_them_without_training_or_touching_the_run(run, processes):
   config, workdir = run
   plots = os.path.join(workdir, 'plots')
   drawn_in_training = {n: Image.open(os.path.join(plots, n)).convert('RGB')
                        for n in ('samples.png', 'confusion_matrix.png')}
   shutil.rmtree(plots)
   before = workdir_snapshot(workdir)
-  proc = subprocess.run(
-      [sys.executable, str(ROOT / 'launch.py'), '--config=configs/default.py',
-       f'--workdir={workdir}', '--mode=report',
-       f'--config.data.manual_dir={config.data.manual_dir}',
-       f'--config.data.data_dir={config.data.data_dir}', '--config.data.verify_checksums=False',
-       '--config.eval_batch_size=50'],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  proc = processes.run(launch_args(
+      '--config=configs/default.py', f'--workdir={workdir}', '--mode=report',
+      f'--config.data.manual_dir={config.data.manual_dir}',
+      f'--config.data.data_dir={config.data.data_dir}', '--config.data.verify_checksums=False',
+      '--config.eval_batch_size=50'), cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert 'Drew 6 pictures of checkpoint step 44 (latest)' in proc.stdout
   assert 'Epoch' not in proc.stdout
@@ -85,7 +82,7 @@ def test_confusion_counts_and_pictures_of_mistakes_and_of_an_empty_history(tmp_p
   probabilities = np.asarray(jax.nn.softmax(logits))
   assert report.most_confident_mistakes(probabilities, test['label'], 2).tolist() == [9, 8]
   splits = data.Splits(train=test, val=test, test=test)
-  paths = report.draw_all(str(tmp_path), splits, logits, history=[])
+  paths = report.draw_all(str(tmp_path / 'plots'), splits, logits, history=[])
   assert [os.path.basename(p) for p in paths] == list(report.PLOT_FILES)
   for name in report.PLOT_FILES:
     check_plot(tmp_path / 'plots' / name, 10)  # an empty history still gives labelled axes

@@ -1,0 +1,269 @@
+"""Populations: the sweep syntax, members equal to their single runs, selection on validation,
+results a person can read, resume after a kill, members shared out over processes."""
+import csv
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import digitjax
+from conftest import launch_args, small_config, ROOT
+from digitjax import loop, population, steps
+from digitjax import workdir as workdir_lib
+from digitjax.errors import UserError
+from test_train import final_params, _params_equal
+
+
+def _sweep(idx_dir, tfds_dir, grid='', members=(), **over):
+  return small_config(idx_dir, tfds_dir, **{'sweep.grid': grid, 'sweep.members': members, **over})
+
+
+# ---------------------------------------------------------------------------------------------
+# Syntax and checks
+
+
+def test_grid_and_member_lists_combine_in_order(config):
+  config.sweep.grid = 'learning_rate=0.003,0.1; model.conv_features=(8,16,16),(32, 64, 64)'
+  config.sweep.members = ('', 'model.batch_norm=True; nesterov=True')
+  members = population.members_of(config, '/w')
+  assert [m.name for m in members] == [
+      'learning_rate=0.003,model.conv_features=(8,16,16)',
+      'learning_rate=0.003,model.conv_features=(32,64,64)',
+      'learning_rate=0.1,model.conv_features=(8,16,16)',
+      'learning_rate=0.1,model.conv_features=(32,64,64)',
+      'model.batch_norm=True,nesterov=True,learning_rate=0.003,model.conv_features=(8,16,16)',
+      'model.batch_norm=True,nesterov=True,learning_rate=0.003,model.conv_features=(32,64,64)',
+      'model.batch_norm=True,nesterov=True,learning_rate=0.1,model.conv_features=(8,16,16)',
+      'model.batch_norm=True,nesterov=True,learning_rate=0.1,model.conv_features=(32,64,64)']
+  last = members[-1].config
+  assert (last.learning_rate, tuple(last.model.conv_features), last.model.batch_norm,
+          last.nesterov) == (0.1, (32, 64, 64), True, True)
+  assert members[-1].files.dir == os.path.join(
+      '/w', 'members', '07-model.batch_norm=True,nesterov=True,learning_rate=0.1,'
+                       'model.conv_features=(32,64,64)')
+  # The base config is untouched; members share its holdout and have no sweep of their own.
+  assert config.learning_rate == 0.02 and all(m.config.sweep.grid == '' for m in members)
+  assert {m.config.data.split_seed for m in members} == {config.seed}
+  # Widths and BatchNorm are structure: four groups of two (the learning rates).
+  assert [[m.index for m in g] for g in population.groups_of(members)] == [[0, 2], [1, 3],
+                                                                           [4, 6], [5, 7]]
+
+
+def test_a_config_without_a_sweep_is_a_single_run_in_the_workdir(config):
+  [member] = population.members_of(config, '/w')
+  assert (member.name, member.overrides, member.files.dir) == ('base', {}, '/w')
+  assert member.config is config
+
+
+@pytest.mark.parametrize('grid, members, message', [
+    ('learnig_rate=0.1,0.2', (), r"config.sweep member 0 \(learnig_rate=0.1\): config.learnig_rate "
+                                 r"is not a config field; did you mean 'learning_rate'\?"),
+    ('learning_rate=0.1,-1', (), r"config.sweep member 1 \(learning_rate=-1\): "
+                                 r"config.learning_rate=-1.0 is invalid"),
+    ('seed=0,1', ('', 'batch_size=big'), r"member 2 \(batch_size=big,seed=0\): "
+                                         r"config.batch_size='big' has the wrong type"),
+    ('dataset=mnist,fashion_mnist', (), r'dataset is shared by every member'),
+    ('seed=0,1', ('seed=3',), r'seed is set both by config.sweep.members and by'),
+    ('seed=0,0', (), r'seed lists a value twice'),
+    ('seed', (), r"'seed' is not field=v1,v2"),
+    ('', ('', 'seed=0'), r'member 1 \(seed=0\) is the same config as member 0'),
+    ('', ('lr 0.1',), r"config.sweep.members\[0\]: 'lr 0.1' is not field=value"),
+])
+def test_bad_sweeps_are_one_line_errors_naming_the_member(config, grid, members, message):
+  config.sweep.grid, config.sweep.members = grid, members
+  with pytest.raises(UserError, match=message) as e:
+    population.members_of(config, '/w')
+  assert '\n' not in str(e.value)
+
+
+def test_selection_settings_are_checked(config):
+  config.sweep.grid = 'seed=0,1'
+  config.sweep.select = 'top3'
+  with pytest.raises(UserError, match='asks for more members than the population has'):
+    population.members_of(config, '/w')
+  config.sweep.select = 'worst'
+  with pytest.raises(UserError, match="'best', 'ensemble' or 'top<k>'"):
+    population.members_of(config, '/w')
+  config.sweep.select, config.validation_fraction = 'best', 0.0
+  with pytest.raises(UserError, match='leaves no validation split'):
+    population.members_of(config, '/w')
+  config.sweep.select = 'ensemble'
+  assert len(population.members_of(config, '/w')) == 2
+
+
+def _outcome(i, val, test):
+  member = loop.Member(i, f'm{i}', {}, None, None)
+  return loop.Outcome(member, {'val_accuracy': val, 'test_accuracy': test}, [],
+                      np.zeros((1, 10)), np.zeros((1, 10)))
+
+
+def test_selection_looks_at_validation_only():
+  # Member 1 is the best on test, member 2 on validation: validation decides.
+  outcomes = [_outcome(0, 0.90, 0.91), _outcome(1, 0.95, 0.99), _outcome(2, 0.97, 0.93),
+              _outcome(3, 0.96, 0.98)]
+  assert population.select(outcomes, 'best') == [2]
+  assert population.select(outcomes, 'top2') == [2, 3]
+  assert population.select(outcomes, 'ensemble') == [0, 1, 2, 3]
+  outcomes[2].test_logits = None  # diverged: never delivered
+  assert population.select(outcomes, 'best') == [3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+@pytest.fixture(scope='module')
+def map_population(idx_dir, tfds_dir, tmp_path_factory):
+  """Learning rates 0.02 and 0 x seeds 0 and 1, one epoch, members one after another."""
+  config = _sweep(idx_dir, tfds_dir, 'learning_rate=0.02,0.0; seed=0,1')
+  workdir = tmp_path_factory.mktemp('population') / 'run'
+  return config, workdir, digitjax.train(config, str(workdir))
+
+
+def test_each_member_is_its_single_run_bit_for_bit(map_population, idx_dir, tfds_dir, tmp_path):
+  config, workdir, results = map_population
+  members = population.members_of(config, str(workdir))
+  for m in members[:2]:  # learning rate 0.02, seeds 0 and 1: one compiled step for both
+    alone = small_config(idx_dir, tfds_dir, learning_rate=m.config.learning_rate,
+                         seed=m.config.seed, **{'data.split_seed': config.seed})
+    single = digitjax.train(alone, str(tmp_path / m.name))
+    assert _params_equal(final_params(m.config, m.files.dir), final_params(alone, tmp_path / m.name))
+    assert results['members'][m.index]['test_loss'] == single['test_loss']
+  # A member with learning rate 0 keeps its initial parameters while the others move.
+  frozen = members[2].config
+  start, _, _ = steps.create(frozen, jax.random.key(frozen.seed))
+  assert _params_equal(final_params(frozen, members[2].files.dir), start.params)
+  assert not _params_equal(final_params(members[0].config, members[0].files.dir),
+                           final_params(members[1].config, members[1].files.dir))
+
+
+def test_results_table_and_csv_describe_every_member(map_population, capsys):
+  config, workdir, results = map_population
+  assert results == json.loads((workdir / 'results.json').read_text())
+  by_name = {m['name']: m for m in results['members']}
+  assert list(by_name) == ['learning_rate=0.02,seed=0', 'learning_rate=0.02,seed=1',
+                           'learning_rate=0.0,seed=0', 'learning_rate=0.0,seed=1']
+  for m in results['members']:
+    own = json.loads((workdir / m['dir'] / 'results.json').read_text())
+    assert (m['test_accuracy'], m['val_accuracy'], m['checkpoint_step']) == (
+        own['test_accuracy'], own['val_accuracy'], own['checkpoint_step'])
+    assert m['checkpoint_step'] == 22
+  # The frozen members stay near chance; the delivered one is the best by validation.
+  assert by_name['learning_rate=0.0,seed=0']['val_accuracy'] < 0.5
+  best = max(results['members'], key=lambda m: (m['val_accuracy'], -m['index']))
+  assert results['selected'] == [best['name']] and best['selected']
+  assert results['test_accuracy'] == best['test_accuracy']
+  rows = list(csv.DictReader(open(workdir / 'population.csv')))
+  assert [r['name'] for r in rows] == list(by_name)
+  assert [r['learning_rate'] for r in rows] == ['0.02', '0.02', '0.0', '0.0']
+  assert [float(r['test_accuracy']) for r in rows] == [m['test_accuracy'] for m in
+                                                       results['members']]
+  # TensorBoard: one run folder per member, named by its overrides.
+  assert sorted(os.listdir(workdir / 'tensorboard')) == [
+      '00-learning_rate=0.02,seed=0', '01-learning_rate=0.02,seed=1',
+      '02-learning_rate=0.0,seed=0', '03-learning_rate=0.0,seed=1']
+  # Run again: a finished population only reports, with the same table.
+  capsys.readouterr()
+  again = digitjax.train(config, str(workdir))
+  out = capsys.readouterr().out
+  assert again == results and 'Epoch' not in out
+  assert population.table(results) in out
+
+
+def test_another_population_in_the_same_workdir_is_refused(map_population, idx_dir, tfds_dir):
+  config, workdir, _ = map_population
+  other = _sweep(idx_dir, tfds_dir, 'learning_rate=0.05,0.0; seed=0,1')
+  before = {m: os.listdir(workdir / 'members' / m / 'checkpoints')
+            for m in os.listdir(workdir / 'members')}
+  with pytest.raises(UserError, match=r'holds another population \(4 members; member 0 was '
+                                      r'learning_rate=0.02,seed=0, now learning_rate=0.05,seed=0'):
+    digitjax.train(other, str(workdir))
+  after = {m: os.listdir(workdir / 'members' / m / 'checkpoints')
+           for m in os.listdir(workdir / 'members')}
+  assert after == before  # nothing trained, nothing removed
+
+
+@pytest.mark.slow
+def test_vmapped_members_equal_their_single_runs_to_float_tolerance(idx_dir, tfds_dir, tmp_path):
+  config = _sweep(idx_dir, tfds_dir, 'learning_rate=0.02,0.01; seed=0,1',
+                  **{'sweep.execution': 'vmap', 'augment.enabled': True,
+                     'model.dropout_rate': 0.1})
+  results = digitjax.train(config, str(tmp_path / 'pop'))
+  members = population.members_of(config, str(tmp_path / 'pop'))
+  for m in members:
+    # The same layers as the vmapped step (one gradient chunk): only vmap's rounding differs.
+    alone = small_config(idx_dir, tfds_dir, learning_rate=m.config.learning_rate,
+                         seed=m.config.seed, grad_chunks=1,
+                         **{'data.split_seed': config.seed, 'augment.enabled': True,
+                            'model.dropout_rate': 0.1})
+    digitjax.train(alone, str(tmp_path / m.name))
+    for a, b in zip(jax.tree.leaves(final_params(m.config, m.files.dir)),
+                    jax.tree.leaves(final_params(alone, tmp_path / m.name))):
+      np.testing.assert_allclose(a, b, rtol=0, atol=2e-4)
+  accuracies = [m['test_accuracy'] for m in results['members']]
+  assert len(set(accuracies)) > 1 or len({m['test_loss'] for m in results['members']}) == 4
+
+
+@pytest.mark.slow
+def test_ensemble_of_structural_groups_averages_member_probabilities(idx_dir, tfds_dir,
+                                                                     tmp_path):
+  from digitjax import data, inference, modes
+  config = _sweep(idx_dir, tfds_dir, 'seed=0,1', ('', 'model.batch_norm=True'),
+                  **{'sweep.select': 'ensemble', 'plots': True})
+  results = digitjax.train(config, str(tmp_path / 'pop'))
+  assert len(results['members']) == 4 and len(results['selected']) == 4
+  # The delivered figures are those of the mean of the members' softmax probabilities.
+  target = modes.target(config, str(tmp_path / 'pop'))
+  restored = modes.Restored(target, 'latest', 'eval')
+  splits = data.load_splits(config)
+  member_logits = restored.member_logits(splits.test['image'])
+  mean = np.mean([inference.probabilities(l) for l in member_logits], axis=0)
+  combined = inference.combine_logits(member_logits)
+  np.testing.assert_allclose(np.exp(combined), mean, rtol=1e-5, atol=1e-7)
+  expected_loss = -np.mean(np.log(mean[np.arange(len(mean)), splits.test['label']]))
+  assert results['test_loss'] == pytest.approx(expected_loss, rel=1e-5)
+  assert results['test_accuracy'] == np.mean(mean.argmax(-1) == splits.test['label'])
+  for name in ('population_curves.png', 'population_fields.png', 'confusion_matrix.png'):
+    assert (tmp_path / 'pop' / 'plots' / name).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_sigkill_mid_population_then_rerun_equals_an_uninterrupted_run(
+    idx_dir, tfds_dir, tmp_path, processes):
+  args = lambda w: launch_args(
+      '--config=configs/default.py', f'--workdir={w}', f'--config.data.manual_dir={idx_dir}',
+      f'--config.data.data_dir={tfds_dir}', '--config.data.verify_checksums=False',
+      '--config.batch_size=16', '--config.num_epochs=3', '--config.eval_batch_size=50',
+      '--config.plots=False', '--config.chunk_steps=5', '--config.augment.enabled=True',
+      "--config.sweep.grid=learning_rate=0.02,0.01; seed=0,1")
+  straight = processes.run(args(tmp_path / 'straight'), cwd=ROOT)
+  assert straight.returncode == 0, straight.stderr[-2000:]
+  workdir = tmp_path / 'killed'
+  env = {**os.environ, 'DIGITJAX_TEST_PAUSE_AT_STEP': '30'}  # mid-epoch 2 (22 steps each)
+  run = processes.popen(args(workdir), cwd=ROOT, env=env, stdout=open(tmp_path / 'out', 'w'),
+                        stderr=open(tmp_path / 'err', 'w'))
+  _wait_for(run, tmp_path / 'err', 'digitjax-test: paused at step')
+  run.kill()
+  run.wait()
+  again = processes.run(args(workdir), cwd=ROOT)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert 'Resuming the group from checkpoint at step 22' in again.stdout
+  done = json.loads((workdir / 'results.json').read_text())
+  expected = json.loads((tmp_path / 'straight' / 'results.json').read_text())
+  for a, b in zip(done['members'], expected['members']):
+    assert (a['name'], a['test_loss'], a['val_loss']) == (b['name'], b['test_loss'],
+                                                          b['val_loss'])
+    history = workdir_lib.read_jsonl(str(workdir / a['dir'] / 'metrics.jsonl'))
+    assert [r['epoch'] for r in history if 'epoch' in r] == [1, 2, 3]  # none twice
+
+
+def _wait_for(proc, path, text, timeout=300):
+  import time
+  deadline = time.monotonic() + timeout
+  while text not in path.read_text():
+    assert proc.poll() is None, f'ended before {text!r}: {path.read_text()[-2000:]}'
+    assert time.monotonic() < deadline, f'no {text!r} within {timeout} s'
+    time.sleep(0.05)
