@@ -1,13 +1,21 @@
 """Runs digitjax: python launch.py --config=configs/default.py --workdir=DIR [--config.x=y].
 
 --mode=train (default) trains; eval, predict and report use a trained workdir (README.md).
-"""
-import os
-import signal
-import sys
 
-from absl import app, flags, logging as absl_logging
-from ml_collections import config_flags
+Every failure a user can cause ends in one line on stderr and a documented exit status:
+  0  done;  1  predict: some inputs could not be read (one line each, the others predicted);
+  2  an error the user can fix (`error: <problem>; <fix>`), nothing lost;
+  130 / 143  stopped by SIGINT / SIGTERM (a checkpoint saved when training had started).
+"""
+from digitjax import signals
+
+signals.install()  # from the first moment: a Ctrl-C during the imports is seen, not swallowed
+
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from absl import app, flags, logging as absl_logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
@@ -17,26 +25,90 @@ flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'report'],
 flags.DEFINE_string('checkpoint', None, "eval/predict/report: 'best', 'latest' or a step "
                     "(default: best; report: latest, the state results.json describes).")
 flags.DEFINE_enum('split', 'test', ['train', 'validation', 'test'], 'eval: the split to evaluate.')
-flags.DEFINE_list('inputs', None, 'predict: image files, folders of them, .npy/.npz arrays.')
+flags.DEFINE_string('inputs', None, 'predict: image files, folders of them, .npy/.npz arrays, '
+                    'separated by commas (a path that exists as given is taken whole, commas '
+                    'and all).')
 flags.DEFINE_string('output', None, 'predict: the CSV file to write (default: stdout).')
 flags.DEFINE_string('member', None, 'eval/predict/report on a population: one member (its index '
                     'or name) instead of what the population delivers.')
-flags.mark_flags_as_required(['config', 'workdir'])
 # The modes each optional flag means something to: anywhere else it is a mistake, not a no-op.
 MODE_FLAGS = {'checkpoint': ('eval', 'predict', 'report'), 'split': ('eval',),
               'inputs': ('predict',), 'output': ('predict',),
               'member': ('eval', 'predict', 'report')}
 
 
+def fail(message: str, status: int = 2):
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def parse_flags(argv):
+  """absl's parsing, with each mistake (an unknown flag or config field, a config file that is
+  missing or does not load) as one line instead of a traceback or the usage text."""
+  try:
+    rest = FLAGS(argv)
+    config = FLAGS['config'].value  # the file is loaded, and the overrides applied, here
+    error = getattr(config, '_error', None)  # ml_collections defers a file's load error
+    if error is not None:
+      raise error
+  except flags.Error as e:
+    fail(f'{" ".join(str(e).split())[:300]}; see python launch.py --help')
+  except (AttributeError, KeyError) as e:  # an override of a field the config does not have
+    fail(_unknown_field_message(e))
+  except Exception as e:  # a config file that is missing, or raises while loading
+    if isinstance(e, OSError) or 'No such file' in str(e):
+      fail(f'--config: {_config_path(argv)}: no such file; pick one of configs/*.py')
+    fail(f'--config: the config file does not load ({type(e).__name__}: '
+         f'{(str(e).splitlines() or [""])[0][:200]}); fix it or pick a file in configs/')
+  if FLAGS['workdir'].value is None or config is None:
+    fail(f'--{"workdir" if config is not None else "config"} is required (e.g. python '
+         f'launch.py --config=configs/default.py --workdir=runs/default)')
+  return rest
+
+
+def _config_path(argv) -> str:
+  given = [a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')]
+  return given[-1] if given else '(none given)'
+
+
+def _unknown_field_message(e: Exception) -> str:
+  """configlib's one line for an override of an unknown or removed field."""
+  import re
+  from digitjax import configlib
+  text = str(e.args[0] if e.args else e)
+  name = re.search(r'([A-Za-z_][A-Za-z0-9_]*)', text)
+  given = [a.split('=', 1)[0][len('--config.'):] for a in sys.argv[1:]
+           if a.startswith('--config.')]
+  field = next((g for g in given if name and g.split('.')[-1] == name.group(1)), None)
+  if field is None:
+    return f'--config: {" ".join(text.split())[:200]}'
+  return str(configlib.unknown_field(_default_config(), field))
+
+
+def _default_config():
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs'))
+  import default
+  return default.get_config()
+
+
 def check_mode_flags():
   for name, modes in MODE_FLAGS.items():
     if FLAGS[name].present and FLAGS.mode not in modes:
-      raise app.UsageError(f'--{name} applies to --mode={"|".join(modes)} only')
+      fail(f'--{name} applies to --mode={"|".join(modes)} only; leave it out of --mode='
+           f'{FLAGS.mode}')
+  if FLAGS.checkpoint is not None and not FLAGS.checkpoint.strip():
+    fail("--checkpoint is empty: give 'best', 'latest' or a step number")
+
+
+def input_paths(value: str | None) -> list[str]:
+  if not value:
+    return []
+  return [value] if os.path.exists(value) else [p for p in value.split(',') if p]
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    fail(f'unexpected arguments {argv[1:]}: flags take the form --name=value')
   check_mode_flags()
   if not FLAGS['verbosity'].present:  # orbax and tfds are chatty at INFO; -v 0 brings it back
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -46,27 +118,36 @@ def main(argv):
   if cache:  # later runs load compiled steps instead of compiling
     jax.config.update('jax_compilation_cache_dir', cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
-  from digitjax import parallel
-  parallel.initialize_distributed(FLAGS.config.distributed)  # before anything touches devices
-  from digitjax import loop, population
+  from digitjax import parallel, workdir as workdir_lib
   from digitjax.errors import UserError
-  absl_logging.info('JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(),
-               jax.process_count())
   try:
+    signals.check('while starting; nothing was written')
+    parallel.initialize_distributed(FLAGS.config.distributed)  # before anything uses devices
+    from digitjax import population
+    absl_logging.info('JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(),
+                      jax.process_count())
     if FLAGS.mode == 'train':
       population.train(FLAGS.config, FLAGS.workdir)
+      status = 0
     else:
       from digitjax import modes
-      sys.exit(modes.run(FLAGS.mode, FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
-                         FLAGS.split, FLAGS.inputs, FLAGS.output, FLAGS.member))
+      status = modes.run(FLAGS.mode, FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
+                         FLAGS.split, input_paths(FLAGS.inputs), FLAGS.output, FLAGS.member)
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  except loop.Preempted:
-    for sig in (signal.SIGTERM, signal.SIGINT):  # the checkpoint is saved: ignore more signals
-      signal.signal(sig, signal.SIG_IGN)
-    sys.exit(143)
+    fail(str(e))
+  except signals.Interrupted as e:
+    for sig in signals._HANDLED:  # nothing is left to do: further signals change nothing
+      signals.signal.signal(sig, signals.signal.SIG_IGN)
+    if not e.saved:
+      print(f'{e}; run the same command to start again', file=sys.stderr, flush=True)
+    sys.exit(e.exit_status)
+  except OSError as e:
+    if e.errno in workdir_lib._DISK_ERRNOS and e.filename:
+      fail(f'cannot write {e.filename}: {e.strerror}; nothing else was changed; make it '
+           f'writable (or free space) and run the same command')
+    raise
+  sys.exit(status)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

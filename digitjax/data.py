@@ -10,11 +10,14 @@ a slice of it, so a run can resume mid-epoch bit-exactly and every host can pick
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import gzip
 import hashlib
 import logging
 import os
+import time
 import zlib
 
 import numpy as np
@@ -147,6 +150,43 @@ def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = 
   builder = tfds.builder(dataset, data_dir=data_dir)
   if builder.is_prepared():
     return builder
+  with _preparing(str(builder.data_dir_root), dataset):
+    if not tfds.builder(dataset, data_dir=data_dir).is_prepared():  # another run may have
+      _prepare(builder, dataset, data_dir, manual_dir, verify_checksums)
+  return tfds.builder(dataset, data_dir=data_dir)
+
+
+@contextlib.contextmanager
+def _preparing(root: str, dataset: str):
+  """Holds a lock on preparing `dataset` in `root`: runs that start together (other workdirs,
+  the same data_dir) wait for the one preparing it, then find it prepared."""
+  try:
+    os.makedirs(root, exist_ok=True)
+    fd = os.open(os.path.join(root, f'.digitjax-preparing-{dataset}.lock'),
+                 os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise UserError(f'cannot prepare {dataset} in data.data_dir={root}: {e.strerror}; make it '
+                    f'writable or set --config.data.data_dir to another folder') from e
+  try:
+    waiting = False
+    while True:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except BlockingIOError:
+        if not waiting:
+          logging.warning('Another run is preparing %s in %s; waiting for it', dataset, root)
+          waiting = True
+        from digitjax import signals
+        signals.check('while waiting for another run to prepare the data; nothing was written')
+        time.sleep(0.2)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
+
+
+def _prepare(builder, dataset, data_dir, manual_dir, verify_checksums) -> None:
+  import tensorflow_datasets as tfds
   _tensorflow_off_gpu()
   if manual_dir:
     # Validate every file before tfds writes anything, so a bad file leaves no partial dataset.
@@ -162,7 +202,6 @@ def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = 
     except Exception as e:  # tfds raises many kinds of errors when offline
       raise UserError(f'could not download {dataset} ({type(e).__name__}); offline, set '
                       f'--config.data.manual_dir=DIR to a folder with the four IDX .gz files') from e
-  return tfds.builder(dataset, data_dir=data_dir)
 
 
 def read_split(builder, split: str, cache: bool = True) -> dict[str, np.ndarray]:
@@ -251,6 +290,8 @@ def load_splits(config) -> Splits:
   builder = prepare(*args)
   full_train = read_split(builder, 'train', d.cache_decoded)
   test = read_split(builder, 'test', d.cache_decoded)
+  from digitjax import signals
+  signals.check('while preparing the data; what was prepared is complete')
   train_idx, val_idx = holdout_indices(len(full_train['label']), config.validation_fraction,
                                        split_seed(config), d.max_train_examples)
   take = lambda split, idx: {k: v[idx] for k, v in split.items()}

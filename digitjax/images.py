@@ -9,9 +9,11 @@ Arrays (.npy/.npz) are taken to be in MNIST form already, like the dataset's own
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import os
 import struct
+import warnings
 
 import numpy as np
 
@@ -156,15 +158,23 @@ def _one_line(error: Exception) -> str:
   return text[:200]
 
 
+MAX_PIXELS = 250_000_000  # a picture this large (e.g. 15,000 x 15,000) still decodes in ~1 GB
+
+
 def read_image(path: str) -> np.ndarray:
   """An image file -> (H, W) float32 grayscale in [0, 1]; InputError says why it can't be read."""
   from PIL import Image, ImageOps, UnidentifiedImageError
+  Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2  # Pillow refuses at twice this: at MAX_PIXELS
   raw = _read_bytes(path)
+  warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # large, but allowed
   try:
     img = Image.open(io.BytesIO(raw))
   except UnidentifiedImageError as e:
     raise InputError(_diagnose(raw, e)) from e
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+  except Image.DecompressionBombError as e:
+    raise InputError(f'a picture of more than {MAX_PIXELS // 1_000_000} megapixels; scale it '
+                     f'down first') from e
+  except (OSError, SyntaxError, ValueError) as e:
     raise InputError(f'unreadable image ({_one_line(e)})') from e
   if 0 in img.size:
     raise InputError(f'zero-size image ({img.size[0]}x{img.size[1]} pixels)')
@@ -247,7 +257,10 @@ def read_array(path: str) -> tuple[list[str], np.ndarray]:
     images.append(pixels)
   if not images:
     raise InputError('; '.join(rejected) or 'no arrays in the file')
-  return names, np.concatenate(images)
+  pixels = np.concatenate(images)
+  blank = pixels.reshape(len(pixels), -1).ptp(axis=1) == 0
+  errors = [(name, 'blank image: no digit found') for name, b in zip(names, blank) if b]
+  return [n for n, b in zip(names, blank) if not b], pixels[~blank], errors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,8 +287,22 @@ def expand(paths: list[str]) -> list[tuple[str, str | None]]:
     elif os.path.exists(path):
       files.append((path, None))
     else:
-      files.append((path, 'no such file or folder'))
+      files.append((path, _missing(path)))
   return files
+
+
+def _missing(path: str) -> str:
+  """Why a path that does not exist as a file or folder cannot be read."""
+  try:
+    os.stat(path)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      return 'a loop of symbolic links'
+    if os.path.islink(path):
+      return f'a symbolic link to {os.readlink(path)}, which does not exist'
+    if e.errno in (errno.EACCES, errno.EPERM):
+      return f'cannot read ({e.strerror})'
+  return 'no such file or folder'
 
 
 def read_inputs(paths: list[str]) -> Inputs:
@@ -286,7 +313,8 @@ def read_inputs(paths: list[str]) -> Inputs:
       if problem:
         raise InputError(problem)
       if _is_array(path):
-        rows, pixels = read_array(path)
+        rows, pixels, blank = read_array(path)
+        errors += blank
       else:
         rows, pixels = [path], to_mnist(read_image(path))[None]
     except InputError as e:

@@ -91,13 +91,14 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
 class Evaluator:
   """Logits of a whole split in fixed-size padded batches: one compiled program per batch size.
 
-  The batch is config.eval_batch_size, or the split's size (rounded up to the devices) when it
-  is smaller: a huge eval_batch_size never pads a small split to it.
+  The batch is config.eval_batch_size rounded up to a multiple of the devices (batches are
+  padded anyway: 1000 on 16 TPU chips is 1008), or the split's size, rounded up likewise, when
+  that is smaller: a huge eval_batch_size never pads a small split to it.
   """
 
   def __init__(self, mesh, batch_size: int, model: model_lib.CNN):
-    parallel.check_divisible('eval_batch_size', batch_size, mesh)
-    self.mesh, self.batch_size = mesh, batch_size
+    devices = parallel.data_size(mesh)
+    self.mesh, self.batch_size = mesh, -(-batch_size // devices) * devices
     self._sharding = parallel.batch_sharding(mesh)
     self._step = jax.jit(functools.partial(steps.eval_step, model=model),
                          out_shardings=parallel.replicated(mesh))

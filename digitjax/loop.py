@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from digitjax import checkpoint as ckpt_lib, configlib, data, inference, metrics as metrics_lib
-from digitjax import model as model_lib, parallel, pipeline, steps
+from digitjax import model as model_lib, parallel, pipeline, signals, steps
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
 from digitjax.metrics import log
@@ -38,8 +38,12 @@ class NonFiniteLossError(UserError):
   pass
 
 
-class Preempted(Exception):
-  """The run stopped on a signal after saving a checkpoint; launch.py exits non-zero."""
+class Preempted(signals.Interrupted):
+  """The run stopped on a signal after saving a checkpoint at `step`."""
+
+  def __init__(self, signal_name: str, step: int):
+    super().__init__(signal_name, f'at step {step}', saved=True)
+    self.step = step
 
 
 @dataclasses.dataclass
@@ -69,39 +73,25 @@ class Outcome:
 
 
 class StopSignals:
-  """SIGTERM/SIGINT ask the loop to stop after the current chunk; a second one is ignored."""
-
-  def __init__(self):
-    self.received = None
+  """The loop's view of signals.py: SIGTERM/SIGINT ask it to stop after the current chunk."""
 
   def __enter__(self):
-    self._old = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread: no signal handling
-        pass
+    signals.install()
     return self
 
-  def _handle(self, signum, frame):
-    if self.received is None:
-      self.received = signal.Signals(signum).name
-      logging.warning('%s received: stopping after this step and saving a checkpoint',
-                      self.received)
-    else:
-      logging.warning('%s received again: still saving the checkpoint, please wait',
-                      signal.Signals(signum).name)
+  @property
+  def received(self) -> str | None:
+    return signals.received()
 
   def agreed(self, collective: bool = True) -> bool:
     """Whether this process, or with `collective` any process, got a signal (a collective:
     call it at the same step everywhere)."""
     if collective and parallel.any_process(self.received is not None):
-      self.received = self.received or 'a signal to another process'
+      signals.note('a signal to another process')
     return self.received is not None
 
   def __exit__(self, *exc):
-    for sig, handler in self._old.items():
-      signal.signal(sig, handler)
+    signals.uninstall()
 
 
 def _process_age() -> float | None:
@@ -326,9 +316,13 @@ def train_group(members: list[Member], splits: data.Splits, mesh, choices: confi
                                             config_dicts, active)
     if restored is None:
       states, train_seconds = fresh, [0.0] * len(members)
-      for c, a in zip(checkpoints, active):
+      for m, c, a in zip(members, checkpoints, active):
         if a:
           c.discard_after(0)
+          if a and workdir_lib.read_jsonl(m.files.metrics):
+            logging.warning('%s holds the metrics of an earlier run but no checkpoint to resume '
+                            'from: training starts over from step 0, and its records are '
+                            'replaced', m.files.dir)
     else:
       states = [r if r is not None else f for r, f in zip(restored, fresh)]
       train_seconds = [m['train_seconds'] if m else 0.0 for m in metas]
@@ -338,6 +332,7 @@ def train_group(members: list[Member], splits: data.Splits, mesh, choices: confi
       if step < last_step:
         log(f'Resuming {"the group " if named else ""}from checkpoint at step {step} '
             f'(epoch {step // spe + 1}, step {step % spe} of it)')
+    signals.check('while restoring the checkpoints; nothing was lost')
     done = _already_done(members, step, last_step, active)
     if done is not None:
       return _report_done(done, members, group, states, splits, mesh, logits)
@@ -354,7 +349,7 @@ def train_group(members: list[Member], splits: data.Splits, mesh, choices: confi
 
 
 def _diverged_record(member: Member) -> dict | None:
-  results = workdir_lib.read_json(member.files.results, 'results file')
+  results = workdir_lib.read_results(member.files.results)
   return results if results and results.get('diverged_at_step') is not None else None
 
 
@@ -364,7 +359,7 @@ def _already_done(members, step, last_step, active) -> list[dict] | None:
     return None
   records = []
   for m, a in zip(members, active):
-    results = workdir_lib.read_json(m.files.results, 'results file')
+    results = workdir_lib.read_results(m.files.results)
     if not results or (a and results.get('checkpoint_step') != step):
       return None
     records.append(results)
@@ -411,6 +406,7 @@ def _train(members, group, states, step, last_step, num_epochs, spe, train_secon
                    numbers)
       compiled.add(id(feed))
   compile_seconds = time.perf_counter() - compile_start
+  signals.check('while compiling the train step; nothing was lost')
   log(f'Compiled the train step in {compile_seconds:.1f}s on {parallel.data_size(mesh)} '
       f'{jax.default_backend()} device(s), {choices.line()}'
       + (f'; {K} members, {choices.execution}, {len(compiled)} program(s)' if K > 1 else ''))
@@ -435,7 +431,7 @@ def _train(members, group, states, step, last_step, num_epochs, spe, train_secon
       c.wait()
     log(f'Stopped by {signal_name} at step {step}; checkpoint saved; run the same command to '
         f'resume')
-    raise Preempted(f'stopped by {signal_name} at step {step}; checkpoint saved')
+    raise Preempted(signal_name, step)
 
   while step < last_step:
     epoch = step // spe
@@ -503,7 +499,8 @@ def _train(members, group, states, step, last_step, num_epochs, spe, train_secon
             f'nothing after the last checkpoint ({checkpoints[i].steps()[-1:] or "none"}) was '
             f'saved; lower config.learning_rate')
       diverged[i] = t['first_nonfinite_step']
-      _write_diverged(members[i], t['first_nonfinite_step'], checkpoints[i], writes)
+      _write_diverged(members[i], t['first_nonfinite_step'], checkpoints[i], writes,
+                      train_seconds[i])
     if stop.received and step < epoch * spe + epoch_end:  # mid-epoch: no evaluation
       save(epoch_done=False)
       stop_now(stop.received)
@@ -555,14 +552,16 @@ def _raw_sums(group, sums) -> list[tuple]:
           for i in range(len(group.members))]
 
 
-def _write_diverged(member: Member, at_step: int, checkpoints, writes: bool) -> None:
+def _write_diverged(member: Member, at_step: int, checkpoints, writes: bool,
+                    train_seconds: float) -> None:
   saved = checkpoints.steps()
   log(f'[{member.name}] the training loss became non-finite at step {at_step}: this member '
       f'stops here (its checkpoints: {saved or "none"}); the others go on')
   if writes:
     workdir_lib.write_json_atomic(member.files.results, {
         'diverged_at_step': at_step, 'checkpoint_step': saved[-1] if saved else None,
-        'overrides': member.overrides, 'config': member.config.to_dict()})
+        'train_seconds': train_seconds, 'overrides': member.overrides,
+        'config': member.config.to_dict()})
 
 
 def _finish(members, group, carry, step, spe, train_seconds, compile_seconds,

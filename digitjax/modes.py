@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from digitjax import configlib, data, inference, loop, metrics as metrics_lib, parallel
+from digitjax import configlib, data, inference, loop, metrics as metrics_lib, parallel, signals
 from digitjax import population as population_lib
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
@@ -147,16 +147,39 @@ def _csv_text(names: list[str], probabilities: np.ndarray) -> str:
   return buffer.getvalue()
 
 
+def check_output(output: str, inputs: list[str], workdir: str) -> None:
+  """An --output that would overwrite an input, or a file of the workdir, is refused before
+  any work: outputs never replace what a run or a user depends on."""
+  from digitjax import images
+  target = os.path.realpath(output)
+  if os.path.isdir(target):
+    raise UserError(f'--output={output} is a folder; give a file name, e.g. '
+                    f'{os.path.join(output, "predictions.csv")}')
+  read = {os.path.realpath(path) for path, problem in images.expand(inputs) if not problem}
+  if target in read:
+    raise UserError(f'--output={output} is one of the --inputs; write the predictions to '
+                    f'another file')
+  root = os.path.realpath(workdir)
+  if target == root or target.startswith(root + os.sep):
+    raise UserError(f'--output={output} is inside --workdir={workdir}, which holds the run\'s '
+                    f'own files; write the predictions elsewhere')
+
+
 def _write_text(text: str, output: str | None) -> None:
   if not output:
     sys.stdout.write(text)
     sys.stdout.flush()
     return
-  try:
-    with open(output, 'w') as f:
+  tmp = f'{output}.{os.getpid()}.tmp'
+  try:  # aside, then renamed: an existing file is replaced whole or not at all
+    with open(tmp, 'w') as f:
       f.write(text)
+    os.replace(tmp, output)
   except OSError as e:
-    raise UserError(f'--output={output}: cannot write ({e.strerror})') from e
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise UserError(f'--output={output}: cannot write ({e.strerror}); the file is unchanged'
+                    ) from e
 
 
 def run_predict(config, workdir: str, inputs: list[str], output: str | None = None,
@@ -170,6 +193,8 @@ def run_predict(config, workdir: str, inputs: list[str], output: str | None = No
   if not inputs:
     raise UserError('--mode=predict needs --inputs=PATH[,PATH...] (image files, folders, '
                     '.npy/.npz arrays)')
+  if output:
+    check_output(output, inputs, workdir)
   goal = target(config, workdir, member)
   restored = Restored(goal, checkpoint, 'predict')
   read = images.read_inputs(inputs)
@@ -215,6 +240,11 @@ def run(mode: str, config, workdir: str, checkpoint: str | None = None, split: s
         inputs: list[str] | None = None, output: str | None = None,
         member: str | None = None) -> int:
   """Runs one of the modes other than train; returns the process's exit status."""
+  with signals.recorded():
+    return _run(mode, config, workdir, checkpoint, split, inputs, output, member)
+
+
+def _run(mode, config, workdir, checkpoint, split, inputs, output, member) -> int:
   configlib.validate(config)
   checkpoint = checkpoint or DEFAULT_CHECKPOINT[mode]
   if mode == 'eval':

@@ -34,7 +34,7 @@ import time
 import jax
 import numpy as np
 
-from digitjax import configlib, data, inference, loop, metrics as metrics_lib, parallel
+from digitjax import configlib, data, inference, loop, metrics as metrics_lib, parallel, signals
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
 from digitjax.metrics import log
@@ -228,7 +228,7 @@ def train(config, workdir: str) -> dict:
   (`pandas.DataFrame(results['members'])` tabulates them).
   """
   members = members_of(config, workdir)  # every member is checked before any work
-  with workdir_lib.claim(workdir, exclusive=parallel.is_main_process()):
+  with signals.recorded(), workdir_lib.claim(workdir, exclusive=parallel.is_main_process()):
     return workdir_lib.as_json(_train(config, workdir, members))
 
 
@@ -358,10 +358,14 @@ def _finished_population(files, config, members) -> dict | None:
     return None
   steps = {}
   for m in members:
-    r = workdir_lib.read_json(m.files.results, 'results file')
+    r = workdir_lib.read_results(m.files.results)
     if r is None:
       return None
     steps[m.name] = r.get('checkpoint_step')
+  if not isinstance(results['members'], list) or not all(
+      isinstance(r, dict) and 'name' in r for r in results['members']) or not all(
+      isinstance(results.get(k), (int, float)) for k in workdir_lib.RESULT_KEYS[:2]):
+    return None  # damaged: summarized again from the members
   recorded = {r['name']: r.get('checkpoint_step') for r in results['members']}
   if recorded != steps or results.get('config', {}).get('sweep') != workdir_lib.as_json(
       config.sweep.to_dict()):
@@ -389,7 +393,7 @@ def _gather(outcomes, members, splits) -> list[loop.Outcome]:
   result = []
   for m in members:
     p, k = m.index % jax.process_count(), m.index // jax.process_count()
-    r = workdir_lib.read_json(m.files.results, 'results file') or {}
+    r = workdir_lib.read_results(m.files.results) or {}
     diverged = r.get('diverged_at_step') is not None
     result.append(loop.Outcome(m, r, metrics_lib.read_history(m.files),
                                None if diverged else gathered['val'][p, k],

@@ -160,6 +160,23 @@ def read_json(path: str, what: str = 'file') -> dict | None:
   return obj
 
 
+RESULT_KEYS = ('test_accuracy', 'test_loss', 'checkpoint_step')
+
+
+def read_results(path: str) -> dict | None:
+  """A finished run's results.json, or None: absent, damaged, or missing a figure (then
+  reported; the run that finds it so writes it again)."""
+  results = read_json(path, 'results file')
+  if results is None or results.get('diverged_at_step') is not None:
+    return results
+  missing = [k for k in RESULT_KEYS if not isinstance(results.get(k), (int, float))]
+  if missing:
+    logging.warning('Ignoring the damaged results file %s (no %s); it will be written again',
+                    path, ', '.join(missing))
+    return None
+  return results
+
+
 def _short(e: Exception) -> str:
   return (str(e).splitlines() or [type(e).__name__])[0][:120]
 
@@ -216,8 +233,8 @@ class JsonLines:
       if record is None:
         torn += 1
       elif after_step is not None and isinstance(record.get('step'), int) and (
-          record['step'] > after_step):
-        dropped += 1
+          record['step'] > after_step or (record['step'] == after_step and 'test_loss' in record)):
+        dropped += 1  # written again by the resumed run (the test figures at its end too)
       else:
         keep.append(line)
     if torn:

@@ -1,0 +1,378 @@
+"""Every failure a user can cause ends in one clear line and loses nothing (issue 19): outputs
+that would overwrite inputs, torn and damaged run files, signals in every phase, concurrent data
+preparation, read-only workdirs, odd values and odd inputs. Item numbers are the issue's."""
+import fcntl
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import digitjax
+from conftest import ROOT, launch_args, small_config, write_dataset, workdir_snapshot
+from digitjax import images, modes
+from digitjax import workdir as workdir_lib
+from digitjax.errors import UserError
+
+
+@pytest.fixture(scope='module')
+def trained(idx_dir, tfds_dir, tmp_path_factory):
+  """A finished 3-epoch run (checkpoints at 22, 44, 66)."""
+  config = small_config(idx_dir, tfds_dir, num_epochs=3)
+  workdir = tmp_path_factory.mktemp('trained') / 'run'
+  return config, workdir, digitjax.train(config, str(workdir))
+
+
+@pytest.fixture
+def copy(trained, tmp_path):
+  config, workdir, results = trained
+  shutil.copytree(workdir, tmp_path / 'copy')
+  return config, tmp_path / 'copy', results
+
+
+def _epochs(workdir):
+  return [r['epoch'] for r in workdir_lib.read_jsonl(str(workdir / 'metrics.jsonl'))
+          if 'epoch' in r]
+
+
+def _one_error_line(proc, status=2):
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == status, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert lines and lines[-1].startswith('error: '), proc.stderr[-2000:]
+  return lines[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Outputs never overwrite inputs or a workdir's own files
+
+
+def test_predict_output_that_is_an_input_or_in_the_workdir_is_refused(copy, tmp_path):
+  config, workdir, _ = copy
+  folder = tmp_path / 'pictures'
+  folder.mkdir()
+  Image.fromarray(np.eye(28, dtype=np.uint8) * 255).save(folder / 'photo.jpg')
+  photo = (folder / 'photo.jpg').read_bytes()
+  results = (workdir / 'results.json').read_bytes()
+  for output, message in ((folder / 'photo.jpg', 'is one of the --inputs'),
+                          (workdir / 'results.json', 'is inside --workdir'),
+                          (workdir / 'new.csv', 'is inside --workdir'),
+                          (folder, 'is a folder')):
+    with pytest.raises(UserError, match=message):
+      modes.run_predict(config, str(workdir), [str(folder)], str(output))
+  assert (folder / 'photo.jpg').read_bytes() == photo
+  assert (workdir / 'results.json').read_bytes() == results
+  assert not (workdir / 'new.csv').exists()
+  # Elsewhere it is written, and it replaces an older file whole.
+  (tmp_path / 'out.csv').write_text('old')
+  assert modes.run_predict(config, str(workdir), [str(folder)], str(tmp_path / 'out.csv')) == 0
+  assert (tmp_path / 'out.csv').read_text().startswith('path,prediction,confidence\n')
+
+
+# ---------------------------------------------------------------------------------------------
+# 2, 10. Torn and repeated records
+
+
+def test_a_torn_last_line_is_repaired_and_no_record_is_written_twice(copy, idx_dir, tfds_dir,
+                                                                     caplog):
+  config, workdir, _ = copy
+  metrics = workdir / 'metrics.jsonl'
+  os.truncate(metrics, 150)  # what a kill or a power cut in mid-write leaves
+  results = digitjax.train(small_config(idx_dir, tfds_dir, num_epochs=4), str(workdir))
+  assert results['checkpoint_step'] == 88
+  assert 'removed 1 damaged line(s)' in caplog.text
+  records = [json.loads(line) for line in metrics.read_text().splitlines()]  # all whole
+  assert _epochs(workdir) == [4] or _epochs(workdir) == [1, 4]  # the torn record is gone
+  assert len([r for r in records if 'test_loss' in r]) == 1  # the old test record replaced
+  assert json.loads((workdir / 'results.json').read_text()) == results
+
+
+def test_lost_checkpoints_start_over_loudly_and_records_are_not_doubled(copy, idx_dir, tfds_dir,
+                                                                         caplog):
+  config, workdir, _ = copy
+  shutil.rmtree(workdir / 'checkpoints')
+  digitjax.train(config, str(workdir))
+  assert 'holds the metrics of an earlier run but no checkpoint' in caplog.text
+  assert _epochs(workdir) == [1, 2, 3]
+
+
+def test_a_resume_from_an_earlier_step_drops_the_later_records(copy):
+  config, workdir, _ = copy
+  for step in ('66', '44'):  # as if the last two saves had failed
+    shutil.rmtree(workdir / 'checkpoints' / step)
+  (workdir / 'results.json').unlink()
+  digitjax.train(config, str(workdir))
+  assert _epochs(workdir) == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Damaged results.json
+
+
+@pytest.mark.parametrize('content', ['garbage{', '', '[]', '{"checkpoint_step": 66}'])
+def test_a_damaged_results_file_is_written_again(copy, content, caplog):
+  config, workdir, results = copy
+  (workdir / 'results.json').write_text(content)
+  again = digitjax.train(config, str(workdir))
+  assert (again['test_loss'], again['checkpoint_step']) == (results['test_loss'], 66)
+  assert json.loads((workdir / 'results.json').read_text())['test_loss'] == results['test_loss']
+  assert 'Ignoring the damaged results file' in caplog.text
+  assert _epochs(workdir) == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Concurrent preparation of one data dir
+
+
+def test_a_run_waits_for_another_preparing_the_same_data_dir(tmp_path, processes):
+  idx = write_dataset(tmp_path / 'idx', n_train=200, n_test=50, seed=9)
+  data_dir = tmp_path / 'tfds'
+  data_dir.mkdir()
+  # This test holds the lock, as a run preparing the data would.
+  fd = os.open(data_dir / '.digitjax-preparing-mnist.lock', os.O_RDWR | os.O_CREAT)
+  fcntl.flock(fd, fcntl.LOCK_EX)
+  err = tmp_path / 'err'
+  args = launch_args('--config=configs/default.py', f'--workdir={tmp_path / "w"}',
+                     f'--config.data.manual_dir={idx}', f'--config.data.data_dir={data_dir}',
+                     '--config.data.verify_checksums=False', '--config.num_epochs=1',
+                     '--config.batch_size=16', '--config.eval_batch_size=50',
+                     '--config.plots=False')
+  proc = processes.popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(err, 'w'))
+  deadline = time.monotonic() + 120
+  while 'Another run is preparing mnist' not in err.read_text():
+    assert proc.poll() is None and time.monotonic() < deadline, err.read_text()[-2000:]
+    time.sleep(0.05)
+  assert not (data_dir / 'mnist').exists()  # it waits; it writes nothing meanwhile
+  os.close(fd)  # released: the waiting run prepares it (it was not prepared) and trains
+  assert proc.wait(timeout=300) == 0, err.read_text()[-2000:]
+
+
+@pytest.mark.slow
+def test_two_runs_preparing_one_fresh_data_dir_both_succeed(tmp_path, processes):
+  idx = write_dataset(tmp_path / 'idx', n_train=200, n_test=50, seed=9)
+  args = lambda w: launch_args(
+      '--config=configs/default.py', f'--workdir={tmp_path / w}', f'--config.data.manual_dir={idx}',
+      f'--config.data.data_dir={tmp_path / "tfds"}', '--config.data.verify_checksums=False',
+      '--config.num_epochs=1', '--config.batch_size=16', '--config.eval_batch_size=50',
+      '--config.plots=False')
+  runs = [processes.popen(args(w), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) for w in ('a', 'b')]
+  for run in runs:
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err[-3000:]
+    assert 'Traceback' not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Read-only workdirs
+
+
+@pytest.mark.slow
+def test_eval_and_report_on_a_read_only_workdir_end_in_one_line(copy, tmp_path, processes):
+  config, workdir, results = copy
+  ro = tmp_path / 'ro'
+  ro.mkdir()
+  if subprocess.run(['mount', '--bind', str(workdir), str(ro)]).returncode:
+    pytest.skip('mount is not permitted here')
+  try:
+    subprocess.run(['mount', '-o', 'remount,ro,bind', str(ro)], check=True)
+    before = workdir_snapshot(ro)
+    for mode in ('eval', 'report'):
+      proc = processes.run(launch_args(
+          '--config=configs/default.py', f'--workdir={ro}', f'--mode={mode}',
+          f'--config.data.manual_dir={config.data.manual_dir}',
+          f'--config.data.data_dir={config.data.data_dir}',
+          '--config.data.verify_checksums=False', '--config.batch_size=16',
+          '--config.eval_batch_size=50'), cwd=ROOT)
+      line = _one_error_line(proc)
+      assert 'Read-only file system' in line and str(ro) in line, line
+    assert workdir_snapshot(ro) == before
+  finally:
+    subprocess.run(['umount', str(ro)], check=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7, 12. Odd values
+
+
+def test_a_huge_eval_batch_is_not_padded_to(copy):
+  # eval_batch_size=1,000,000 used to pad every split to a million images (4.5 GB).
+  config, workdir, results = copy
+  config.eval_batch_size = 1_000_000
+  result = modes.run_eval(config, str(workdir), 'latest', 'test')
+  assert result['test_accuracy'] == pytest.approx(results['test_accuracy'], abs=0.02)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8, 14. Flags and config files
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('args, message', [
+    (['--config=configs/nope.py'], 'error: --config: configs/nope.py: no such file'),
+    (['--config=BAD'], 'error: --config: the config file does not load (SyntaxError'),
+    (['--config=configs/default.py', '--config.learnig_rate=0.1'],
+     "error: config.learnig_rate is not a config field; did you mean 'learning_rate'?"),
+    (['--config=configs/default.py', '--config.ensemble_size=3'],
+     'error: config.ensemble_size was removed: seed ensembles are populations now'),
+    (['--config=configs/default.py', '--mode=eval', '--inputs=a.png'],
+     'error: --inputs applies to --mode=predict only'),
+    (['--config=configs/default.py', '--mode=eval', '--checkpoint='],
+     "error: --checkpoint is empty: give 'best', 'latest' or a step number"),
+    (['--config=configs/default.py', '--config.num_epochs=inf'],
+     'error: config.num_epochs=inf is invalid'),
+])
+def test_flag_and_config_file_mistakes_are_one_line(tmp_path, processes, args, message):
+  bad = tmp_path / 'bad.py'
+  bad.write_text('def get_config(:\n')
+  args = [str(bad) if a == '--config=BAD' else a for a in args]
+  args = [f'--config={bad}' if a == str(bad) else a for a in args]
+  proc = processes.run(launch_args(*args, f'--workdir={tmp_path / "w"}'), cwd=ROOT, timeout=120)
+  assert proc.stderr.strip().splitlines() and len([
+      l for l in proc.stderr.splitlines() if l.startswith('error:')]) == 1
+  assert _one_error_line(proc).startswith(message)
+  assert 'usage' not in proc.stderr.lower()
+  assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.slow
+def test_an_input_path_with_a_comma_is_taken_whole(copy, tmp_path, processes):
+  config, workdir, _ = copy
+  path = tmp_path / 'one, two.npy'
+  np.save(path, np.eye(28, dtype=np.uint8)[None] * 255)
+  proc = processes.run(launch_args(
+      '--config=configs/default.py', f'--workdir={workdir}', '--mode=predict',
+      f'--inputs={path}', '--config.eval_batch_size=50'), cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.splitlines()[1].startswith(f'"{path}",')
+
+
+def test_an_error_after_the_workdir_is_claimed_leaves_no_empty_folder(tmp_path):
+  config = small_config(tmp_path / 'nowhere', tmp_path / 'tfds')
+  with pytest.raises(UserError, match='no such directory'):
+    digitjax.train(config, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 13. Odd inputs for predict
+
+
+def test_blank_arrays_symlink_loops_and_negative_floats_get_their_own_reasons(tmp_path):
+  blank = np.zeros((3, 28, 28), np.uint8)
+  blank[1, 10:18, 12:16] = 255
+  np.save(tmp_path / 'rows.npy', blank)
+  np.save(tmp_path / 'negative.npy', -np.ones((28, 28), np.float32))
+  os.symlink(tmp_path / 'loop_b', tmp_path / 'loop_a')
+  os.symlink(tmp_path / 'loop_a', tmp_path / 'loop_b')
+  os.symlink(tmp_path / 'gone.png', tmp_path / 'dangling.png')
+  read = images.read_inputs([str(tmp_path / n) for n in ('rows.npy', 'negative.npy', 'loop_a',
+                                                         'dangling.png')])
+  assert read.names == [f'{tmp_path / "rows.npy"}[1]']
+  assert dict(read.errors) == {
+      f'{tmp_path / "rows.npy"}[0]': 'blank image: no digit found',
+      f'{tmp_path / "rows.npy"}[2]': 'blank image: no digit found',
+      str(tmp_path / 'negative.npy'): 'array values span -1..-1; expected 0..255 or 0..1',
+      str(tmp_path / 'loop_a'): 'a loop of symbolic links',
+      str(tmp_path / 'dangling.png'): f'a symbolic link to {tmp_path / "gone.png"}, which does '
+                                      f'not exist'}
+
+
+@pytest.mark.slow
+def test_a_large_picture_is_read_and_a_giant_one_is_refused_in_one_line(tmp_path):
+  big = Image.new('L', (10_000, 10_000), 255)  # 100 megapixels: past Pillow's own 89M limit
+  big.paste(0, (4000, 3000, 5000, 7000))
+  big.save(tmp_path / 'big.png')
+  digit = images.to_mnist(images.read_image(str(tmp_path / 'big.png')))
+  assert digit.shape == (28, 28) and digit.max() == 255
+  Image.new('L', (16_000, 16_000), 0).save(tmp_path / 'giant.png')
+  read = images.read_inputs([str(tmp_path / 'giant.png')])
+  assert read.errors == [(str(tmp_path / 'giant.png'),
+                          'a picture of more than 250 megapixels; scale it down first')]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3, 9, 14. Signals in every phase
+
+
+def _run_until(processes, args, tmp_path, name, when):
+  """Starts `args`, sends a signal once `when(elapsed, stdout)` says so, returns the result."""
+  out, err = tmp_path / f'{name}.out', tmp_path / f'{name}.err'
+  proc = processes.popen(args, cwd=ROOT, stdout=open(out, 'w'), stderr=open(err, 'w'))
+  start = time.monotonic()
+  sent = None
+  while proc.poll() is None:
+    sig = when(time.monotonic() - start, out.read_text())
+    if sig and not sent:
+      proc.send_signal(sig)
+      sent = sig
+    time.sleep(0.01)
+  return proc.wait(), out.read_text(), err.read_text(), sent
+
+
+def _clean_end(status, stdout, stderr, note):
+  assert status in (0, 130, 143), (status, note, stderr[-3000:])
+  assert 'Traceback' not in stderr and 'Fatal Python error' not in stderr, (note, stderr[-3000:])
+  assert 'Exception ignored' not in stderr, (note, stderr[-3000:])
+  if status:
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith('stopped by SIG') or 'Stopped by SIG' in stdout, (note, last)
+
+
+@pytest.mark.slow
+def test_sigint_during_imports_and_compilation_stops_cleanly(idx_dir, tfds_dir, tmp_path,
+                                                             processes):
+  args = lambda w: launch_args(
+      '--config=configs/default.py', f'--workdir={tmp_path / w}', f'--config.data.manual_dir={idx_dir}',
+      f'--config.data.data_dir={tfds_dir}', '--config.data.verify_checksums=False',
+      '--config.batch_size=16', '--config.plots=False', '--config.compilation_cache_dir=',
+      '--config.model.dense_features=77')  # a width no cache holds: a slow compile
+  # 9. In the first second, while Python imports: the run stops, it never trains to the end.
+  status, out, err, sent = _run_until(processes, args('early'), tmp_path, 'early',
+                                      lambda t, o: signal.SIGINT if t > 0.5 else None)
+  assert sent and status == 130, (status, err[-2000:])
+  _clean_end(status, out, err, 'early')
+  assert 'Epoch' not in out and not (tmp_path / 'early' / 'results.json').exists()
+  # 3. While the train step compiles (just after the summary table): no segfault (139).
+  status, out, err, sent = _run_until(
+      processes, args('compiling'), tmp_path, 'compiling',
+      lambda t, o: signal.SIGINT if 'Total params' in o else None)
+  _clean_end(status, out, err, 'compiling')
+  assert status == 130 and 'stopped by SIGINT' in err.strip().splitlines()[-1], err[-2000:]
+
+
+@pytest.mark.slow
+def test_signals_at_twenty_random_moments_then_the_same_command_equals_a_clean_run(
+    idx_dir, tfds_dir, tmp_path, processes):
+  seed = 20261130
+  rng = random.Random(seed)
+  args = lambda w: launch_args(
+      '--config=configs/default.py', f'--workdir={tmp_path / w}',
+      f'--config.data.manual_dir={idx_dir}', f'--config.data.data_dir={tfds_dir}',
+      '--config.data.verify_checksums=False', '--config.batch_size=16',
+      '--config.num_epochs=3', '--config.eval_batch_size=50', '--config.chunk_steps=5',
+      '--config.plots=True', '--config.augment.enabled=True')
+  clean = processes.run(args('clean'), cwd=ROOT)
+  assert clean.returncode == 0, clean.stderr[-2000:]
+  for i in range(20):
+    moment = rng.uniform(0.0, 12.0)
+    sig = rng.choice([signal.SIGINT, signal.SIGTERM])
+    note = f'signal {i} of seed {seed}: {sig.name} at {moment:.2f} s'
+    status, out, err, _ = _run_until(processes, args('hit'), tmp_path, f'hit{i}',
+                                     lambda t, o: sig if t > moment else None)
+    _clean_end(status, out, err, note)
+    print(note, '->', status)
+  final = processes.run(args('hit'), cwd=ROOT)
+  assert final.returncode == 0, final.stderr[-2000:]
+  a, b = (json.loads((tmp_path / w / 'results.json').read_text()) for w in ('clean', 'hit'))
+  assert (a['test_loss'], a['val_loss'], a['checkpoint_step']) == (
+      b['test_loss'], b['val_loss'], b['checkpoint_step'])
+  assert _epochs(tmp_path / 'hit') == [1, 2, 3]
+  assert sorted(os.listdir(tmp_path / 'hit' / 'plots')) == sorted(
+      os.listdir(tmp_path / 'clean' / 'plots'))
