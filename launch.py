@@ -17,9 +17,14 @@ import sys  # noqa: E402
 from absl import app, flags, logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from digitjax.errors import UserError  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
-config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
+STORED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'digitjax',
+                             'stored_config.py')
+config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py); default: the config '
+                                'the --workdir was trained with.', lock_config=True)
 flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'report'],
                   'train; eval a checkpoint; predict digits in images; report: redraw the plots.')
 flags.DEFINE_string('checkpoint', None, "eval/predict/report: 'best', 'latest' or a step "
@@ -45,6 +50,8 @@ def fail(message: str, status: int = 2):
 def parse_flags(argv):
   """absl's parsing, with each mistake (an unknown flag or config field, a config file that is
   missing or does not load) as one line instead of a traceback or the usage text."""
+  if not any(a == '--config' or a.startswith('--config=') for a in argv[1:]):
+    argv = [argv[0], f'--config={STORED_CONFIG}', *argv[1:]]  # the workdir's own config
   try:
     rest = FLAGS(argv)
     config = FLAGS['config'].value  # the file is loaded, and the overrides applied, here
@@ -55,14 +62,16 @@ def parse_flags(argv):
     fail(f'{" ".join(str(e).split())[:300]}; see python launch.py --help')
   except (AttributeError, KeyError) as e:  # an override of a field the config does not have
     fail(_unknown_field_message(e))
+  except UserError as e:  # no --config, and a workdir without a trained run's config
+    fail(str(e))
   except Exception as e:  # a config file that is missing, or raises while loading
     if isinstance(e, OSError) or 'No such file' in str(e):
       fail(f'--config: {_config_path(argv)}: no such file; pick one of configs/*.py')
     fail(f'--config: the config file does not load ({type(e).__name__}: '
          f'{(str(e).splitlines() or [""])[0][:200]}); fix it or pick a file in configs/')
-  if FLAGS['workdir'].value is None or config is None:
-    fail(f'--{"workdir" if config is not None else "config"} is required (e.g. python '
-         f'launch.py --config=configs/default.py --workdir=runs/default)')
+  if FLAGS['workdir'].value is None:
+    fail('--workdir is required (e.g. python launch.py --config=configs/default.py '
+         '--workdir=runs/default)')
   return rest
 
 
@@ -112,6 +121,8 @@ def main(argv):
   check_mode_flags()
   if not FLAGS['verbosity'].present:  # orbax and tfds are chatty at INFO; -v 0 brings it back
     absl_logging.set_verbosity(absl_logging.WARNING)
+  from digitjax import metrics
+  metrics.quiet_notices()
   import jax
   from digitjax import configlib
   cache = configlib.compilation_cache_dir(FLAGS.config)

@@ -109,10 +109,13 @@ def read_idx_split(manual_dir: str, split: str, dataset: str,
 def _tensorflow_off_gpu() -> None:
   """TensorFlow only writes and reads data files here: keep it off any GPU so JAX has them.
 
-  Called before the tfds paths that import TensorFlow; the array_record reader never does.
+  Called before the tfds paths that import TensorFlow (preparing a dataset); the array_record
+  reader never does. Its C++ start-up notices stay off the console (metrics.quiet_native_stderr).
   """
-  import tensorflow as tf
-  tf.config.set_visible_devices([], 'GPU')
+  from digitjax import metrics
+  with metrics.quiet_native_stderr():
+    import tensorflow as tf
+    tf.config.set_visible_devices([], 'GPU')
 
 
 def _local_builder(dataset: str, manual_dir: str, verify_checksums: bool, data_dir: str | None):
@@ -296,6 +299,26 @@ def load_splits(config) -> Splits:
                                        split_seed(config), d.max_train_examples)
   take = lambda split, idx: {k: v[idx] for k, v in split.items()}
   return Splits(take(full_train, train_idx), take(full_train, val_idx), test)
+
+
+def first_images(config, splits: Splits, n: int = 9) -> dict[str, dict[str, np.ndarray]]:
+  """The first `n` images of MNIST's own order, as the tutorial shows them (training 5 0 4 1 9
+  2 1 3 1, test 7 2 1 0 4 1 4 9 5): tfds stores its examples shuffled, so they come from the
+  IDX files in data.manual_dir; the test ones carry their `index` in splits.test (found by their
+  pixels) for the predictions drawn on them. Without manual_dir, the first of tfds's order."""
+  d = config.data
+  if not d.manual_dir:
+    return {'train': {k: v[:n] for k, v in splits.train.items()},
+            'test': {**{k: v[:n] for k, v in splits.test.items()},
+                     'index': np.arange(min(n, len(splits.test['label'])))}}
+  firsts = {}
+  for split in ('train', 'test'):
+    images, labels = read_idx_split(d.manual_dir, split, config.dataset, False)
+    firsts[split] = {'image': images[:n], 'label': labels[:n].astype(np.int32)}
+  where = {splits.test['image'][i].tobytes(): i for i in range(len(splits.test['label']))}
+  index = np.array([where.get(image.tobytes(), -1) for image in firsts['test']['image']])
+  firsts['test']['index'] = index
+  return firsts
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,6 +147,31 @@ def abstract_state(config, mesh):
                       shapes)
 
 
+def stored_config(workdir: str) -> dict | None:
+  """The config a workdir was trained with, as a dict: a population's config.json, else a run's
+  results.json, else the record of its newest readable checkpoint; None if it holds none."""
+  files = workdir_lib.RunFiles.of(workdir)
+  for path in (files.config, files.results):
+    record = workdir_lib.read_json(path, 'record')
+    if record and isinstance(record.get('config'), dict):
+      return record['config']
+  if not os.path.isdir(files.checkpoints):
+    return None
+  with _read_only_notices_hidden():
+    checkpoints = ckpt_lib.Checkpoints(files.checkpoints, read_only=True)
+  try:
+    for step in reversed(checkpoints.steps()):
+      try:
+        meta = checkpoints.read_meta(step)
+      except Exception:  # damaged: an older one may do
+        continue
+      if isinstance(meta.get('config'), dict):
+        return meta['config']
+  finally:
+    checkpoints.close()
+  return None
+
+
 def open_checkpoints(files: workdir_lib.RunFiles) -> ckpt_lib.Checkpoints:
   directory = files.checkpoints
   if not os.path.isdir(directory):

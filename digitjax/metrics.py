@@ -3,13 +3,58 @@ and TensorBoard event files of a run. Only process 0 writes (or, for a populatio
 one process trains alone, that process)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import sys
 import time
 
 from digitjax import parallel
 from digitjax import workdir as workdir_lib
+
+
+# Other libraries' notices with nothing for a digitjax user to act on: tfds on a prepared
+# dataset's folder before its first preparation, and on decoding PNGs without OpenCV.
+_NOTICES = ('Variant folder ', 'OpenCV is not installed')
+
+
+class _DropNotices(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno <= logging.WARNING and
+                str(record.msg).startswith(_NOTICES))
+
+
+def verbose() -> bool:
+  """Whether the user asked for other libraries' messages (launch.py's -v 0 or more)."""
+  from absl import logging as absl_logging
+  return absl_logging.get_verbosity() >= absl_logging.INFO
+
+
+def quiet_notices() -> None:
+  """Keeps the notices above off the console (-v brings them back)."""
+  if not verbose():
+    logging.getLogger('absl').addFilter(_DropNotices())
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+  """While TensorFlow's C++ libraries load, their start-up notices (oneDNN, CUDA probing,
+  absl's 'before InitializeLog') go to the process's stderr file descriptor, beyond Python's
+  logging: it points at /dev/null for that moment only, unless -v was given. A Python error
+  raised meanwhile is printed after it points back."""
+  if verbose():
+    yield
+    return
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
 
 
 def log(msg: str = '') -> None:

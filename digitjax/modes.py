@@ -225,7 +225,8 @@ def run_report(config, workdir: str, checkpoint: str = 'latest',
     return []
   from digitjax import report  # matplotlib is imported only when pictures are drawn
   histories = [metrics_lib.read_history(m.files) for m in goal.members]
-  paths = report.draw_all(goal.files.plots, splits, test_logits, histories[0])
+  paths = report.draw_all(goal.files.plots, splits, test_logits, histories[0],
+                          data.first_images(goal.members[0].config, splits))
   if goal.population is not None:
     paths += report.draw_population(
         goal.files.plots, goal.results, [metrics_lib.read_history(m.files)

@@ -232,8 +232,17 @@ def train(config, workdir: str) -> dict:
     return workdir_lib.as_json(_train(config, workdir, members))
 
 
+def _check_not_old_variants(workdir: str) -> None:
+  """Ensembles of variants were written as workdir/variant<i>/ by an earlier digitjax."""
+  if os.path.isdir(os.path.join(workdir, 'variant0')):
+    raise UserError(f'--workdir={workdir} holds ensembles of variants (variant0/, ...) written '
+                    f'by an earlier digitjax; they are populations now (members/<i>-<overrides>/'
+                    f'): train again in a new --workdir')
+
+
 def _train(config, workdir, members) -> dict:
   parallel.check_cpu_layout(config.distributed.allow_several_cpu_devices)
+  _check_not_old_variants(workdir)
   single = len(members) == 1 and members[0].name == 'base'
   files = workdir_lib.RunFiles.of(workdir)
   if single:
@@ -276,7 +285,7 @@ def _train(config, workdir, members) -> dict:
     if config.plots and parallel.is_main_process() and outcome.test_logits is not None:
       from digitjax import report  # matplotlib is imported only when pictures are drawn
       report.draw_all(files.plots, splits, outcome.test_logits,
-                      metrics_lib.read_history(files))
+                      metrics_lib.read_history(files), data.first_images(config, splits))
     return outcome.results
   if shard:
     outcomes = _gather(outcomes, members, splits)
@@ -467,7 +476,8 @@ def summarize(config, workdir: str, outcomes: list[loop.Outcome], splits,
       from digitjax import report  # matplotlib is imported only when pictures are drawn
       report.draw_population(files.plots, results, [o.history for o in outcomes],
                              swept_fields(config))
-      report.draw_all(files.plots, splits, test_logits, _curves_of(outcomes, chosen))
+      report.draw_all(files.plots, splits, test_logits, _curves_of(outcomes, chosen),
+                      data.first_images(config, splits))
   return results
 
 

@@ -45,7 +45,8 @@ def _digit_grid(fig: Figure, images: np.ndarray, titles: list[str], colors: list
 
 
 def draw_samples(train: dict, path: str) -> str:
-  """The tutorial's first figure: the first nine training images, with their labels."""
+  """The tutorial's first figure: the first nine training images (MNIST's own order,
+  data.first_images), with their labels."""
   fig = _figure(6, 6.4)
   n = min(9, len(train['label']))
   _digit_grid(fig, train['image'][:n], [f'Label: {l}' for l in train['label'][:n]], ['black'] * n)
@@ -126,7 +127,8 @@ def draw_confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_class
 
 
 def draw_predictions(test: dict, predictions: np.ndarray, path: str) -> str:
-  """The tutorial's last figure: the first nine test images titled with the prediction."""
+  """The tutorial's last figure: the first nine test images (MNIST's own order) titled with
+  the model's prediction."""
   fig = _figure(6, 6.6)
   n = min(9, len(predictions))
   right = predictions[:n] == test['label'][:n]
@@ -164,19 +166,26 @@ def draw_mistakes(test: dict, probabilities: np.ndarray, path: str, count: int =
   return _save(fig, path)
 
 
-def draw_all(plots: str, splits, test_logits: np.ndarray, history: list[dict]) -> list[str]:
-  """All of a run's pictures in the folder `plots`; returns their paths."""
+def draw_all(plots: str, splits, test_logits: np.ndarray, history: list[dict],
+             firsts: dict | None = None) -> list[str]:
+  """All of a run's pictures in the folder `plots`; returns their paths. `firsts`: the images
+  the tutorial shows first (data.first_images); default, the splits' first."""
   os.makedirs(plots, exist_ok=True)
   path = lambda name: os.path.join(plots, name)
   probabilities = np.asarray(jax.nn.softmax(test_logits.astype(np.float32), axis=-1))
   predictions = probabilities.argmax(-1)
+  if firsts is None:
+    firsts = {'train': splits.train,
+              'test': {**splits.test, 'index': np.arange(min(9, len(predictions)))}}
+  shown = firsts['test']['index']
   return [
-      draw_samples(splits.train, path('samples.png')),
+      draw_samples(firsts['train'], path('samples.png')),
       draw_class_counts(splits.counts(), path('class_counts.png')),
       draw_curves(history, path('curves.png')),
       draw_confusion_matrix(splits.test['label'], predictions, probabilities.shape[-1],
                             path('confusion_matrix.png')),
-      draw_predictions(splits.test, predictions, path('predictions.png')),
+      draw_predictions({k: v for k, v in firsts['test'].items() if k != 'index'},
+                       predictions[shown], path('predictions.png')),
       draw_mistakes(splits.test, probabilities, path('mistakes.png')),
   ]
 

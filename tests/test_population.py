@@ -267,3 +267,24 @@ def _wait_for(proc, path, text, timeout=300):
     assert proc.poll() is None, f'ended before {text!r}: {path.read_text()[-2000:]}'
     assert time.monotonic() < deadline, f'no {text!r} within {timeout} s'
     time.sleep(0.05)
+
+
+def test_workdirs_of_the_earlier_ensembles_get_one_line_saying_what_changed(config, tmp_path):
+  from digitjax import checkpoint as ckpt_lib
+  # A seed ensemble: one stacked state whose record says ensemble_size=3.
+  old = tmp_path / 'stacked'
+  checkpoints = ckpt_lib.Checkpoints(str(old / 'checkpoints'))
+  fields = {**ckpt_lib.resume_fields(config.to_dict()), 'ensemble_size': 3}
+  checkpoints.save(22, {'w': np.zeros(3, np.float32)}, {'resume_fields': fields})
+  checkpoints.wait()
+  checkpoints.close()
+  with pytest.raises(UserError, match=r'holds a seed ensemble of 3 models stacked in one state, '
+                                      r'written by an earlier digitjax; ensembles are '
+                                      r'populations now'):
+    digitjax.train(config, str(old))
+  # Ensembles of variants: workdir/variant<i>/.
+  (tmp_path / 'variants' / 'variant0').mkdir(parents=True)
+  config.sweep.grid = 'seed=0,1'
+  with pytest.raises(UserError, match=r'holds ensembles of variants \(variant0/, ...\) written by '
+                                      r'an earlier digitjax'):
+    digitjax.train(config, str(tmp_path / 'variants'))
