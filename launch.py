@@ -1,6 +1,7 @@
 """Runs digitjax: python launch.py --config=configs/default.py --workdir=DIR [--config.x=y].
 
---mode=train (default) trains; eval, predict and report use a trained workdir (README.md).
+--mode=train (default) trains; eval, predict, report and export use a trained workdir
+(README.md).
 
 Every failure a user can cause ends in one line on stderr and a documented exit status:
   0  done;  1  predict: some inputs could not be read (one line each, the others predicted);
@@ -25,21 +26,24 @@ STORED_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'digitj
                              'stored_config.py')
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py); default: the config '
                                 'the --workdir was trained with.', lock_config=True)
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'report'],
-                  'train; eval a checkpoint; predict digits in images; report: redraw the plots.')
-flags.DEFINE_string('checkpoint', None, "eval/predict/report: 'best', 'latest' or a step "
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'report', 'export'],
+                  'train; eval a checkpoint; predict digits in images; report: redraw the plots; '
+                  'export: write a TensorFlow SavedModel and an ONNX model.')
+flags.DEFINE_string('checkpoint', None, "eval/predict/report/export: 'best', 'latest' or a step "
                     "(default: best; report: latest, the state results.json describes).")
 flags.DEFINE_enum('split', 'test', ['train', 'validation', 'test'], 'eval: the split to evaluate.')
 flags.DEFINE_string('inputs', None, 'predict: image files, folders of them, .npy/.npz arrays, '
                     'separated by commas (a path that exists as given is taken whole, commas '
                     'and all).')
-flags.DEFINE_string('output', None, 'predict: the CSV file to write (default: stdout).')
-flags.DEFINE_string('member', None, 'eval/predict/report on a population: one member (its index '
-                    'or name) instead of what the population delivers.')
+flags.DEFINE_string('output', None, 'predict: the CSV file to write (default: stdout); export: '
+                    'the folder to write savedmodel/ and model.onnx into (default: '
+                    'WORKDIR/export).')
+flags.DEFINE_string('member', None, 'eval/predict/report/export on a population: one member (its '
+                    'index or name) instead of what the population delivers.')
 # The modes each optional flag means something to: anywhere else it is a mistake, not a no-op.
-MODE_FLAGS = {'checkpoint': ('eval', 'predict', 'report'), 'split': ('eval',),
-              'inputs': ('predict',), 'output': ('predict',),
-              'member': ('eval', 'predict', 'report')}
+MODE_FLAGS = {'checkpoint': ('eval', 'predict', 'report', 'export'), 'split': ('eval',),
+              'inputs': ('predict',), 'output': ('predict', 'export'),
+              'member': ('eval', 'predict', 'report', 'export')}
 
 
 def fail(message: str, status: int = 2):

@@ -219,7 +219,7 @@ def _as_mnist_pixels(array: np.ndarray) -> np.ndarray:
   if array.dtype.kind in 'bf' and values.size and values.max() <= 1.0:
     values = values * 255.0  # [0, 1] floats, as many pipelines keep images
   if values.size and (values.min() < 0 or values.max() > 255):
-    raise InputError(f'array values span {values.min():g}..{values.max():g}; expected 0..255 '
+    raise InputError(f'array values span {array.min():g}..{array.max():g}; expected 0..255 '
                      f'or 0..1')
   return np.round(values).astype(np.uint8)
 
@@ -258,7 +258,7 @@ def read_array(path: str) -> tuple[list[str], np.ndarray]:
   if not images:
     raise InputError('; '.join(rejected) or 'no arrays in the file')
   pixels = np.concatenate(images)
-  blank = pixels.reshape(len(pixels), -1).ptp(axis=1) == 0
+  blank = np.ptp(pixels.reshape(len(pixels), -1), axis=1) == 0
   errors = [(name, 'blank image: no digit found') for name, b in zip(names, blank) if b]
   return [n for n, b in zip(names, blank) if not b], pixels[~blank], errors
 

@@ -1,9 +1,9 @@
-"""The modes that put a trained workdir to use without training: eval, predict, report.
+"""The modes that put a trained workdir to use without training: eval, predict, report, export.
 
 Each works on a single run, on one member of a population (`member`: its index or name), or on
 what a population delivers (its selection: the best member, or the mean probabilities of
 several). Checkpoints are opened read-only. eval adds eval.json, report redraws plots/, predict
-writes only its --output. Evaluation goes through the Evaluator training used, with the
+writes only its --output, export only its folder (workdir/export unless --output names another). Evaluation goes through the Evaluator training used, with the
 config's eval_batch_size, so `--checkpoint=latest` reproduces results.json exactly.
 """
 from __future__ import annotations
@@ -14,9 +14,11 @@ import io
 import os
 import sys
 
+import jax
 import numpy as np
 
 from digitjax import configlib, data, inference, loop, metrics as metrics_lib, parallel, signals
+from digitjax import model as model_lib
 from digitjax import population as population_lib
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
@@ -237,6 +239,89 @@ def run_report(config, workdir: str, checkpoint: str = 'latest',
   return paths
 
 
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def export_folder(workdir: str, output: str | None) -> str:
+  return output or os.path.join(workdir, workdir_lib.EXPORT)
+
+
+def check_export_output(folder: str, output: str | None, config, workdir: str) -> None:
+  """Refuses, before any work, an --output export must not write to: an existing file, a
+  folder inside checkpoints (the workdir's or a member's), or a folder whose savedmodel or
+  model.onnx is something export did not write."""
+  given = f'--output={output}' if output else f'the export folder {folder}'
+  target = os.path.realpath(folder)
+  if os.path.exists(target) and not os.path.isdir(target):
+    raise UserError(f'{given} is an existing file; export writes a folder '
+                    f'({workdir_lib.EXPORT_SAVEDMODEL}/ and {workdir_lib.EXPORT_ONNX}): give a '
+                    f'folder path')
+  runs = [workdir_lib.RunFiles.of(workdir)] + [
+      m.files for m in population_lib.members_of(config, workdir)]
+  for files in runs:
+    for name in (workdir_lib.CHECKPOINTS, workdir_lib.DAMAGED_CHECKPOINTS):
+      protected = os.path.realpath(files.path(name))
+      if target == protected or target.startswith(protected + os.sep):
+        raise UserError(f'{given} is inside {files.path(name)}, which only training writes; '
+                        f'export elsewhere (the default is {export_folder(workdir, None)})')
+  savedmodel = os.path.join(target, workdir_lib.EXPORT_SAVEDMODEL)
+  if os.path.lexists(savedmodel) and not os.path.isfile(os.path.join(savedmodel,
+                                                                     'saved_model.pb')):
+    raise UserError(f'{os.path.join(folder, workdir_lib.EXPORT_SAVEDMODEL)} exists and is not '
+                    f'a SavedModel, so export will not replace it; move it, or give another '
+                    f'--output')
+  onnx_file = os.path.join(target, workdir_lib.EXPORT_ONNX)
+  if os.path.isdir(onnx_file):
+    raise UserError(f'{os.path.join(folder, workdir_lib.EXPORT_ONNX)} is a folder, so export '
+                    f'will not replace it; move it, or give another --output')
+
+
+def run_export(config, workdir: str, output: str | None = None, checkpoint: str = 'best',
+               member: str | None = None) -> list[str]:
+  """Writes what the target delivers as `<folder>/savedmodel/` (TensorFlow) and
+  `<folder>/model.onnx` (ONNX), one function: uint8 images 'images' (N, 28, 28) -> float32
+  'probabilities' (N, classes), the members' mean for a population's selection (export.py).
+  The folder is `output`, or workdir/export; each file is written aside and renamed into place,
+  replacing an earlier export's. Returns the paths written, one line printed for each."""
+  from digitjax import export  # its TensorFlow and onnx are imported when the files are written
+  missing = export.missing_packages()
+  if missing:
+    raise UserError(f'--mode=export needs {" and ".join(missing)}, which '
+                    f'{"is" if len(missing) == 1 else "are"} not installed; pip install -e '
+                    f'\'.[export]\'')
+  folder = export_folder(workdir, output)
+  check_export_output(folder, output, config, workdir)
+  goal = target(config, workdir, member)
+  restored = Restored(goal, checkpoint, 'export')
+  members = [(model_lib.build_model(m.config.model), jax.device_get(state.variables()))
+             for m, state in zip(goal.members, restored.states)]
+  signals.check('before exporting; nothing was written')
+  if not parallel.is_main_process():  # every process restores; one writes
+    return []
+  what = (f'checkpoint step {restored.step} ({checkpoint}){goal.what}: uint8 images (N, 28, 28) '
+          f'-> probabilities (N, {goal.members[0].config.model.num_classes})')
+  written = []
+  try:
+    os.makedirs(folder, exist_ok=True)
+    for name, write, kind in ((workdir_lib.EXPORT_SAVEDMODEL, export.export_savedmodel,
+                               'TensorFlow SavedModel'),
+                              (workdir_lib.EXPORT_ONNX, export.export_onnx, 'ONNX model')):
+      if written:
+        signals.check(f'after writing {written[-1]} only')
+      path = os.path.join(folder, name)
+      with workdir_lib.written_aside(path) as tmp:
+        write(members, tmp)
+      written.append(path)
+      log(f'Wrote {path}: {kind} of {what}')
+  except OSError as e:
+    raise UserError(f'cannot write the export to {folder} ({e.strerror or e}'
+                    f'{f": {e.filename}" if e.filename else ""}); '
+                    f'{"wrote only " + ", ".join(written) if written else "nothing was written"};'
+                    f' make it writable (or free space), or give another --output') from e
+  return written
+
+
 def run(mode: str, config, workdir: str, checkpoint: str | None = None, split: str = 'test',
         inputs: list[str] | None = None, output: str | None = None,
         member: str | None = None) -> int:
@@ -255,5 +340,8 @@ def _run(mode, config, workdir, checkpoint, split, inputs, output, member) -> in
     return run_predict(config, workdir, inputs, output, checkpoint, member)
   if mode == 'report':
     run_report(config, workdir, checkpoint, member)
+    return 0
+  if mode == 'export':
+    run_export(config, workdir, output, checkpoint, member)
     return 0
   raise UserError(f'--mode={mode!r} is unknown: use train, eval, predict, report or export')

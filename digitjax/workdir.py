@@ -9,7 +9,9 @@ Layout of a run (a population of one member):
   results.json       the finished run's figures
   eval.json          the last --mode=eval
   plots/             PNG pictures
-  export/            --mode=export's SavedModel and ONNX files
+  export/            --mode=export's files (the default --output; another folder may be given):
+    savedmodel/      a TensorFlow SavedModel of what the run delivers
+    model.onnx       an ONNX model of the same function
 A population of several members adds, beside its own config.json, results.json and plots/:
   members/<i>-<overrides>/   each member's files, laid out as a run's (TensorBoard's under
   tensorboard/<i>-<overrides>/, so that TensorBoard overlays the members)
@@ -37,6 +39,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import socket
 
 from digitjax.errors import UserError
@@ -50,6 +53,8 @@ RESULTS = 'results.json'
 EVAL = 'eval.json'
 PLOTS = 'plots'
 EXPORT = 'export'
+EXPORT_SAVEDMODEL = 'savedmodel'
+EXPORT_ONNX = 'model.onnx'
 MEMBERS = 'members'
 POPULATION_CSV = 'population.csv'
 LOCK_FILE = 'run.lock'
@@ -128,6 +133,51 @@ def write_json_atomic(path: str, obj) -> None:
     with contextlib.suppress(OSError):
       os.unlink(tmp)
     raise
+
+
+def aside(path: str) -> str:
+  """Where a file or folder is written before it is renamed to `path`: beside it, so the rename
+  stays on one file system."""
+  return f'{path}.{os.getpid()}.tmp'
+
+
+@contextlib.contextmanager
+def written_aside(path: str):
+  """Yields a path beside `path` to write a file or a folder to; when the block ends without an
+  error it is renamed to `path`, replacing what was there, else it is removed.
+
+  A file is replaced in one rename. A folder cannot be renamed over a non-empty one: the old is
+  renamed aside first and removed after the new one is in place, so `path` is missing only
+  between two renames, and a kill there leaves the old folder as `<path>.<pid>.old`.
+  """
+  tmp = aside(path)
+  _remove(tmp)
+  try:
+    yield tmp
+    if os.path.isdir(tmp) and os.path.isdir(path):
+      old = f'{path}.{os.getpid()}.old'
+      _remove(old)
+      os.rename(path, old)
+      try:
+        os.rename(tmp, path)
+      except BaseException:
+        os.rename(old, path)
+        raise
+      with contextlib.suppress(OSError):  # the new folder is in place: a leftover is harmless
+        _remove(old)
+    else:
+      os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      _remove(tmp)
+    raise
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path)
+  elif os.path.lexists(path):
+    os.unlink(path)
 
 
 def as_json(obj):
