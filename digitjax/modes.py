@@ -296,6 +296,8 @@ def run_export(config, workdir: str, output: str | None = None, checkpoint: str 
   restored = Restored(goal, checkpoint, 'export')
   members = [(model_lib.build_model(m.config.model), jax.device_get(state.variables()))
              for m, state in zip(goal.members, restored.states)]
+  with metrics_lib.quiet_native_stderr():  # TensorFlow's C++ start-up notices (jax2tf needs it)
+    import tensorflow  # noqa: F401
   signals.check('before exporting; nothing was written')
   if not parallel.is_main_process():  # every process restores; one writes
     return []

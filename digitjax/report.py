@@ -219,6 +219,7 @@ def draw_member_curves(members: list[dict], histories: list[list[dict]], path: s
               label=m['name'] + (' (delivered)' if m['selected'] else ''))
   ax.set_xlabel('epoch')
   ax.set_ylabel('validation accuracy')
+  ax.xaxis.get_major_locator().set_params(integer=True)  # whole epochs
   ax.set_title(f'Validation accuracy per epoch, {len(members)} members')
   ax.grid(alpha=0.3)
   if len(members) <= 16 and ax.lines:
@@ -270,5 +271,6 @@ def draw_fields(members: list[dict], fields: list[str], path: str) -> str:
     ax.grid(alpha=0.3)
   seeds = sorted({m['overrides'].get('seed') for m in scored} - {None})
   fig.suptitle('Final validation accuracy by setting' +
-               (f' (mean and spread over seeds {seeds})' if len(seeds) > 1 else ''))
+               (f'\n(mean, and min-max over seeds {", ".join(map(str, seeds))})'
+                if len(seeds) > 1 else ''), fontsize=11)
   return _save(fig, path)

@@ -250,7 +250,7 @@ def test_an_input_path_with_a_comma_is_taken_whole(copy, tmp_path, processes):
       '--config=configs/default.py', f'--workdir={workdir}', '--mode=predict',
       f'--inputs={path}', '--config.eval_batch_size=50'), cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert proc.stdout.splitlines()[1].startswith(f'"{path}",')
+  assert proc.stdout.splitlines()[1].startswith(f'"{path}[0]",')  # quoted: it holds a comma
 
 
 def test_an_error_after_the_workdir_is_claimed_leaves_no_empty_folder(tmp_path):
