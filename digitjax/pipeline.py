@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from digitjax import data, parallel
 
@@ -74,11 +75,13 @@ class DeviceInput:
     self.steps_per_epoch = len(arrays['label']) // batch_size
     self.chunk = max(1, min(chunk_steps, self.steps_per_epoch))
     self.sync_every = 1  # wait after every call: a call is already `chunk` steps
-    sharding = (parallel.member_sharding(mesh, batch=True) if members
-                else parallel.batch_sharding(mesh))
-    self._jitted = jax.jit(functools.partial(scan_steps, step_fn, self.chunk, batch_size,
-                                             sharding),
-                           donate_argnums=(0, 1))
+    apart = bool(members) and mesh.shape['members'] > 1
+    sharding = (P(None, 'data') if apart else parallel.member_sharding(mesh, batch=True)
+                if members else parallel.batch_sharding(mesh))
+    program = functools.partial(scan_steps, step_fn, self.chunk, batch_size, sharding)
+    if apart:
+      program = _members_apart(program, mesh)
+    self._jitted = jax.jit(program, donate_argnums=(0, 1))
     self._run = None
 
   def perm_sharding(self):
@@ -110,6 +113,19 @@ class DeviceInput:
                               numbers)
       step += n
       yield state, sums, step
+
+
+def _members_apart(program, mesh):
+  """A vmapped group whose members are spread over the mesh's 'members' axis: each slice of
+  that axis runs the scan for its own members only (shard_map), data parallelism within a
+  member staying automatic. Members never exchange anything: compiled for TPU v5e, the plain
+  vmapped program all-gathered conv1's input and the permutation across member chips at every
+  step (benchmarks/tpu_compile.py)."""
+  member = P('members')
+  return jax.shard_map(program, mesh=mesh,
+                       in_specs=(member, member, P(), member, P(), P(), member),
+                       out_specs=(member, member), axis_names=frozenset({'members'}),
+                       check_vma=False)
 
 
 def scan_steps(step_fn, chunk, batch_size, sharding, state, sums, arrays, perm, first_step,
