@@ -18,7 +18,6 @@ import functools
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from typing import Any

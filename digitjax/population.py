@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import ast
 import csv
-import dataclasses
 import io
 import itertools
 import json
-import logging
+import math
 import os
 import re
 import time
@@ -34,7 +33,8 @@ import time
 import jax
 import numpy as np
 
-from digitjax import configlib, data, inference, loop, metrics as metrics_lib, parallel, signals
+from digitjax import configlib, data, inference, loop, metrics as metrics_lib
+from digitjax import model as model_lib, parallel, signals
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
 from digitjax.metrics import log
@@ -295,7 +295,6 @@ def _train(config, workdir, members) -> dict:
 
 
 def _train_group(group, splits, stop, shard: bool, single: bool) -> list[loop.Outcome]:
-  from digitjax import model as model_lib
   cfg = group[0].config
   mesh = parallel.make_mesh(local=shard)
   parallel.check_divisible('batch_size', cfg.batch_size, mesh)
@@ -317,7 +316,6 @@ def _train_group(group, splits, stop, shard: bool, single: bool) -> list[loop.Ou
 
 def _member_axis(group_size: int, mesh) -> int:
   """Devices along 'members' for a vmapped group: as many as divide both."""
-  import math
   return math.gcd(group_size, mesh.devices.size)
 
 

@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from conftest import ROOT, small_config
+from conftest import ROOT
 from digitjax import configlib
 from digitjax.errors import UserError
 

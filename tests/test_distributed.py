@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, small_config, write_dataset
-from digitjax import checkpoint as ckpt_lib, inference, parallel, steps
+from digitjax import checkpoint as ckpt_lib, inference, parallel
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 300
@@ -158,7 +158,7 @@ def test_a_population_dealt_out_to_two_processes_equals_one_process(data, tmp_pa
   args = lambda w: base_args(idx_dir, tfds_dir, w, '--config.num_epochs=1',
                              '--config.data.max_train_examples=600',
                              '--config.sweep.grid=learning_rate=0.02,0.01; seed=0,1')
-  one = ok(launch(args(tmp_path / 'one')))
+  ok(launch(args(tmp_path / "one")))
   two = ok(launch(args(tmp_path / 'two'), count=2))
   assert '4 members over 2 processes: each trains its own' in two[0].stdout
   assert 'Epoch' not in two[1].stdout  # process 0 speaks for all

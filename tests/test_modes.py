@@ -8,7 +8,7 @@ import pytest
 
 import digitjax
 from conftest import ROOT, launch_args, small_config, workdir_snapshot
-from digitjax import data, inference, metrics, modes, population
+from digitjax import data, inference, metrics, modes
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
 

@@ -4,7 +4,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from conftest import synthetic_digits
-import functools
 
 from digitjax import data, parallel, pipeline, steps
 

@@ -3,7 +3,6 @@ results a person can read, resume after a kill, members shared out over processe
 import csv
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
