@@ -6,8 +6,9 @@
 
 Runs, as separate `launch.py` processes on the same machine, one after another: the population
 (`--config` with `--config.sweep.grid=GRID`) once per execution in `--executions` ('auto' is the
-package's choice: 'map' on CPU), then each member as its own single run (the same config with the
-member's overrides and the population's validation holdout). Prints the training seconds (steps
+package's choice: 'map' on CPU), and each member as its own single run (the same config with the
+member's overrides and the population's validation holdout); `--repeats N` does both N times,
+the order alternating, and gives the median ratios. Prints the training seconds (steps
 only, from results.json) and whole jobs' wall time of each, their ratios, and whether each
 member's test loss equals its single run's (they do, bit for bit, under 'map'). Extra
 `--config.*` overrides apply to every job.
@@ -15,6 +16,7 @@ member's test loss equals its single run's (they do, bit for bit, under 'map'). 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +53,8 @@ def main():
   parser.add_argument('--train-examples', type=int, default=0, help='0: all')
   parser.add_argument('--epochs', type=float, default=None, help="default: the config's")
   parser.add_argument('--executions', default='auto', help='e.g. map,vmap')
+  parser.add_argument('--repeats', type=int, default=1,
+                      help='population and single runs, this many times, the order alternating')
   parser.add_argument('--json', help='write the figures here')
   args, overrides = parser.parse_known_args()
   if any(not o.startswith('--config.') for o in overrides):
@@ -69,47 +73,70 @@ def main():
     config.sweep.grid = args.grid
     common.append(f'--config.sweep.grid={args.grid}')
   members = population.members_of(config, '/unused')
-  figures = {'members': [m.name for m in members], 'populations': {}, 'singles': []}
-  with tempfile.TemporaryDirectory() as root:
+  figures = {'members': [m.name for m in members], 'repeats': []}
+
+  def populations(root, r):
+    out = {}
     for execution in args.executions.split(','):
       wall, res = job(data, args.data_dir, args.config,
                       common + [f'--config.sweep.execution={execution}'],
-                      os.path.join(root, f'population-{execution}'))
+                      os.path.join(root, f'population-{execution}-{r}'))
       seconds = [m['train_seconds'] or 0.0 for m in res['members']]
-      figures['populations'][execution] = {
+      out[execution] = {
           'job_seconds': wall, 'population_seconds': res['train_seconds'],
           'train_seconds': max(seconds) if execution == 'vmap' else sum(seconds),
           'diverged': [m['name'] for m in res['members'] if m['diverged_at_step'] is not None],
           'test_loss': [m['test_loss'] for m in res['members']],
           'test_accuracy': [m['test_accuracy'] for m in res['members']]}
+    return out
+
+  def singles(root, r):
+    out = []
     for i, m in enumerate(members):
       single = [f'--config.{k}={population.format_value(v)}' for k, v in m.overrides.items()]
       wall, res = job(data, args.data_dir, args.config,
                       [c for c in common if not c.startswith('--config.sweep.grid=')] + single +
                       ['--config.sweep.grid=', f'--config.data.split_seed={config.seed}'],
-                      os.path.join(root, f'single{i}'))
-      figures['singles'].append({'name': m.name, 'job_seconds': wall,
-                                 'train_seconds': res.get('train_seconds'),
-                                 'test_loss': res.get('test_loss'),
-                                 'test_accuracy': res.get('test_accuracy')})
-  singles = figures['singles']
-  train_s, wall_s = (sum(s[k] or 0.0 for s in singles) for k in ('train_seconds', 'job_seconds'))
-  print(f'{len(members)} members ({", ".join(figures["members"][:3])}, ...)')
-  print(f'{len(members)} single runs: train {train_s:.1f} s, jobs {wall_s:.1f} s')
-  diverged = [s['name'] for s in singles if s['test_loss'] is None]
-  if diverged:
-    print(f'diverged as single runs (non-finite loss): {", ".join(diverged)}')
-  for execution, p in figures['populations'].items():
-    pairs = [(a, s['test_loss']) for a, s in zip(p['test_loss'], singles)
-             if a is not None and s['test_loss'] is not None]
-    same = sum(a == b for a, b in pairs)
-    close = max((abs(a - b) for a, b in pairs), default=0.0)
-    if p['diverged']:
-      print(f'population ({execution}): diverged members {", ".join(p["diverged"])}')
-    print(f'population ({execution}): train {p["train_seconds"]:.1f} s (x'
-          f'{p["train_seconds"] / train_s:.2f} of the single runs), job {p["job_seconds"]:.1f} s'
-          f' (x{p["job_seconds"] / wall_s:.2f}); test loss equal to the single run\'s for {same}'
-          f' of {len(pairs)} members that both finished (largest difference {close:.2e})')
+                      os.path.join(root, f'single{i}-{r}'))
+      out.append({'name': m.name, 'job_seconds': wall, 'train_seconds': res.get('train_seconds'),
+                  'test_loss': res.get('test_loss'), 'test_accuracy': res.get('test_accuracy')})
+    return out
+
+  with tempfile.TemporaryDirectory() as root:
+    for r in range(args.repeats):  # the order alternates, so a load that drifts falls on both
+      if r % 2 == 0:
+        p, s_ = populations(root, r), singles(root, r)
+      else:
+        s_, p = singles(root, r), populations(root, r)
+      figures['repeats'].append({'populations': p, 'singles': s_})
+
+  print(f'{len(members)} members ({", ".join(figures["members"][:3])}, ...), '
+        f'{args.repeats} repeat(s), order alternating')
+  ratios = {}
+  for r, rep in enumerate(figures['repeats']):
+    single = rep['singles']
+    train_s, wall_s = (sum(s[k] or 0.0 for s in single) for k in ('train_seconds', 'job_seconds'))
+    print(f'[{r}] {len(members)} single runs: train {train_s:.1f} s, jobs {wall_s:.1f} s')
+    diverged = [s['name'] for s in single if s['test_loss'] is None]
+    if diverged:
+      print(f'[{r}] diverged as single runs (non-finite loss): {", ".join(diverged)}')
+    for execution, p in rep['populations'].items():
+      pairs = [(a, s['test_loss']) for a, s in zip(p['test_loss'], single)
+               if a is not None and s['test_loss'] is not None]
+      same = sum(a == b for a, b in pairs)
+      close = max((abs(a - b) for a, b in pairs), default=0.0)
+      ratios.setdefault(execution, []).append((p['train_seconds'] / train_s,
+                                               p['job_seconds'] / wall_s))
+      print(f'[{r}] population ({execution}): train {p["train_seconds"]:.1f} s (x'
+            f'{p["train_seconds"] / train_s:.2f} of the single runs), job '
+            f'{p["job_seconds"]:.1f} s (x{p["job_seconds"] / wall_s:.2f}); test loss equal to '
+            f'the single run\'s for {same} of {len(pairs)} members that both finished (largest '
+            f'difference {close:.2e})'
+            + (f'; diverged: {", ".join(p["diverged"])}' if p['diverged'] else ''))
+  for execution, values in ratios.items():
+    train, job_ = zip(*values)
+    print(f'population ({execution}) / single runs, median of {len(values)}: train '
+          f'x{statistics.median(train):.2f}, whole jobs x{statistics.median(job_):.2f}')
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(figures, f, indent=2)

@@ -177,6 +177,24 @@ def processes():
   procs.close()
 
 
+HANG_GUARD = 600  # seconds: only a hung child reaches it; no test waits on progress by the clock
+
+
+def wait_for(proc, read, pattern: str):
+  """Blocks until `read()` (a child's output so far) matches `pattern`: the run says when, not
+  a sleep. The child's end before that fails the test; so does a hang (HANG_GUARD)."""
+  import re
+  import time
+  start = time.monotonic()
+  while not (found := re.search(pattern, read())):
+    if proc.poll() is not None:
+      pytest.fail(f'the run ended (status {proc.returncode}) before {pattern!r}')
+    if time.monotonic() - start > HANG_GUARD:
+      pytest.fail(f'the run hung: no {pattern!r} after {HANG_GUARD} s')
+    time.sleep(0.02)
+  return found
+
+
 def launch_args(*args) -> list[str]:
   return [sys.executable, str(ROOT / 'launch.py'), *map(str, args)]
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import digitjax
-from conftest import ROOT, launch_args, small_config, write_dataset, workdir_snapshot
+from conftest import ROOT, launch_args, small_config, wait_for, write_dataset, workdir_snapshot
 from digitjax import images, modes
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
@@ -144,10 +144,7 @@ def test_a_run_waits_for_another_preparing_the_same_data_dir(tmp_path, processes
                      '--config.batch_size=16', '--config.eval_batch_size=50',
                      '--config.plots=False')
   proc = processes.popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(err, 'w'))
-  deadline = time.monotonic() + 120
-  while 'Another run is preparing mnist' not in err.read_text():
-    assert proc.poll() is None and time.monotonic() < deadline, err.read_text()[-2000:]
-    time.sleep(0.05)
+  wait_for(proc, err.read_text, 'Another run is preparing mnist')
   assert not (data_dir / 'mnist').exists()  # it waits; it writes nothing meanwhile
   os.close(fd)  # released: the waiting run prepares it (it was not prepared) and trains
   assert proc.wait(timeout=300) == 0, err.read_text()[-2000:]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import digitjax
-from conftest import launch_args, small_config, ROOT
+from conftest import launch_args, small_config, ROOT, wait_for
 from digitjax import loop, population, steps
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
@@ -244,7 +244,7 @@ def test_sigkill_mid_population_then_rerun_equals_an_uninterrupted_run(
   env = {**os.environ, 'DIGITJAX_TEST_PAUSE_AT_STEP': '30'}  # mid-epoch 2 (22 steps each)
   run = processes.popen(args(workdir), cwd=ROOT, env=env, stdout=open(tmp_path / 'out', 'w'),
                         stderr=open(tmp_path / 'err', 'w'))
-  _wait_for(run, tmp_path / 'err', 'digitjax-test: paused at step')
+  wait_for(run, (tmp_path / 'err').read_text, 'digitjax-test: paused at step')
   run.kill()
   run.wait()
   again = processes.run(args(workdir), cwd=ROOT)
@@ -257,33 +257,3 @@ def test_sigkill_mid_population_then_rerun_equals_an_uninterrupted_run(
                                                           b['val_loss'])
     history = workdir_lib.read_jsonl(str(workdir / a['dir'] / 'metrics.jsonl'))
     assert [r['epoch'] for r in history if 'epoch' in r] == [1, 2, 3]  # none twice
-
-
-def _wait_for(proc, path, text, timeout=300):
-  import time
-  deadline = time.monotonic() + timeout
-  while text not in path.read_text():
-    assert proc.poll() is None, f'ended before {text!r}: {path.read_text()[-2000:]}'
-    assert time.monotonic() < deadline, f'no {text!r} within {timeout} s'
-    time.sleep(0.05)
-
-
-def test_workdirs_of_the_earlier_ensembles_get_one_line_saying_what_changed(config, tmp_path):
-  from digitjax import checkpoint as ckpt_lib
-  # A seed ensemble: one stacked state whose record says ensemble_size=3.
-  old = tmp_path / 'stacked'
-  checkpoints = ckpt_lib.Checkpoints(str(old / 'checkpoints'))
-  fields = {**ckpt_lib.resume_fields(config.to_dict()), 'ensemble_size': 3}
-  checkpoints.save(22, {'w': np.zeros(3, np.float32)}, {'resume_fields': fields})
-  checkpoints.wait()
-  checkpoints.close()
-  with pytest.raises(UserError, match=r'holds a seed ensemble of 3 models stacked in one state, '
-                                      r'written by an earlier digitjax; ensembles are '
-                                      r'populations now'):
-    digitjax.train(config, str(old))
-  # Ensembles of variants: workdir/variant<i>/.
-  (tmp_path / 'variants' / 'variant0').mkdir(parents=True)
-  config.sweep.grid = 'seed=0,1'
-  with pytest.raises(UserError, match=r'holds ensembles of variants \(variant0/, ...\) written by '
-                                      r'an earlier digitjax'):
-    digitjax.train(config, str(tmp_path / 'variants'))

@@ -13,12 +13,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, launch_args, write_dataset
+from conftest import ROOT, launch_args, wait_for, write_dataset
 from digitjax import workdir as workdir_lib
 
 pytestmark = pytest.mark.slow
@@ -77,14 +76,7 @@ class Paused:
     return self.err.read_text()
 
   def wait_for(self, pattern: str, read):
-    """Blocks until `read()` matches `pattern` (the run's own output, not a clock, says when);
-    the run's end or TIMEOUT fail the test instead of hanging it."""
-    deadline = time.monotonic() + TIMEOUT
-    while not (found := re.search(pattern, read())):
-      assert self.proc.poll() is None, f'the run ended before {pattern!r}:\n{self.stderr()[-3000:]}'
-      assert time.monotonic() < deadline, f'no {pattern!r} within {TIMEOUT} s'
-      time.sleep(0.02)
-    return found
+    return wait_for(self.proc, read, pattern)
 
   def finish(self) -> int:
     return self.proc.wait(timeout=TIMEOUT)
