@@ -342,6 +342,23 @@ def test_sigint_during_imports_and_compilation_stops_cleanly(idx_dir, tfds_dir, 
       lambda t, o: signal.SIGINT if 'Total params' in o else None)
   _clean_end(status, out, err, 'compiling')
   assert status == 130 and 'stopped by SIGINT' in err.strip().splitlines()[-1], err[-2000:]
+  # 14. While tfds prepares a fresh data dir: it finishes what it writes, then one line.
+  idx = write_dataset(tmp_path / 'big_idx', n_train=20000, n_test=100, seed=4)
+  fresh = launch_args('--config=configs/default.py', f'--workdir={tmp_path / "prep"}',
+                      f'--config.data.manual_dir={idx}',
+                      f'--config.data.data_dir={tmp_path / "fresh_tfds"}',
+                      '--config.data.verify_checksums=False', '--config.num_epochs=0.05',
+                      '--config.plots=False')
+  status, out, err, sent = _run_until(
+      processes, fresh, tmp_path, 'preparing',
+      lambda t, o: signal.SIGINT if 'Downloading and preparing' in o else None)
+  _clean_end(status, out, err, 'preparing')
+  assert status == 130, err[-2000:]
+  assert err.strip().splitlines()[-1] == ('stopped by SIGINT while preparing the data; what was '
+                                          'prepared is complete; run the same command to start '
+                                          'again')
+  again = processes.run(fresh, cwd=ROOT)
+  assert again.returncode == 0 and 'Downloading and preparing' not in again.stdout
 
 
 @pytest.mark.slow
