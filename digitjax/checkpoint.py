@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from digitjax import configlib
+from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
 
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
@@ -385,7 +386,7 @@ class Checkpoints:
     """Moves damaged checkpoints out of the way of the steps the resumed run will save."""
     if not steps or self.read_only:
       return
-    aside = os.path.join(os.path.dirname(self.directory), 'damaged_checkpoints')
+    aside = os.path.join(os.path.dirname(self.directory), workdir_lib.DAMAGED_CHECKPOINTS)
     os.makedirs(aside, exist_ok=True)
     for step in steps:
       dest, n = os.path.join(aside, str(step)), 1
