@@ -190,3 +190,56 @@ def test_gradient_in_chunks_equals_whole_batch_gradient(config):
   moved = max(float(jnp.abs(a - b).max()) for a, b in
               zip(jax.tree.leaves(results[1][0]), jax.tree.leaves(state.params)))
   assert moved > 1e-3  # the steps did change the parameters
+
+
+# ---------------------------------------------------------------------------------------------
+# bfloat16 (config.model.dtype)
+
+
+@pytest.mark.parametrize('x_shape, k_shape', [((4, 12, 12, 32), (3, 3, 32, 16)),
+                                              ((4, 28, 28, 1), (5, 5, 1, 8))])
+def test_bfloat16_convolution_is_xlas_up_to_bfloat16_rounding(x_shape, k_shape):
+  # bf16_conv rounds its input, kernel and output to bfloat16 (float32 sums in between), and its
+  # gradients round dy: a few roundings of relative error <= 2^-9 each (bfloat16 keeps 8
+  # significant bits), so errors (in norm) ~0.003 here; 2^-7 bounds them, while a wrong
+  # gradient (a term missing, a kernel transposed) is off by order 1.
+  keys = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(keys[0], x_shape)
+  kernel = 0.3 * jax.random.normal(keys[1], k_shape)
+  bias = jax.random.normal(keys[2], k_shape[-1:])
+
+  def reference(x, kernel, bias):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
+
+  def bf16(x, kernel, bias):
+    return model_lib.bf16_conv(x.astype(jnp.bfloat16), kernel, bias)
+
+  want, want_vjp = jax.vjp(reference, x, kernel, bias)
+  dy = jax.random.normal(keys[3], want.shape)
+  rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+  for fn in (bf16, jax.jit(bf16)):
+    got, got_vjp = jax.vjp(fn, x, kernel, bias)
+    assert got.dtype == jnp.bfloat16 and rel(got, want) < 2 ** -7
+    for g, w, primal in zip(got_vjp(dy.astype(jnp.bfloat16)), want_vjp(dy), (x, kernel, bias)):
+      assert g.dtype == primal.dtype == jnp.float32  # float32 parameters get float32 gradients
+      assert rel(g, w) < 2 ** -7
+
+
+@pytest.mark.parametrize('conv_impl', ['im2col', 'mixed', 'lax', 'winograd'])
+def test_bfloat16_model_has_the_float32_models_parameters_and_float32_logits(conv_impl):
+  f32 = model_lib.CNN(conv_impl=conv_impl, pool_impl='reshape')
+  bf16 = f32.clone(dtype=jnp.bfloat16)
+  x = jax.random.uniform(jax.random.key(2), (8, 28, 28, 1))
+  params = f32.init(jax.random.key(1), x)['params']
+  # The same parameters, initialized alike, stored as float32: checkpoints fit either dtype.
+  bf16_params = bf16.init(jax.random.key(1), x)['params']
+  assert jax.tree.structure(bf16_params) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(bf16_params), jax.tree.leaves(params)):
+    assert a.dtype == jnp.float32
+    np.testing.assert_array_equal(a, b)
+  logits = jax.jit(bf16.apply)({'params': params}, x)
+  assert logits.dtype == jnp.float32  # the softmax and the loss are float32's
+  want = f32.apply({'params': params}, x)
+  # bfloat16 activations through 5 layers: a few percent of the logits' scale.
+  assert float(jnp.linalg.norm(logits - want) / jnp.linalg.norm(want)) < 0.05
