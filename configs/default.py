@@ -30,6 +30,9 @@ def get_config():
   config.model.kernel_sizes = ()             # square kernel size of each conv layer, e.g. (5, 3);
   #                                            () = 3x3 everywhere
   config.model.pool_after = (0, 2)           # conv layers (0-based) followed by 2x2 max pooling
+  config.model.conv_init = 'he_uniform'      # conv kernels' initializer: 'he_uniform' (Keras's,
+  #                                            the tutorial's) | 'torch' (PyTorch's Conv2d
+  #                                            default: uniform in +-1/sqrt(fan_in))
   config.model.dense_features = 100          # width of the hidden dense layer
   config.model.num_classes = 10              # output classes
   config.model.dropout_rate = 0.0            # dropout before the dense layers (0 = none)

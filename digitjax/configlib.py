@@ -46,8 +46,9 @@ SHARED_FIELDS = ('dataset', 'validation_fraction', 'data.', 'distributed.',
 
 # Fields added after workdirs were trained, with the values that do what was done before them:
 # a workdir's stored config that lacks one gets it (stored_config.py).
-ADDED_FIELDS = {'model.dtype': 'float32', 'model.kernel_sizes': (), 'optimizer': 'sgd',
-                'adam_b1': 0.9, 'adam_b2': 0.999}
+ADDED_FIELDS = {'model.dtype': 'float32', 'model.kernel_sizes': (),
+                'model.conv_init': 'he_uniform', 'optimizer': 'sgd', 'adam_b1': 0.9,
+                'adam_b2': 0.999}
 
 # Fields that no longer exist, and what replaced them: named in the error instead of a typo hint.
 REMOVED_FIELDS = {
@@ -239,6 +240,8 @@ def validate(config) -> None:
       ('model.pool_impl', config.model.pool_impl in ('auto', 'lax', 'reshape'),
        "'auto', 'lax' or 'reshape'"),
       ('model.dtype', config.model.dtype in DTYPES, "'float32' or 'bfloat16'"),
+      ('model.conv_init', config.model.conv_init in ('he_uniform', 'torch'),
+       "'he_uniform' or 'torch'"),
       ('sweep.execution', config.sweep.execution in ('auto', 'map', 'vmap'),
        "'auto', 'map' or 'vmap'"),
       ('log_every_steps', config.log_every_steps >= 0, '0 (epoch ends only) or positive'),

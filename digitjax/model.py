@@ -186,10 +186,11 @@ class Bf16Conv(nn.Module):
   features: int
   kernel_size: tuple[int, int] = (3, 3)
   use_bias: bool = True
+  kernel_init: Any = nn.initializers.he_uniform()
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param('kernel', nn.initializers.he_uniform(),
+    kernel = self.param('kernel', self.kernel_init,
                         tuple(self.kernel_size) + (x.shape[-1], self.features), jnp.float32)
     bias = (self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
             if self.use_bias else jnp.zeros((self.features,), jnp.float32))
@@ -340,6 +341,12 @@ class Dropout(nn.Dropout):
     return lax.select(mask, (inputs / keep_prob).astype(inputs.dtype), jnp.zeros_like(inputs))
 
 
+# The conv kernels' initializers. PyTorch's Conv2d default, kaiming_uniform with a = sqrt(5),
+# is uniform in +-1/sqrt(fan_in): variance 1/(3 fan_in), a sixth of he_uniform's 2/fan_in.
+CONV_INITS = {'he_uniform': nn.initializers.he_uniform(),
+              'torch': nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')}
+
+
 class CNN(nn.Module):
   """The tutorial's Keras Sequential CNN."""
   conv_features: Sequence[int] = (32, 64, 64)
@@ -357,6 +364,8 @@ class CNN(nn.Module):
   batch_norm: bool = False               # BatchNorm after each conv and the hidden dense layer
   dtype: Any = jnp.float32               # activations and products (bfloat16: mixed precision);
   #                                        parameters are float32, logits returned as float32
+  conv_init: str = 'he_uniform'          # the conv kernels' initializer: Keras's he_uniform
+  #                                        (the tutorial's) or 'torch' (PyTorch's Conv2d default)
 
   @nn.compact
   def __call__(self, x_BxHxWxC, train: bool = False, dropout_rate=None):
@@ -370,14 +379,16 @@ class CNN(nn.Module):
       x = x[:, :h, :w, :]
     impls = conv_impls(self.conv_impl, len(self.conv_features))
     kernel_sizes = tuple(self.kernel_sizes) or (3,) * len(self.conv_features)
+    conv_init = CONV_INITS[self.conv_init]
     for i, features in enumerate(self.conv_features):
       impl = impls[i] if impls[i] != 'mixed' else 'lax' if x.shape[-1] == 1 else 'im2col'
       conv_fn = {'lax': None, 'im2col': im2col_conv, 'winograd': winograd_conv}[impl]
       k = (kernel_sizes[i],) * 2
       if impl == 'im2col' and self.dtype == jnp.bfloat16:
-        x = Bf16Conv(features, k, use_bias=not self.batch_norm, name=f'conv{i + 1}')(x)
+        x = Bf16Conv(features, k, use_bias=not self.batch_norm, kernel_init=conv_init,
+                     name=f'conv{i + 1}')(x)
       else:
-        x = nn.Conv(features, k, padding='VALID', kernel_init=nn.initializers.he_uniform(),
+        x = nn.Conv(features, k, padding='VALID', kernel_init=conv_init,
                     use_bias=not self.batch_norm, conv_general_dilated=conv_fn,
                     dtype=self.dtype, name=f'conv{i + 1}')(x)
       x = nn.relu(self._normalized(x, train, f'bn{i + 1}'))
@@ -418,7 +429,7 @@ def build_model(model_config, conv_impl: str = 'lax', pool_impl: str = 'lax') ->
              num_classes=model_config.num_classes,
              dropout_rate=model_config.dropout_rate,
              batch_norm=model_config.batch_norm,
-             dtype=jnp.dtype(model_config.dtype),
+             dtype=jnp.dtype(model_config.dtype), conv_init=model_config.conv_init,
              conv_impl=conv_impl, pool_impl=pool_impl)
 
 

@@ -60,6 +60,8 @@ def test_the_config_files_are_what_their_docstrings_say():
     ('model.kernel_sizes', (5, 3), 'config.model.kernel_sizes=(5, 3) is invalid: it must be () '
                                    '(3x3 everywhere) or one size >= 1 per conv layer'),
     ('model.kernel_sizes', (13, 9, 3), 'config.model.kernel_sizes=(13, 9, 3) is invalid'),
+    ('model.conv_init', 'glorot', "config.model.conv_init='glorot' is invalid: it must be "
+                                  "'he_uniform' or 'torch'"),
     ('optimizer', 'rmsprop', "config.optimizer='rmsprop' is invalid: it must be 'sgd' or 'adam'"),
     ('adam_b2', 1.0, 'config.adam_b2=1.0 is invalid: it must be in [0, 1)'),
 ])

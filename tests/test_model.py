@@ -243,3 +243,24 @@ def test_bfloat16_model_has_the_float32_models_parameters_and_float32_logits(con
   want = f32.apply({'params': params}, x)
   # bfloat16 activations through 5 layers: a few percent of the logits' scale.
   assert float(jnp.linalg.norm(logits - want) / jnp.linalg.norm(want)) < 0.05
+
+
+def test_kernel_sizes_and_torchs_conv_init_shape_the_layers():
+  # configs/speedrun.py's model: 5x5 then 3x3 kernels, PyTorch's Conv2d initialization
+  # (uniform in +-1/sqrt(fan_in)) for the kernels.
+  model = model_lib.CNN(conv_features=(24, 32), kernel_sizes=(5, 3), pool_after=(0, 1),
+                        dense_features=256, conv_init='torch', conv_impl='im2col',
+                        pool_impl='reshape')
+  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))['params']
+  assert params['conv1']['kernel'].shape == (5, 5, 1, 24)
+  assert params['dense1']['kernel'].shape == (800, 256)  # 28 -> 24 -> 12 -> 10 -> 5
+  assert model_lib.count_params(params) == 215_194
+  for name, fan_in in (('conv1', 25), ('conv2', 9 * 24)):
+    kernel = np.asarray(params[name]['kernel'])
+    assert np.abs(kernel).max() <= fan_in ** -0.5
+    assert kernel.std() == pytest.approx((3 * fan_in) ** -0.5, rel=0.1)
+  assert model_lib.used_input_size(28, 2, (0, 1), (5, 3)) == 28
+  reference = model.clone(conv_impl='lax', pool_impl='lax', skip_dead_rows=False)
+  x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+  np.testing.assert_allclose(model.apply({'params': params}, x),
+                             reference.apply({'params': params}, x), rtol=1e-5, atol=1e-5)
