@@ -7,8 +7,9 @@ training seconds and test accuracy from its results.json) and benchmarks/speedru
 that seed (a fresh process; its own train_seconds, the steps only, and test accuracy). Both
 count only the training steps (digitjax compiles before its first step, the peer runs untimed
 warm-up steps on a throwaway model). The runs alternate so that a change in the machine's load
-falls on both sides alike. The peer runs with --torch-args (default: one thread, channels-last,
-its fastest setting on this shared 2-core machine; its docstring has the figures). Prints each
+falls on both sides alike. The peer runs with --torch-args (default: channels-last on all
+cores, its fastest setting when nothing else runs; on a busy machine OpenMP's spin-waiting
+makes '--threads 1 --channels-last' the faster one: its docstring has the figures). Prints each
 seed's accuracy and seconds on both sides, mean and min accuracy, mean seconds and their ratio,
 and the load average before and after; --json writes the same.
 """
@@ -71,7 +72,7 @@ def main():
   parser.add_argument('--config', default='configs/speedrun.py')
   parser.add_argument('--override', action='append', default=[],
                       help='a digitjax config override, FIELD=VALUE (repeatable)')
-  parser.add_argument('--torch-args', default='--threads 1 --channels-last',
+  parser.add_argument('--torch-args', default='--channels-last',
                       help="speedrun_torch.py's options ('' for torch's default threads)")
   parser.add_argument('--json', help='write the results here')
   args = parser.parse_args()

@@ -87,9 +87,18 @@ _patch_matmul.defvjp(_patch_matmul_fwd, _patch_matmul_bwd)
 
 
 def _patches(x_BxHxWxC, kh: int, kw: int):
-  """(B, OH, OW, kh*kw*C): the VALID windows, in the (i, j, c) order of a row-major HWIO kernel."""
-  _, h, w, _ = x_BxHxWxC.shape
+  """(B, OH, OW, kh*kw*C): the VALID windows, in the (i, j, c) order of a row-major HWIO kernel.
+
+  A single-channel map's windows are built in two stages, the kw column shifts and then the kh
+  row shifts of those: the same array, faster than kh*kw one-wide slices (configs/speedrun.py's
+  5x5 conv1 at batch 32 with its product: 0.23 vs 0.38 ms; its whole steps 2.86 vs 3.15 ms; the
+  tutorial's within noise); with more channels one stage is faster (0.33 vs 0.26 ms).
+  """
+  _, h, w, c = x_BxHxWxC.shape
   oh, ow = h - kh + 1, w - kw + 1
+  if c == 1:
+    columns = jnp.concatenate([x_BxHxWxC[:, :, j:j + ow, :] for j in range(kw)], axis=-1)
+    return jnp.concatenate([columns[:, i:i + oh] for i in range(kh)], axis=-1)
   return jnp.concatenate(
       [x_BxHxWxC[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)], axis=-1)
 

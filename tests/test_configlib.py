@@ -14,7 +14,8 @@ CONFIG_FILES = sorted(p.stem for p in (ROOT / 'configs').glob('*.py') if p.stem 
 @pytest.mark.parametrize('name', CONFIG_FILES)
 def test_every_config_file_loads_and_validates(name):
   from digitjax import population
-  config = importlib.import_module(name).get_config()
+  # As a module of the configs package: a bare 'speedrun' could be benchmarks/speedrun.py.
+  config = importlib.import_module(f'configs.{name}').get_config()
   configlib.validate(config)
   members = population.members_of(config, '/nonexistent')  # every member checked, nothing made
   assert members
