@@ -1,9 +1,12 @@
 """digitjax vs the Keras tutorial, one epoch of the tutorial recipe, same machine, same run.
 
   python benchmarks/compare.py --data ../shared/data/mnist --repeats 3
+  python benchmarks/compare.py --pipelines device,device+model.dtype=bfloat16 \
+      --keras-policies float32,mixed_bfloat16 --repeats 5      # both precisions, both sides
 
 Each repeat runs, as separate processes: the Keras tutorial job (benchmarks/keras_tutorial.py)
-and `launch.py` with configs/default.py for one epoch, once per input pipeline. Reported per
+once per Keras dtype policy, and `launch.py` with configs/default.py for one epoch, once per
+input pipeline (each with its config overrides). Reported per
 framework (medians over repeats): training images/s (steps after compilation only), s/epoch (the
 epoch's steps, no validation; Keras's includes its first step, which compiles), compile seconds,
 seconds from process start to the first finished step, the whole job's wall time (start,
@@ -35,13 +38,14 @@ def run_process(cmd, env=None):
   return wall, out, err
 
 
-def keras_run(data):
+def keras_run(data, policy='float32'):
   with tempfile.TemporaryDirectory() as out:
     cmd = ['/usr/bin/env', 'python3', '-c',
            'import resource, runpy, sys, json; sys.argv = sys.argv[1:]; '
            'runpy.run_path(sys.argv[0], run_name="__main__"); '
            'print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))',
-           'benchmarks/keras_tutorial.py', '--data', data, '--epochs', '1', '--out', out]
+           'benchmarks/keras_tutorial.py', '--data', data, '--epochs', '1', '--out', out,
+           '--policy', policy]
     wall, stdout, _ = run_process(cmd)
   lines = [json.loads(l) for l in stdout.splitlines() if l.startswith('{')]
   r = {**lines[0], **lines[1]}
@@ -86,6 +90,9 @@ def main():
   parser.add_argument('--pipelines', default='device,tfds',
                       help='comma-separated input pipelines to time; each may carry config '
                            'overrides after "+", e.g. tfds+grad_chunks=1+model.conv_impl=im2col')
+  parser.add_argument('--keras-policies', default='float32',
+                      help="comma-separated Keras dtype policies to time, e.g. "
+                           "float32,mixed_bfloat16")
   parser.add_argument('--skip-keras', action='store_true')
   args = parser.parse_args()
   data = os.path.abspath(args.data)
@@ -94,9 +101,12 @@ def main():
   data_lib.prepare('mnist', args.data_dir, data)  # one-off preparation, not timed
 
   runs = {}
+  load_start = os.getloadavg()
   for repeat in range(args.repeats):
     if not args.skip_keras:
-      runs.setdefault('keras', []).append(keras_run(data))
+      for policy in args.keras_policies.split(','):
+        name = 'keras' if policy == 'float32' else f'keras[{policy}]'
+        runs.setdefault(name, []).append(keras_run(data, policy))
     for variant in args.pipelines.split(','):
       pipeline, *overrides = variant.split('+')
       runs.setdefault(f'digitjax[{variant}]', []).append(digitjax_run(
@@ -112,12 +122,15 @@ def main():
   print(f"{'':<{width}}" + ''.join(f'{k[:14]:>16}' for k in keys))
   for name in med:
     print(f'{name:<{width}}' + ''.join(f'{med[name][k]:>16.3f}' for k in keys))
-  if 'keras' in med:
-    for name in med:
-      if name != 'keras':
-        print(f'{name} / keras: images/s x{med[name]["images_per_s"] / med["keras"]["images_per_s"]:.2f}, '
-              f'job x{med["keras"]["job_seconds"] / med[name]["job_seconds"]:.2f} faster')
-  print(json.dumps({'median': med, 'min_max': spread, 'repeats': args.repeats}))
+  for keras in (n for n in med if n.startswith('keras')):
+    for name in (n for n in med if not n.startswith('keras')):
+      print(f'{name} / {keras}: images/s x{med[name]["images_per_s"] / med[keras]["images_per_s"]:.2f}, '
+            f'job x{med[keras]["job_seconds"] / med[name]["job_seconds"]:.2f} faster')
+  load_end = os.getloadavg()
+  print(f'load average (1, 5, 15 min): {load_start} at the start, {load_end} at the end '
+        f'({os.cpu_count()} CPUs; the runs share them with whatever else runs)')
+  print(json.dumps({'median': med, 'min_max': spread, 'repeats': args.repeats,
+                    'load_average_start': load_start, 'load_average_end': load_end}))
 
 
 if __name__ == '__main__':

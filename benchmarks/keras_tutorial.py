@@ -6,7 +6,11 @@ with he_uniform, SGD(0.01, momentum=0.9), batch 32; then test evaluation and a s
 MNIST comes from the local IDX files (keras.datasets would download).
 
   python benchmarks/keras_tutorial.py --data ../shared/data/mnist --epochs 1 --out /tmp/keras_job
-Prints one JSON line with the timings.
+  python benchmarks/keras_tutorial.py ... --policy mixed_bfloat16   # Keras's mixed precision
+
+Prints one JSON line with the timings. With a mixed policy (Keras's own mixed precision guide:
+computations in bfloat16, variables float32), the output layer's softmax runs in float32, as
+the guide recommends: Dense(10) then Activation('softmax', dtype='float32').
 """
 import argparse
 import gzip
@@ -30,10 +34,14 @@ def main():
   parser.add_argument('--data', default='../shared/data/mnist')
   parser.add_argument('--epochs', type=int, default=1)
   parser.add_argument('--out', default='/tmp/keras_tutorial')
+  parser.add_argument('--policy', default='float32',
+                      help="Keras dtype policy: 'float32' (the tutorial) or 'mixed_bfloat16'")
   args = parser.parse_args()
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   import numpy as np
   from tensorflow import keras
+  keras.mixed_precision.set_global_policy(args.policy)
+  mixed = args.policy != 'float32'
 
   x_train = load_idx(f'{args.data}/train-images-idx3-ubyte.gz').reshape(-1, 28, 28, 1)
   y_train = load_idx(f'{args.data}/train-labels-idx1-ubyte.gz')
@@ -51,7 +59,8 @@ def main():
       keras.layers.MaxPooling2D((2, 2)),
       keras.layers.Flatten(),
       keras.layers.Dense(100, activation='relu', kernel_initializer='he_uniform'),
-      keras.layers.Dense(10, activation='softmax'),
+      *([keras.layers.Dense(10), keras.layers.Activation('softmax', dtype='float32')] if mixed
+        else [keras.layers.Dense(10, activation='softmax')]),
   ])
   model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01, momentum=0.9),
                 loss='categorical_crossentropy', metrics=['accuracy'])
@@ -74,7 +83,7 @@ def main():
   os.makedirs(args.out, exist_ok=True)
   model.save(os.path.join(args.out, 'final_model.keras'))
   print(json.dumps({
-      'framework': 'keras', 'keras_version': keras.__version__,
+      'framework': 'keras', 'keras_version': keras.__version__, 'policy': args.policy,
       'train_seconds': timing.last_end - timing.epoch_start,
       'steady_step_ms': 1000 * (timing.last_end - timing.first_end) / (timing.batches - 1),
       'first_step_seconds': timing.first_step,

@@ -26,8 +26,13 @@ def get_config():
 
   # Model: Conv-Pool-Conv-Conv-Pool-Dense-Dense, 159,254 parameters
   config.model = ml_collections.ConfigDict()
-  config.model.conv_features = (32, 64, 64)  # output channels of the 3x3 VALID convolutions
+  config.model.conv_features = (32, 64, 64)  # output channels of the VALID convolutions
+  config.model.kernel_sizes = ()             # square kernel size of each conv layer, e.g. (5, 3);
+  #                                            () = 3x3 everywhere
   config.model.pool_after = (0, 2)           # conv layers (0-based) followed by 2x2 max pooling
+  config.model.conv_init = 'he_uniform'      # conv kernels' initializer: 'he_uniform' (Keras's,
+  #                                            the tutorial's) | 'torch' (PyTorch's Conv2d
+  #                                            default: uniform in +-1/sqrt(fan_in))
   config.model.dense_features = 100          # width of the hidden dense layer
   config.model.num_classes = 10              # output classes
   config.model.dropout_rate = 0.0            # dropout before the dense layers (0 = none)
@@ -36,18 +41,26 @@ def get_config():
   config.model.conv_impl = 'auto'            # 'lax' | 'im2col' | 'winograd' | 'mixed' | 'auto'
   #                                            (mixed on CPU), or one per layer: 'lax,winograd,im2col'
   config.model.pool_impl = 'auto'            # 'lax' | 'reshape' | 'auto' (reshape on CPU)
+  config.model.dtype = 'float32'             # computation: 'float32' | 'bfloat16' (activations
+  #                                            and products in bfloat16; parameters, optimizer
+  #                                            state, softmax and loss stay float32, so
+  #                                            checkpoints restore under either)
 
   # Optimization
   config.batch_size = 32               # global batch, split across all devices
   config.num_epochs = 10.0             # passes over the training examples (may be fractional)
-  config.learning_rate = 0.01          # SGD learning rate
-  config.momentum = 0.9                # SGD momentum
+  config.optimizer = 'sgd'             # 'sgd' (with momentum) | 'adam' (optax.adam)
+  config.learning_rate = 0.01          # learning rate (the schedule's peak)
+  config.momentum = 0.9                # SGD momentum ('sgd' only)
+  config.adam_b1 = 0.9                 # Adam's decay of the first moment ('adam' only)
+  config.adam_b2 = 0.999               # Adam's decay of the second moment ('adam' only)
   config.seed = 0                      # one seed for init, validation split and example order
   config.schedule = 'constant'         # learning rate: 'constant' | 'cosine' | 'onecycle'
   config.warmup_epochs = 0.0           # linear warmup from 0 ('constant' and 'cosine')
   config.onecycle_pct_start = 0.3      # share of the steps spent rising ('onecycle')
-  config.nesterov = False              # Nesterov momentum
-  config.weight_decay = 0.0            # decoupled L2 added to the gradients (0 = none)
+  config.nesterov = False              # Nesterov momentum ('sgd' only)
+  config.weight_decay = 0.0            # decayed weights added to the gradients (0 = none; with
+  #                                      'adam' before its scaling: L2, not AdamW)
   config.plateau = ml_collections.ConfigDict()
   config.plateau.enabled = False       # Keras ReduceLROnPlateau-style rule on the epoch's loss
   config.plateau.factor = 0.5          # multiply the learning rate by this on a plateau

@@ -15,14 +15,18 @@ from digitjax.errors import UserError
 SUPPORTED_DATASETS = ('mnist', 'fashion_mnist')
 CONV_IMPLS = ('lax', 'im2col', 'winograd', 'mixed')
 SCHEDULES = ('constant', 'cosine', 'onecycle')
+OPTIMIZERS = ('sgd', 'adam')
+DTYPES = ('float32', 'bfloat16')
 MAX_EPOCHS = 10_000
 
 # The fields a checkpoint must share with the config that resumes it (the batch size shapes the
 # example order, the model the arrays, the data fields which examples are trained on).
-MODEL_FIELDS = ('model.conv_features', 'model.pool_after', 'model.dense_features',
-                'model.num_classes', 'model.batch_norm')
+MODEL_FIELDS = ('model.conv_features', 'model.kernel_sizes', 'model.pool_after',
+                'model.dense_features', 'model.num_classes', 'model.batch_norm')
 SPLIT_FIELDS = ('dataset', 'seed', 'validation_fraction', 'data.max_train_examples',
                 'data.split_seed')
+# model.dtype is not one of them: it changes the arithmetic, not the arrays (the parameters and
+# the optimizer state are float32 under either dtype), so a checkpoint restores under both.
 RESUME_FIELDS = SPLIT_FIELDS[:2] + ('batch_size',) + SPLIT_FIELDS[2:] + MODEL_FIELDS
 # ... and with a config that only uses it: predict needs the architecture; eval and report also
 # the data's split (they evaluate a split of it).
@@ -40,6 +44,12 @@ SHARED_FIELDS = ('dataset', 'validation_fraction', 'data.', 'distributed.',
                  'compilation_cache_dir', 'sweep.', 'eval_batch_size', 'plots',
                  'log_every_steps')
 
+# Fields added after workdirs were trained, with the values that do what was done before them:
+# a workdir's stored config that lacks one gets it (stored_config.py).
+ADDED_FIELDS = {'model.dtype': 'float32', 'model.kernel_sizes': (),
+                'model.conv_init': 'he_uniform', 'optimizer': 'sgd', 'adam_b1': 0.9,
+                'adam_b2': 0.999}
+
 # Fields that no longer exist, and what replaced them: named in the error instead of a typo hint.
 REMOVED_FIELDS = {
     'ensemble_size': "seed ensembles are populations now: --config.sweep.grid='seed=0,1,2' "
@@ -51,6 +61,17 @@ REMOVED_FIELDS = {
 
 # ---------------------------------------------------------------------------------------------
 # Dotted paths
+
+
+def with_added_fields(record: dict) -> dict:
+  """A stored config (a plain dict) with every field of ADDED_FIELDS it lacks."""
+  for dotted, value in ADDED_FIELDS.items():
+    *parents, leaf = dotted.split('.')
+    target = record
+    for part in parents:
+      target = target.setdefault(part, {})
+    target.setdefault(leaf, value)
+  return record
 
 
 def get(config, dotted: str, default: Any = KeyError) -> Any:
@@ -141,6 +162,25 @@ def _conv_impl_ok(model_config) -> bool:
   return True
 
 
+def kernel_sizes(model_config) -> tuple[int, ...]:
+  """Each conv layer's kernel size: config.model.kernel_sizes, or 3 for all when it is ()."""
+  return tuple(model_config.kernel_sizes) or (3,) * len(model_config.conv_features)
+
+
+def _kernel_sizes_ok(model_config, image_size: int = 28) -> bool:
+  sizes = kernel_sizes(model_config)
+  if len(sizes) != len(model_config.conv_features) or not all(
+      isinstance(k, int) and k >= 1 for k in sizes):
+    return False
+  for i, k in enumerate(sizes):  # the maps must stay at least 1x1 (pooling halves them)
+    image_size -= k - 1
+    if i in model_config.pool_after:
+      image_size //= 2
+    if image_size < 1:
+      return False
+  return True
+
+
 def _finite(x) -> bool:
   return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -157,6 +197,11 @@ def validate(config) -> None:
       ('learning_rate', _finite(config.learning_rate) and config.learning_rate >= 0,
        '0 (a frozen member, for comparisons) or positive'),
       ('momentum', 0 <= config.momentum < 1, 'in [0, 1)'),
+      ('optimizer', config.optimizer in OPTIMIZERS, "'sgd' or 'adam'"),
+      ('adam_b1', 0 <= config.adam_b1 < 1, 'in [0, 1)'),
+      ('adam_b2', 0 <= config.adam_b2 < 1, 'in [0, 1)'),
+      ('nesterov', not (config.nesterov and config.optimizer == 'adam'),
+       "False with optimizer='adam' (Nesterov momentum is SGD's)"),
       ('validation_fraction', 0 <= config.validation_fraction < 1, 'in [0, 1)'),
       ('data.max_train_examples', config.data.max_train_examples >= 0, '0 (all) or positive'),
       ('checkpoint_keep', config.checkpoint_keep >= 1, 'at least 1'),
@@ -164,6 +209,9 @@ def validate(config) -> None:
       ('seed', config.seed >= 0, 'a seed >= 0'),
       ('model.conv_features', len(config.model.conv_features) >= 1
        and all(f > 0 for f in config.model.conv_features), 'a non-empty list of positive widths'),
+      ('model.kernel_sizes', _kernel_sizes_ok(config.model),
+       '() (3x3 everywhere) or one size >= 1 per conv layer, leaving 28x28 images a map of at '
+       'least 1x1'),
       ('model.dense_features', config.model.dense_features > 0, 'positive'),
       ('model.num_classes', config.model.num_classes >= 2, 'at least 2'),
       ('input_pipeline', config.input_pipeline in ('auto', 'device', 'tfds'),
@@ -191,6 +239,9 @@ def validate(config) -> None:
        '0 or 1 with model.batch_norm (BatchNorm normalizes by the whole batch)'),
       ('model.pool_impl', config.model.pool_impl in ('auto', 'lax', 'reshape'),
        "'auto', 'lax' or 'reshape'"),
+      ('model.dtype', config.model.dtype in DTYPES, "'float32' or 'bfloat16'"),
+      ('model.conv_init', config.model.conv_init in ('he_uniform', 'torch'),
+       "'he_uniform' or 'torch'"),
       ('sweep.execution', config.sweep.execution in ('auto', 'map', 'vmap'),
        "'auto', 'map' or 'vmap'"),
       ('log_every_steps', config.log_every_steps >= 0, '0 (epoch ends only) or positive'),

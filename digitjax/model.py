@@ -3,12 +3,18 @@
 Conv32(3x3)-ReLU-MaxPool2-Conv64-ReLU-Conv64-ReLU-MaxPool2-Flatten-Dense100-ReLU-Dense10:
 159,254 parameters, the same names and shapes whichever formulation runs, so checkpoints are
 interchangeable between them.
+
+`dtype` is the computation's (Flax's dtype/param_dtype convention): 'bfloat16' runs the
+activations and every matrix product in bfloat16, layer to layer, while the parameters stay
+float32 (each layer casts its kernel for the product; its gradient comes back as float32) and
+the logits leave the module as float32, so the softmax and the loss are float32 either way.
+The parameters, and so the checkpoints, are the same whatever the dtype.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +51,10 @@ def im2col_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
                                     dimension_numbers, feature_group_count, precision=precision,
                                     **kwargs)
   kh, kw, cin, cout = rhs.shape
-  return _patch_matmul(_patches(lhs, kh, kw), rhs.reshape(kh * kw * cin, cout), precision)
+  kernel_KxO = rhs.reshape(kh * kw * cin, cout)
+  if lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.bfloat16:
+    return bf16_conv(lhs, rhs, jnp.zeros((cout,), rhs.dtype))
+  return _patch_matmul(_patches(lhs, kh, kw), kernel_KxO, precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -78,11 +87,123 @@ _patch_matmul.defvjp(_patch_matmul_fwd, _patch_matmul_bwd)
 
 
 def _patches(x_BxHxWxC, kh: int, kw: int):
-  """(B, OH, OW, kh*kw*C): the VALID windows, in the (i, j, c) order of a row-major HWIO kernel."""
-  _, h, w, _ = x_BxHxWxC.shape
+  """(B, OH, OW, kh*kw*C): the VALID windows, in the (i, j, c) order of a row-major HWIO kernel.
+
+  A single-channel map's windows are built in two stages, the kw column shifts and then the kh
+  row shifts of those: the same array, faster than kh*kw one-wide slices (configs/speedrun.py's
+  5x5 conv1 at batch 32 with its product: 0.23 vs 0.38 ms; its whole steps 2.86 vs 3.15 ms; the
+  tutorial's within noise); with more channels one stage is faster (0.33 vs 0.26 ms).
+  """
+  _, h, w, c = x_BxHxWxC.shape
   oh, ow = h - kh + 1, w - kw + 1
+  if c == 1:
+    columns = jnp.concatenate([x_BxHxWxC[:, :, j:j + ow, :] for j in range(kw)], axis=-1)
+    return jnp.concatenate([columns[:, i:i + oh] for i in range(kh)], axis=-1)
   return jnp.concatenate(
       [x_BxHxWxC[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)], axis=-1)
+
+
+# bfloat16 on XLA:CPU. A product of bfloat16 operands with float32 sums (preferred_element_type)
+# runs on YNNPACK's bfloat16 kernels, 1.5-1.8x faster than the float32 product for this model's
+# shapes; but most other bfloat16 operations, a bf16 -> bf16 product included, XLA:CPU computes
+# in float32 between conversions (each slice of a concatenation converted there and back), and
+# a bias gradient's reduction over converted values it fused into the optimizer's update as a
+# slow loop. So the bfloat16 convolution is one custom_vjp: data moved as 16-bit integers
+# (slices, concatenation, transposes), products summed in float32 and rounded once, the bias
+# added to the float32 sums, the patches' gradients summed in float32, and the kernel's and
+# bias's gradients returned in float32 (benchmarks/precision.py times whole steps).
+
+
+def _bits(x):
+  return lax.bitcast_convert_type(x, jnp.uint16)
+
+
+def _bf16(bits):
+  return lax.bitcast_convert_type(bits, jnp.bfloat16)
+
+
+def _row_major_transpose(x_NxM):
+  """x^T of a bfloat16 matrix as a row-major array, not a view XLA folds into its consumer."""
+  n, m = x_NxM.shape
+  return _bf16(lax.optimization_barrier(_bits(x_NxM).T.reshape(-1)).reshape(m, n))
+
+
+def _dot_f32(a, b):
+  """a . b of bfloat16 operands, summed in float32 (a float32 result)."""
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def bf16_conv(x_BxHxWxC, kernel_HxWxIxO, bias_O):
+  """A stride-1 VALID convolution plus bias of a bfloat16 map, as im2col: bfloat16 products
+  with float32 sums, one rounding of each output to bfloat16. The kernel and bias may be
+  float32 (parameters): their gradients come back in their own dtype."""
+  return _bf16_conv_fwd(x_BxHxWxC, kernel_HxWxIxO, bias_O)[0]
+
+
+def _bf16_conv_fwd(x, kernel, bias):
+  kh, kw, cin, cout = kernel.shape
+  patches = _bf16(_patches(_bits(x.astype(jnp.bfloat16)), kh, kw))
+  kernel_KxO = kernel.reshape(kh * kw * cin, cout).astype(jnp.bfloat16)
+  y = _dot_f32(patches, kernel_KxO) + bias.astype(jnp.float32)
+  return y.astype(jnp.bfloat16), (patches, kernel_KxO, jnp.zeros((0,) + kernel.shape,
+                                                                 kernel.dtype),
+                                  jnp.zeros((0,), bias.dtype), jnp.zeros((0,), x.dtype))
+
+
+def _bf16_conv_bwd(residuals, dy_BxHxWxO):
+  patches, kernel_KxO, kernel_like, bias_like, x_like = residuals
+  kh, kw, cin, cout = kernel_like.shape[1:]
+  b, oh, ow, _ = patches.shape
+  dy_BxHxWxO = dy_BxHxWxO.astype(jnp.bfloat16)
+  d_patches = _dot_f32(dy_BxHxWxO, _bf16(_bits(kernel_KxO).T))
+  windows = jax.linear_transpose(functools.partial(_patches, kh=kh, kw=kw),
+                                 jax.ShapeDtypeStruct((b, oh + kh - 1, ow + kw - 1, cin),
+                                                      jnp.float32))
+  (dx,) = windows(d_patches)
+  # The kernel's gradient, patches^T . dy, as a product of row-major operands (YNNPACK has no
+  # transposed left operand; XLA would convert both to float32 for Eigen's). XLA lays a
+  # transpose out as a view, so the smaller of the two is transposed into a row-major array
+  # (flattened behind a barrier): patches^T for conv1 (9 columns: 0.06 vs 0.17 ms), else dy^T,
+  # the product's transpose kept behind a barrier as in `_patch_matmul`.
+  dy_NxO = dy_BxHxWxO.reshape(-1, cout)
+  rows_NxK = patches.reshape(-1, kh * kw * cin)
+  if rows_NxK.shape[1] < cout:
+    d_kernel = _dot_f32(_row_major_transpose(rows_NxK), dy_NxO)
+  else:
+    d_kernel = lax.optimization_barrier(_dot_f32(_row_major_transpose(dy_NxO), rows_NxK)).T
+  # The barrier keeps the reduction out of the (loop) fusion of its consumers.
+  d_bias = lax.optimization_barrier(jnp.sum(dy_NxO.astype(jnp.float32), axis=0))
+  return (dx.astype(x_like.dtype), d_kernel.reshape(kernel_like.shape[1:]).astype(
+      kernel_like.dtype), d_bias.astype(bias_like.dtype))
+
+
+bf16_conv.defvjp(_bf16_conv_fwd, _bf16_conv_bwd)
+
+
+def dot_general_f32_sums(lhs, rhs, dimension_numbers, precision=None,
+                         preferred_element_type=None):
+  """lax.dot_general for nn.Dense in bfloat16: float32 sums (YNNPACK's bfloat16 kernels, not
+  XLA:CPU's float32 product between conversions), rounded once to the operands' dtype."""
+  return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                         preferred_element_type=jnp.float32).astype(lhs.dtype)
+
+
+class Bf16Conv(nn.Module):
+  """nn.Conv's layer (VALID, stride 1; the same parameters, names, shapes and initializers)
+  computed by `bf16_conv`: float32 parameters, a bfloat16 map in and out."""
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  use_bias: bool = True
+  kernel_init: Any = nn.initializers.he_uniform()
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', self.kernel_init,
+                        tuple(self.kernel_size) + (x.shape[-1], self.features), jnp.float32)
+    bias = (self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
+            if self.use_bias else jnp.zeros((self.features,), jnp.float32))
+    return bf16_conv(x, kernel, bias)
 
 
 # Winograd F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
@@ -192,22 +313,23 @@ def _pool_bwd(winner, g):
 _reshape_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
 
 
-def used_input_size(size: int, num_convs: int, pool_after) -> int:
+def used_input_size(size: int, num_convs: int, pool_after, kernel_sizes=()) -> int:
   """How many leading input rows (or columns) can reach the output at all.
 
   VALID pooling drops an odd last row; every input row that fed only that row is dead work. For
   28x28 MNIST: 28 -> conv 26 -> pool 13 -> conv 11 -> conv 9 -> pool 4 uses just 26 input rows,
   so the convolutions compute 24, 10 and 8 rows instead of 26, 11 and 9 (~20% fewer FLOPs) and
-  the outputs are exactly the same.
+  the outputs are exactly the same. `kernel_sizes`: one per conv layer (() = all 3).
   """
+  kernel_sizes = tuple(kernel_sizes) or (3,) * num_convs
   for i in range(num_convs):
-    size = size - 2
+    size = size - kernel_sizes[i] + 1
     if i in pool_after:
       size //= 2
   for i in reversed(range(num_convs)):
     if i in pool_after:
       size *= 2
-    size += 2
+    size += kernel_sizes[i] - 1
   return size
 
 
@@ -224,12 +346,20 @@ class Dropout(nn.Dropout):
       return inputs
     keep_prob = 1.0 - rate
     mask = jax.random.bernoulli(self.make_rng('dropout'), p=keep_prob, shape=inputs.shape)
-    return lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
+    # An array rate is float32: the scaled inputs keep their own dtype (bfloat16 stays so).
+    return lax.select(mask, (inputs / keep_prob).astype(inputs.dtype), jnp.zeros_like(inputs))
+
+
+# The conv kernels' initializers. PyTorch's Conv2d default, kaiming_uniform with a = sqrt(5),
+# is uniform in +-1/sqrt(fan_in): variance 1/(3 fan_in), a sixth of he_uniform's 2/fan_in.
+CONV_INITS = {'he_uniform': nn.initializers.he_uniform(),
+              'torch': nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')}
 
 
 class CNN(nn.Module):
   """The tutorial's Keras Sequential CNN."""
   conv_features: Sequence[int] = (32, 64, 64)
+  kernel_sizes: Sequence[int] = ()       # square kernel size of each conv layer (() = all 3)
   pool_after: Sequence[int] = (0, 2)      # indices of the conv layers followed by 2x2 max pooling
   dense_features: int = 100
   num_classes: int = 10
@@ -241,35 +371,50 @@ class CNN(nn.Module):
   #                                        not with batch_norm, whose statistics see them)
   dropout_rate: float = 0.0              # dropout before each dense layer when training
   batch_norm: bool = False               # BatchNorm after each conv and the hidden dense layer
+  dtype: Any = jnp.float32               # activations and products (bfloat16: mixed precision);
+  #                                        parameters are float32, logits returned as float32
+  conv_init: str = 'he_uniform'          # the conv kernels' initializer: Keras's he_uniform
+  #                                        (the tutorial's) or 'torch' (PyTorch's Conv2d default)
 
   @nn.compact
   def __call__(self, x_BxHxWxC, train: bool = False, dropout_rate=None):
     """Logits; `dropout_rate` (default: the module's) may be an array: a vmapped member's."""
     rate = self.dropout_rate if dropout_rate is None else dropout_rate
-    x = x_BxHxWxC
+    x = x_BxHxWxC.astype(self.dtype)
     # Batch statistics are means over every output row, dead ones included: no cropping then.
     if self.skip_dead_rows and not self.batch_norm:
-      h, w = (used_input_size(n, len(self.conv_features), self.pool_after) for n in x.shape[1:3])
+      h, w = (used_input_size(n, len(self.conv_features), self.pool_after, self.kernel_sizes)
+              for n in x.shape[1:3])
       x = x[:, :h, :w, :]
     impls = conv_impls(self.conv_impl, len(self.conv_features))
+    kernel_sizes = tuple(self.kernel_sizes) or (3,) * len(self.conv_features)
+    conv_init = CONV_INITS[self.conv_init]
     for i, features in enumerate(self.conv_features):
       impl = impls[i] if impls[i] != 'mixed' else 'lax' if x.shape[-1] == 1 else 'im2col'
       conv_fn = {'lax': None, 'im2col': im2col_conv, 'winograd': winograd_conv}[impl]
-      x = nn.Conv(features, (3, 3), padding='VALID', kernel_init=nn.initializers.he_uniform(),
-                  use_bias=not self.batch_norm, conv_general_dilated=conv_fn,
-                  name=f'conv{i + 1}')(x)
+      k = (kernel_sizes[i],) * 2
+      if impl == 'im2col' and self.dtype == jnp.bfloat16:
+        x = Bf16Conv(features, k, use_bias=not self.batch_norm, kernel_init=conv_init,
+                     name=f'conv{i + 1}')(x)
+      else:
+        x = nn.Conv(features, k, padding='VALID', kernel_init=conv_init,
+                    use_bias=not self.batch_norm, conv_general_dilated=conv_fn,
+                    dtype=self.dtype, name=f'conv{i + 1}')(x)
       x = nn.relu(self._normalized(x, train, f'bn{i + 1}'))
       if i in self.pool_after:
         x = max_pool_2x2(x, self.pool_impl)
     x = x.reshape(x.shape[0], -1)
     x = Dropout(self.dropout_rate)(x, deterministic=not train, rate=rate)
+    dot_general = dot_general_f32_sums if self.dtype == jnp.bfloat16 else None
     x = nn.Dense(self.dense_features, kernel_init=nn.initializers.he_uniform(),
-                 use_bias=not self.batch_norm, name='dense1')(x)
+                 use_bias=not self.batch_norm, dtype=self.dtype, dot_general=dot_general,
+                 name='dense1')(x)
     x = nn.relu(self._normalized(x, train, f'bn{len(self.conv_features) + 1}'))
     x = Dropout(self.dropout_rate)(x, deterministic=not train, rate=rate)
     # The tutorial's output layer keeps Keras's default glorot_uniform initializer.
-    return nn.Dense(self.num_classes, kernel_init=nn.initializers.glorot_uniform(),
-                    name='dense2')(x)
+    logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.glorot_uniform(),
+                      dtype=self.dtype, dot_general=dot_general, name='dense2')(x)
+    return logits.astype(jnp.float32)  # softmax and loss in float32, whatever the dtype
 
   def _normalized(self, x, train: bool, name: str):
     """BatchNorm with Keras's defaults (momentum 0.99, epsilon 1e-3) when `batch_norm`; its
@@ -279,7 +424,7 @@ class CNN(nn.Module):
     if not self.batch_norm:
       return x
     return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
-                        name=name)(x)
+                        dtype=self.dtype, name=name)(x)
 
 
 def build_model(model_config, conv_impl: str = 'lax', pool_impl: str = 'lax') -> CNN:
@@ -287,11 +432,13 @@ def build_model(model_config, conv_impl: str = 'lax', pool_impl: str = 'lax') ->
   'auto'): plain arguments in, so the module never sees a ConfigDict. The parameters are the
   same whichever formulation runs."""
   return CNN(conv_features=tuple(model_config.conv_features),
+             kernel_sizes=tuple(model_config.kernel_sizes),
              pool_after=tuple(model_config.pool_after),
              dense_features=model_config.dense_features,
              num_classes=model_config.num_classes,
              dropout_rate=model_config.dropout_rate,
              batch_norm=model_config.batch_norm,
+             dtype=jnp.dtype(model_config.dtype), conv_init=model_config.conv_init,
              conv_impl=conv_impl, pool_impl=pool_impl)
 
 

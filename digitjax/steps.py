@@ -76,6 +76,8 @@ class StepSpec:
   schedule: str                 # 'constant' | 'cosine' | 'onecycle'
   total_steps: int              # the schedule's length
   steps_per_epoch: int          # the plateau rule averages the loss over an epoch
+  optimizer: str                # 'sgd' | 'adam'
+  adam_betas: tuple             # (b1, b2) of 'adam'
   nesterov: bool
   weight_decay: bool            # whether the optimizer adds decayed weights at all
   warmup: bool                  # whether the constant schedule has a warmup at all
@@ -99,7 +101,8 @@ def spec(config, model, steps_per_epoch: int, grad_chunks: int = 1) -> StepSpec:
   return StepSpec(
       model=model, schedule=config.schedule,
       total_steps=max(configlib.total_steps(config.num_epochs, steps_per_epoch), 1),
-      steps_per_epoch=steps_per_epoch, nesterov=config.nesterov,
+      steps_per_epoch=steps_per_epoch, optimizer=config.optimizer,
+      adam_betas=(config.adam_b1, config.adam_b2), nesterov=config.nesterov,
       weight_decay=bool(config.weight_decay),
       warmup=config.schedule == 'constant' and config.warmup_epochs > 0,
       plateau=(p.factor, p.patience, p.cooldown) if p.enabled else None,
@@ -109,7 +112,7 @@ def spec(config, model, steps_per_epoch: int, grad_chunks: int = 1) -> StepSpec:
 def exact_numbers(spec: StepSpec) -> tuple[str, ...]:
   """The numbers whose arithmetic is the same, bit for bit, as an array passed to the step as
   as a Python number compiled into it (checked in tests/test_steps.py): they multiply or add
-  once. Schedules, augmentation ranges and dropout rates do more with theirs, which XLA then
+  once (Adam's learning rate too: it scales Adam's update once; Adam ignores the momentum). Schedules, augmentation ranges and dropout rates do more with theirs, which XLA then
   rounds differently."""
   constant_rate = spec.schedule == 'constant' and not spec.warmup
   return ('momentum', 'weight_decay') + (('learning_rate',) if constant_rate else ())
@@ -173,12 +176,18 @@ def _array_schedule(spec: StepSpec, hp: Hyper):
 
 
 def make_optimizer(spec: StepSpec, hp: Hyper) -> optax.GradientTransformationExtraArgs:
-  """SGD with momentum (the tutorial's), optionally with weight decay and Keras's plateau rule.
+  """SGD with momentum (the tutorial's) or Adam, optionally with weight decay and Keras's
+  plateau rule.
 
   Built from `hp` inside the step, so its numbers may be a vmapped group's arrays; its state's
   tree depends on `spec` only.
   """
-  tx = optax.sgd(learning_rate_schedule(spec, hp), momentum=hp.momentum, nesterov=spec.nesterov)
+  if spec.optimizer == 'adam':  # optax's eps (1e-8, outside the square root) is PyTorch's too
+    b1, b2 = spec.adam_betas
+    tx = optax.adam(learning_rate_schedule(spec, hp), b1=b1, b2=b2)
+  else:
+    tx = optax.sgd(learning_rate_schedule(spec, hp), momentum=hp.momentum,
+                   nesterov=spec.nesterov)
   if spec.weight_decay:
     tx = optax.chain(optax.add_decayed_weights(hp.weight_decay), tx)
   if spec.plateau is not None:

@@ -1,6 +1,7 @@
 """The config file launch.py uses when --config is not given: the one the workdir was trained
 with (inference.stored_config), so eval, predict, report and export need only --workdir, and a
-run resumes from it too; `--config.field=value` overrides still apply on top."""
+run resumes from it too; `--config.field=value` overrides still apply on top. Fields added since
+the workdir was trained take the values that do what was done then (configlib.ADDED_FIELDS)."""
 import ml_collections
 
 from digitjax.errors import UserError
@@ -36,4 +37,5 @@ def get_config():
   if record is None:
     raise UserError(f'--workdir={workdir} holds no trained run to take the config from; give '
                     f'--config=configs/<name>.py')
-  return ml_collections.ConfigDict(_tuples(record))
+  from digitjax import configlib
+  return ml_collections.ConfigDict(configlib.with_added_fields(_tuples(record)))

@@ -14,7 +14,8 @@ CONFIG_FILES = sorted(p.stem for p in (ROOT / 'configs').glob('*.py') if p.stem 
 @pytest.mark.parametrize('name', CONFIG_FILES)
 def test_every_config_file_loads_and_validates(name):
   from digitjax import population
-  config = importlib.import_module(name).get_config()
+  # As a module of the configs package: a bare 'speedrun' could be benchmarks/speedrun.py.
+  config = importlib.import_module(f'configs.{name}').get_config()
   configlib.validate(config)
   members = population.members_of(config, '/nonexistent')  # every member checked, nothing made
   assert members
@@ -55,12 +56,53 @@ def test_the_config_files_are_what_their_docstrings_say():
     ('model.conv_impl', 'fft', "config.model.conv_impl='fft' is invalid"),
     ('grad_chunks', 3, 'config.grad_chunks=3 is invalid: it must be 0 (auto) or a divisor'),
     ('sweep.execution', 'pmap', "config.sweep.execution='pmap' is invalid"),
+    ('model.dtype', 'float16', "config.model.dtype='float16' is invalid: it must be 'float32' "
+                               "or 'bfloat16'"),
+    ('model.kernel_sizes', (5, 3), 'config.model.kernel_sizes=(5, 3) is invalid: it must be () '
+                                   '(3x3 everywhere) or one size >= 1 per conv layer'),
+    ('model.kernel_sizes', (13, 9, 3), 'config.model.kernel_sizes=(13, 9, 3) is invalid'),
+    ('model.conv_init', 'glorot', "config.model.conv_init='glorot' is invalid: it must be "
+                                  "'he_uniform' or 'torch'"),
+    ('optimizer', 'rmsprop', "config.optimizer='rmsprop' is invalid: it must be 'sgd' or 'adam'"),
+    ('adam_b2', 1.0, 'config.adam_b2=1.0 is invalid: it must be in [0, 1)'),
 ])
 def test_invalid_values_name_the_field(config, field, value, message):
   configlib.set_field(config, field, value)
   with pytest.raises(UserError) as e:
     configlib.validate(config)
   assert str(e.value).startswith(message)
+
+
+def test_nesterov_is_sgds(config):
+  config.nesterov, config.optimizer = True, 'adam'
+  with pytest.raises(UserError, match="config.nesterov=True is invalid: it must be False with "
+                                      "optimizer='adam'"):
+    configlib.validate(config)
+
+
+def test_the_dtype_is_structure_but_not_a_checkpoints_field(config):
+  # bfloat16 changes the arithmetic, not the arrays: a checkpoint restores under either dtype
+  # (tests/test_train.py), while members that differ in it cannot share one program.
+  from digitjax import population
+  assert 'model.dtype' not in configlib.RESUME_FIELDS + configlib.MEMBER_NUMERIC_FIELDS
+  assert 'model.kernel_sizes' in configlib.MODEL_FIELDS
+  config.sweep.grid = "model.dtype='float32','bfloat16'; seed=0,1"
+  members = population.members_of(config, '/w')
+  assert [[m.name for m in g] for g in population.groups_of(members)] == [
+      ['model.dtype=float32,seed=0', 'model.dtype=float32,seed=1'],
+      ['model.dtype=bfloat16,seed=0', 'model.dtype=bfloat16,seed=1']]
+
+
+def test_a_stored_config_from_before_a_field_gets_what_was_done_then(config):
+  record = config.to_dict()
+  for dotted in configlib.ADDED_FIELDS:
+    *parents, leaf = dotted.split('.')
+    target = record
+    for part in parents:
+      target = target[part]
+    del target[leaf]
+  filled = configlib.with_added_fields(record)
+  assert filled == config.to_dict()  # the defaults of configs/default.py are the old behaviour
 
 
 def test_a_fraction_of_an_epoch_is_valid(config):

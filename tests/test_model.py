@@ -190,3 +190,77 @@ def test_gradient_in_chunks_equals_whole_batch_gradient(config):
   moved = max(float(jnp.abs(a - b).max()) for a, b in
               zip(jax.tree.leaves(results[1][0]), jax.tree.leaves(state.params)))
   assert moved > 1e-3  # the steps did change the parameters
+
+
+# ---------------------------------------------------------------------------------------------
+# bfloat16 (config.model.dtype)
+
+
+@pytest.mark.parametrize('x_shape, k_shape', [((4, 12, 12, 32), (3, 3, 32, 16)),
+                                              ((4, 28, 28, 1), (5, 5, 1, 8))])
+def test_bfloat16_convolution_is_xlas_up_to_bfloat16_rounding(x_shape, k_shape):
+  # bf16_conv rounds its input, kernel and output to bfloat16 (float32 sums in between), and its
+  # gradients round dy: a few roundings of relative error <= 2^-9 each (bfloat16 keeps 8
+  # significant bits), so errors (in norm) ~0.003 here; 2^-7 bounds them, while a wrong
+  # gradient (a term missing, a kernel transposed) is off by order 1.
+  keys = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(keys[0], x_shape)
+  kernel = 0.3 * jax.random.normal(keys[1], k_shape)
+  bias = jax.random.normal(keys[2], k_shape[-1:])
+
+  def reference(x, kernel, bias):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
+
+  def bf16(x, kernel, bias):
+    return model_lib.bf16_conv(x.astype(jnp.bfloat16), kernel, bias)
+
+  want, want_vjp = jax.vjp(reference, x, kernel, bias)
+  dy = jax.random.normal(keys[3], want.shape)
+  rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+  for fn in (bf16, jax.jit(bf16)):
+    got, got_vjp = jax.vjp(fn, x, kernel, bias)
+    assert got.dtype == jnp.bfloat16 and rel(got, want) < 2 ** -7
+    for g, w, primal in zip(got_vjp(dy.astype(jnp.bfloat16)), want_vjp(dy), (x, kernel, bias)):
+      assert g.dtype == primal.dtype == jnp.float32  # float32 parameters get float32 gradients
+      assert rel(g, w) < 2 ** -7
+
+
+@pytest.mark.parametrize('conv_impl', ['im2col', 'mixed', 'lax', 'winograd'])
+def test_bfloat16_model_has_the_float32_models_parameters_and_float32_logits(conv_impl):
+  f32 = model_lib.CNN(conv_impl=conv_impl, pool_impl='reshape')
+  bf16 = f32.clone(dtype=jnp.bfloat16)
+  x = jax.random.uniform(jax.random.key(2), (8, 28, 28, 1))
+  params = f32.init(jax.random.key(1), x)['params']
+  # The same parameters, initialized alike, stored as float32: checkpoints fit either dtype.
+  bf16_params = bf16.init(jax.random.key(1), x)['params']
+  assert jax.tree.structure(bf16_params) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(bf16_params), jax.tree.leaves(params)):
+    assert a.dtype == jnp.float32
+    np.testing.assert_array_equal(a, b)
+  logits = jax.jit(bf16.apply)({'params': params}, x)
+  assert logits.dtype == jnp.float32  # the softmax and the loss are float32's
+  want = f32.apply({'params': params}, x)
+  # bfloat16 activations through 5 layers: a few percent of the logits' scale.
+  assert float(jnp.linalg.norm(logits - want) / jnp.linalg.norm(want)) < 0.05
+
+
+def test_kernel_sizes_and_torchs_conv_init_shape_the_layers():
+  # configs/speedrun.py's model: 5x5 then 3x3 kernels, PyTorch's Conv2d initialization
+  # (uniform in +-1/sqrt(fan_in)) for the kernels.
+  model = model_lib.CNN(conv_features=(24, 32), kernel_sizes=(5, 3), pool_after=(0, 1),
+                        dense_features=256, conv_init='torch', conv_impl='im2col',
+                        pool_impl='reshape')
+  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))['params']
+  assert params['conv1']['kernel'].shape == (5, 5, 1, 24)
+  assert params['dense1']['kernel'].shape == (800, 256)  # 28 -> 24 -> 12 -> 10 -> 5
+  assert model_lib.count_params(params) == 215_194
+  for name, fan_in in (('conv1', 25), ('conv2', 9 * 24)):
+    kernel = np.asarray(params[name]['kernel'])
+    assert np.abs(kernel).max() <= fan_in ** -0.5
+    assert kernel.std() == pytest.approx((3 * fan_in) ** -0.5, rel=0.1)
+  assert model_lib.used_input_size(28, 2, (0, 1), (5, 3)) == 28
+  reference = model.clone(conv_impl='lax', pool_impl='lax', skip_dead_rows=False)
+  x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+  np.testing.assert_allclose(model.apply({'params': params}, x),
+                             reference.apply({'params': params}, x), rtol=1e-5, atol=1e-5)

@@ -233,3 +233,60 @@ def test_batch_norm_takes_the_gradient_in_one_chunk(config):
   config.grad_chunks = 2
   with pytest.raises(UserError, match='grad_chunks=2 is invalid: .*batch_norm'):
     configlib.validate(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision and Adam
+
+
+def test_bfloat16_steps_stay_close_to_float32_steps_and_keep_a_float32_state(config):
+  # The CPU's training formulation (im2col, reshape pooling, 2 gradient chunks), from the same
+  # parameters, 5 steps on one batch. Each bfloat16 rounding has a relative error <= 2^-9; a
+  # gradient passes ~10 of them through the 5 layers, a ReLU or a pooling winner flips near a
+  # tie, and momentum carries the differences from step to step: the updates (parameters minus
+  # their start) differed by 2-5% (in norm) per layer here, as much as with Flax's own
+  # bfloat16 layers (XLA's convolution: 3-6%). 0.1 bounds that; a wrong gradient is off by ~1.
+  runs = {}
+  for dtype in ('float32', 'bfloat16'):
+    config.model.dtype = dtype
+    state, _, _ = steps.create(config, jax.random.key(0), 'im2col', 'reshape', grad_chunks=2)
+    runs[dtype] = (state, *_run(config, 5, conv_impl='im2col', pool_impl='reshape',
+                                grad_chunks=2))
+  (start, f32, f32_metrics), (start_b, bf16, bf16_metrics) = runs['float32'], runs['bfloat16']
+  assert _same(start.params, start_b.params)
+  for leaf in jax.tree.leaves(bf16):  # parameters, optimizer state: float32 (and integers)
+    assert leaf.dtype in (jnp.float32, jnp.int32, jnp.uint32), leaf.dtype
+  for key, value in bf16_metrics.items():
+    assert value.dtype == jnp.float32, key
+  assert float(bf16_metrics['loss']) == pytest.approx(float(f32_metrics['loss']), rel=0.01)
+  for (path, a), b, p0 in zip(jax.tree_util.tree_leaves_with_path(f32.params),
+                              jax.tree.leaves(bf16.params), jax.tree.leaves(start.params)):
+    update_f32, update_bf16 = a - p0, b - p0
+    error = float(jnp.linalg.norm(update_bf16 - update_f32) / jnp.linalg.norm(update_f32))
+    assert error < 0.1, (jax.tree_util.keystr(path), error)
+
+
+def test_adam_is_optax_adam_with_the_configured_betas(config):
+  config.optimizer, config.adam_b1, config.adam_b2 = 'adam', 0.7, 0.9
+  config.schedule, config.learning_rate, config.num_epochs = 'onecycle', 0.01, 3
+  tx = steps.make_optimizer(steps.spec(config, None, 10), steps.hyper(config, 10))
+  own = optax.adam(optax.cosine_onecycle_schedule(30, 0.01, pct_start=0.3), b1=0.7, b2=0.9)
+  params = {'w': jnp.linspace(-1.0, 1.0, 7)}
+  a, b = tx.init(params), own.init(params)
+  for i in range(25):
+    grads = {'w': jnp.sin(params['w'] * (i + 1))}
+    ua, a = tx.update(grads, a, params)
+    ub, b = own.update(grads, b, params)
+    np.testing.assert_array_equal(ua['w'], ub['w'])
+  assert float(jnp.abs(ua['w']).max()) > 0
+
+
+def test_adams_numbers_passed_as_arrays_change_nothing(config):
+  # 'map' groups pass exact_numbers as arrays: with Adam too, each member is its single run.
+  config.optimizer, config.weight_decay = 'adam', 5e-4
+  assert {'learning_rate', 'weight_decay'} <= set(
+      steps.exact_numbers(steps.spec(config, None, 1)))
+  static, _ = _run(config, 6)
+  passed, _ = _run(config, 6, numbers={'learning_rate': config.learning_rate,
+                                      'weight_decay': 5e-4})
+  assert _same(static.params, passed.params) and _same(static.opt_state, passed.opt_state)

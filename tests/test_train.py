@@ -127,3 +127,23 @@ def test_best_checkpoint_is_kept_beside_the_latest(tmp_path):
   reopened = ckpt_lib.Checkpoints(str(tmp_path / 'checkpoints'), read_only=True)
   assert reopened.best_step() == 2 and reopened.steps() == [2, 4, 5, 6]  # across restarts
   reopened.close()
+
+
+def test_a_float32_checkpoint_resumes_and_restores_under_bfloat16(idx_dir, tfds_dir, tmp_path,
+                                                                   capsys):
+  # The state holds parameters and optimizer state, float32 under either model.dtype: the
+  # same checkpoint serves both, and a bfloat16 run continues a float32 one.
+  workdir = str(tmp_path / 'run')
+  digitjax.train(small_config(idx_dir, tfds_dir, num_epochs=0.2), workdir)
+  saved = final_params(small_config(idx_dir, tfds_dir, num_epochs=0.2), workdir)
+  bf16 = small_config(idx_dir, tfds_dir, num_epochs=0.4, **{'model.dtype': 'bfloat16'})
+  restored = final_params(bf16, workdir)
+  assert _params_equal(restored, saved)
+  assert {x.dtype for x in jax.tree.leaves(restored)} == {np.dtype('float32')}
+  results = digitjax.train(bf16, workdir)
+  assert 'Resuming from checkpoint at step 4' in capsys.readouterr().out
+  assert results['checkpoint_step'] == 9 and results['config']['model']['dtype'] == 'bfloat16'
+  state, _, _ = inference.restore(bf16, workdir_lib.RunFiles.of(workdir), 'latest', 'eval',
+                                  parallel.make_mesh())
+  assert {x.dtype for x in jax.tree.leaves(state.opt_state)} <= {np.dtype('float32'),
+                                                                np.dtype('int32')}

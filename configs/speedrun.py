@@ -1,0 +1,35 @@
+"""Speedrun: the least training time to >= 99.0% test accuracy for every seed, on this CPU.
+
+A small CNN after tuomaso/train_mnist_fast (benchmarks/speedrun_torch.py trains that recipe in
+PyTorch, the peer): Conv24(5x5)-MaxPool-Conv32(3x3)-MaxPool-Dense256-Dense10 (215,194
+parameters), the conv kernels initialized as PyTorch does, Adam (betas 0.7, 0.9) with a
+one-cycle learning rate, on all 60,000 training images (no validation holdout: the test split
+is the judge, as for the peer). Changed from the peer's recipe, by 5-seed runs here: batch 64
+instead of 256 (cheaper per image on this CPU: 113 vs 138 us), peak learning rate 0.005
+instead of 0.01, and 1.25 epochs instead of 1 (one epoch reached 0.9905 mean, 0.9896 min).
+The tutorial's model stays configs/default.py's.
+
+  python launch.py --config=configs/speedrun.py --workdir=runs/speedrun --config.seed=S \
+      --config.data.manual_dir=../shared/data/mnist
+
+benchmarks/speedrun.py runs seeds 0-4 of it and of the peer in one invocation.
+"""
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.validation_fraction = 0.0     # train on all 60,000; the test split judges
+  config.model.conv_features = (24, 32)
+  config.model.kernel_sizes = (5, 3)
+  config.model.pool_after = (0, 1)
+  config.model.dense_features = 256
+  config.model.conv_init = 'torch'     # one epoch: 0.9905 mean, against 0.9893 with he_uniform
+  config.batch_size = 64               # 938 steps per epoch
+  config.num_epochs = 1.25
+  config.optimizer = 'adam'
+  config.adam_b1, config.adam_b2 = 0.7, 0.9
+  config.learning_rate = 0.005         # the one-cycle peak
+  config.schedule = 'onecycle'         # 30% of the steps rising, then annealed to ~0
+  config.log_every_steps = 0           # no TensorBoard points between epoch ends
+  return config
