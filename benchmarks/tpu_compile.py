@@ -247,12 +247,13 @@ def compile_init(built: Built):
 
 def compile_eval(built: Built, n: int = N_VAL):
   """The Evaluator's program on the batch Evaluator.logits gives a split of `n` images."""
-  evaluator = inference.Evaluator.for_config(built.config, built.mesh, built.choices)
-  devices = parallel.data_size(built.mesh)
+  mesh = built.group.flat  # where the loop evaluates each member (all devices on 'data')
+  evaluator = inference.Evaluator.for_config(built.config, mesh, built.choices)
+  devices = parallel.data_size(mesh)
   b = min(evaluator.batch_size, -(-max(n, 1) // devices) * devices)  # as Evaluator.logits
-  state = inference.abstract_state(built.config, built.mesh)
+  state = inference.abstract_state(built.config, mesh)
   batch = {'image': jax.ShapeDtypeStruct((b,) + steps.IMAGE_SHAPE, jnp.uint8,
-                                         sharding=parallel.batch_sharding(built.mesh))}
+                                         sharding=parallel.batch_sharding(mesh))}
   return evaluator._step.lower(state, batch).compile(), {'eval_batch': b}
 
 
@@ -345,7 +346,7 @@ def cpu_choices(config) -> dict:
   return {'conv_impl': c.conv_impl, 'pool_impl': c.pool_impl, 'grad_chunks': c.grad_chunks}
 
 
-def cases(batches, chunks, members: int, quick: bool):
+def cases(batches, chunks, members: int, quick: bool, dtypes=('float32',)):
   """(program, label, config overrides, choice overrides) for one topology."""
   loop_chunk = max(chunks)
   b_mid = 128 if 128 in batches else batches[0]
@@ -374,6 +375,16 @@ def cases(batches, chunks, members: int, quick: bool):
       lrs = ','.join(f'{0.01 * 2 ** (i - 1):g}' for i in range(members))
       out.append(('train', 'tpu-auto, lr grid', {**group, 'sweep.grid': f'learning_rate={lrs}'},
                   None))
+  for dtype in dtypes:  # the same programs in other precisions (model.dtype)
+    if dtype == 'float32':
+      continue
+    other = {'model.dtype': dtype}
+    out.append(('eval', f'tpu-auto {dtype}', other, None))
+    for b in batches:
+      out.append(('train', f'tpu-auto {dtype}',
+                  {**other, 'batch_size': b, 'chunk_steps': loop_chunk}, None))
+    if members > 1:
+      out.append(('train', f'tpu-auto {dtype}', {**group, **other}, None))
   return out
 
 
@@ -473,6 +484,8 @@ def main(argv=None):
   parser.add_argument('--members', type=int, default=4, help='size of the vmapped group (1: none)')
   parser.add_argument('--quick', action='store_true',
                       help='skip the one-choice-at-a-time rows, the host step and the lr grid')
+  parser.add_argument('--dtypes', default='float32,bfloat16',
+                      help='model.dtype values: the training chunk, eval and group in each')
   parser.add_argument('--json', help='also write the rows to this file')
   args = parser.parse_args(argv)
   if not libtpu_available():
@@ -485,7 +498,7 @@ def main(argv=None):
     print(f"{topology}: {len(devices)} chips; TPU 'auto' choices (configlib.resolve): "
           f"{configlib.resolve(make_config({}), backend='tpu', data_devices=len(devices))}",
           file=sys.stderr, flush=True)
-    for case in cases(batches, chunks, args.members, args.quick):
+    for case in cases(batches, chunks, args.members, args.quick, args.dtypes.split(',')):
       row = run_case(topology, devices, *case)
       rows.append(row)
       status = row['error'] or (f"{row['optimal_seconds'] * 1e6:.1f} µs modeled, "
