@@ -130,6 +130,7 @@ def test_a_damaged_results_file_is_written_again(copy, content, caplog):
 # 5. Concurrent preparation of one data dir
 
 
+@pytest.mark.slow
 def test_a_run_waits_for_another_preparing_the_same_data_dir(tmp_path, processes):
   idx = write_dataset(tmp_path / 'idx', n_train=200, n_test=50, seed=9)
   data_dir = tmp_path / 'tfds'

@@ -226,7 +226,8 @@ def test_bfloat16_convolution_is_xlas_up_to_bfloat16_rounding(x_shape, k_shape):
       assert rel(g, w) < 2 ** -7
 
 
-@pytest.mark.parametrize('conv_impl', ['im2col', 'mixed', 'lax', 'winograd'])
+@pytest.mark.parametrize('conv_impl', ['im2col', 'mixed', 'lax',
+                                       pytest.param('winograd', marks=pytest.mark.slow)])
 def test_bfloat16_model_has_the_float32_models_parameters_and_float32_logits(conv_impl):
   f32 = model_lib.CNN(conv_impl=conv_impl, pool_impl='reshape')
   bf16 = f32.clone(dtype=jnp.bfloat16)
