@@ -32,6 +32,18 @@ def _run(config, n_steps, hp=None, numbers=None, key=0, **create):
   return state, metrics
 
 
+def _assert_same_updates(tx, own, steps_=25):
+  """`tx` (built by steps.make_optimizer) gives optax's `own` updates, bit for bit."""
+  params = {'w': jnp.linspace(-1.0, 1.0, 7)}
+  a, b = tx.init(params), own.init(params)
+  for i in range(steps_):
+    grads = {'w': jnp.sin(params['w'] * (i + 1))}
+    ua, a = tx.update(grads, a, params)
+    ub, b = own.update(grads, b, params)
+    np.testing.assert_array_equal(ua['w'], ub['w'])
+  assert float(jnp.abs(ua['w']).max()) > 0  # the updates did something
+
+
 def _same(a, b) -> bool:
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
@@ -84,14 +96,7 @@ def test_nesterov_weight_decay_and_cosine_warmup_reach_optax_as_configured(confi
   tx = steps.make_optimizer(steps.spec(config, None, 10), steps.hyper(config, 10))
   own = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(
       optax.warmup_cosine_decay_schedule(0.0, 0.05, 10, 40), momentum=0.8, nesterov=True))
-  params = {'w': jnp.linspace(-1.0, 1.0, 7)}
-  a, b = tx.init(params), own.init(params)
-  for i in range(25):
-    grads = {'w': jnp.sin(params['w'] * (i + 1))}
-    ua, a = tx.update(grads, a, params)
-    ub, b = own.update(grads, b, params)
-    np.testing.assert_array_equal(ua['w'], ub['w'])
-  assert float(jnp.abs(ua['w']).max()) > 0
+  _assert_same_updates(tx, own)
 
 
 def test_plateau_rule_scales_by_its_factor_after_its_patience(config):
@@ -271,14 +276,7 @@ def test_adam_is_optax_adam_with_the_configured_betas(config):
   config.schedule, config.learning_rate, config.num_epochs = 'onecycle', 0.01, 3
   tx = steps.make_optimizer(steps.spec(config, None, 10), steps.hyper(config, 10))
   own = optax.adam(optax.cosine_onecycle_schedule(30, 0.01, pct_start=0.3), b1=0.7, b2=0.9)
-  params = {'w': jnp.linspace(-1.0, 1.0, 7)}
-  a, b = tx.init(params), own.init(params)
-  for i in range(25):
-    grads = {'w': jnp.sin(params['w'] * (i + 1))}
-    ua, a = tx.update(grads, a, params)
-    ub, b = own.update(grads, b, params)
-    np.testing.assert_array_equal(ua['w'], ub['w'])
-  assert float(jnp.abs(ua['w']).max()) > 0
+  _assert_same_updates(tx, own)
 
 
 def test_adams_numbers_passed_as_arrays_change_nothing(config):
