@@ -134,7 +134,6 @@ def main(argv):
     jax.config.update('jax_compilation_cache_dir', cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
   from digitjax import parallel, workdir as workdir_lib
-  from digitjax.errors import UserError
   try:
     signals.check('while starting; nothing was written')
     parallel.initialize_distributed(FLAGS.config.distributed)  # before anything uses devices
@@ -151,13 +150,12 @@ def main(argv):
   except UserError as e:
     fail(str(e))
   except signals.Interrupted as e:
-    for sig in signals._HANDLED:  # nothing is left to do: further signals change nothing
-      signals.signal.signal(sig, signals.signal.SIG_IGN)
+    signals.ignore()  # nothing is left to do: further signals change nothing
     if not e.saved:
       print(f'{e}; run the same command to start again', file=sys.stderr, flush=True)
     sys.exit(e.exit_status)
   except OSError as e:
-    if e.errno in workdir_lib._DISK_ERRNOS and e.filename:
+    if e.errno in workdir_lib.DISK_ERRNOS and e.filename:
       fail(f'cannot write {e.filename}: {e.strerror}; nothing else was changed; make it '
            f'writable (or free space) and run the same command')
     raise

@@ -88,6 +88,12 @@ def check(phase: str) -> None:
     raise Interrupted(_State.received, phase)
 
 
+def ignore() -> None:
+  """From now on SIGINT and SIGTERM do nothing (the run has stopped; only its exit is left)."""
+  for sig in _HANDLED:
+    signal.signal(sig, signal.SIG_IGN)
+
+
 def note(name: str) -> None:
   """Records a stop agreed with another process (a signal it received)."""
   _State.received = _State.received or name

@@ -59,7 +59,7 @@ MEMBERS = 'members'
 POPULATION_CSV = 'population.csv'
 LOCK_FILE = 'run.lock'
 # Errors of writing that the user fixes on the disk side, not in the code.
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
                 errno.ENOTDIR, errno.EISDIR)
 
 
@@ -335,7 +335,7 @@ def not_writable(workdir: str, e: OSError) -> WorkdirNotWritable:
 
 def is_disk_error(e: OSError, workdir: str) -> bool:
   """A refused write under `workdir` (a full disk may not say which file was being written)."""
-  if e.errno not in _DISK_ERRNOS:
+  if e.errno not in DISK_ERRNOS:
     return False
   if not e.filename:
     return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
