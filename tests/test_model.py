@@ -197,7 +197,8 @@ def test_gradient_in_chunks_equals_whole_batch_gradient(config):
 
 
 @pytest.mark.parametrize('x_shape, k_shape', [((4, 12, 12, 32), (3, 3, 32, 16)),
-                                              ((4, 28, 28, 1), (5, 5, 1, 8))])
+                                              pytest.param((4, 28, 28, 1), (5, 5, 1, 8),
+                                                           marks=pytest.mark.slow)])
 def test_bfloat16_convolution_is_xlas_up_to_bfloat16_rounding(x_shape, k_shape):
   # bf16_conv rounds its input, kernel and output to bfloat16 (float32 sums in between), and its
   # gradients round dy: a few roundings of relative error <= 2^-9 each (bfloat16 keeps 8

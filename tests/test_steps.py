@@ -119,7 +119,8 @@ def test_plateau_rule_scales_by_its_factor_after_its_patience(config):
 
 @pytest.mark.parametrize('over, numbers', [
     ({}, {'learning_rate': 0.02}),
-    ({'nesterov': True, 'weight_decay': 5e-4}, {'momentum': 0.9, 'weight_decay': 5e-4}),
+    pytest.param({'nesterov': True, 'weight_decay': 5e-4},
+                 {'momentum': 0.9, 'weight_decay': 5e-4}, marks=pytest.mark.slow),
 ])
 def test_exact_numbers_passed_as_arrays_change_nothing(config, over, numbers):
   # Members of a 'map' group share one compiled step and pass these numbers as arrays; each
@@ -279,6 +280,7 @@ def test_adam_is_optax_adam_with_the_configured_betas(config):
   _assert_same_updates(tx, own)
 
 
+@pytest.mark.slow
 def test_adams_numbers_passed_as_arrays_change_nothing(config):
   # 'map' groups pass exact_numbers as arrays: with Adam too, each member is its single run.
   config.optimizer, config.weight_decay = 'adam', 5e-4

@@ -129,6 +129,7 @@ def test_best_checkpoint_is_kept_beside_the_latest(tmp_path):
   reopened.close()
 
 
+@pytest.mark.slow
 def test_a_float32_checkpoint_resumes_and_restores_under_bfloat16(idx_dir, tfds_dir, tmp_path,
                                                                    capsys):
   # The state holds parameters and optimizer state, float32 under either model.dtype: the
