@@ -11,6 +11,7 @@ import sys
 import time
 
 from digitjax import parallel
+from digitjax import signals
 from digitjax import workdir as workdir_lib
 
 
@@ -50,7 +51,8 @@ def quiet_native_stderr():
   saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
   os.dup2(devnull, 2)
   try:
-    yield
+    with signals.acknowledged_on(saved):  # a Ctrl-C meanwhile is still acknowledged
+      yield
   finally:
     os.dup2(saved, 2)
     os.close(saved)

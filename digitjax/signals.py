@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -35,13 +36,18 @@ class _State:
   received: str | None = None
   depth = 0
   previous: dict = {}
+  console_fd: int | None = None  # where the acknowledgement goes while fd 2 is silenced
 
 
 def _handle(signum, frame):
   name = signal.Signals(signum).name
   if _State.received is None:
     _State.received = name
-    print(f'{name} received: stopping at the next safe point', file=sys.stderr, flush=True)
+    line = f'{name} received: stopping at the next safe point'
+    if _State.console_fd is None:
+      print(line, file=sys.stderr, flush=True)
+    else:
+      os.write(_State.console_fd, (line + '\n').encode())
   else:
     logging.warning('%s received again: still stopping cleanly, please wait', name)
 
@@ -86,6 +92,17 @@ def check(phase: str) -> None:
   compiling')."""
   if _State.received is not None:
     raise Interrupted(_State.received, phase)
+
+
+@contextlib.contextmanager
+def acknowledged_on(fd: int):
+  """Inside the block a signal is acknowledged on `fd` (the console's stderr, saved while fd 2
+  points at /dev/null to hide another library's start-up notices)."""
+  previous, _State.console_fd = _State.console_fd, fd
+  try:
+    yield
+  finally:
+    _State.console_fd = previous
 
 
 def ignore() -> None:

@@ -8,6 +8,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -16,7 +17,7 @@ from PIL import Image
 
 import digitjax
 from conftest import ROOT, launch_args, small_config, wait_for, write_dataset, workdir_snapshot
-from digitjax import images, modes
+from digitjax import images, metrics, modes, signals
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
 
@@ -297,6 +298,31 @@ def test_a_large_picture_is_read_and_a_giant_one_is_refused_in_one_line(tmp_path
 
 # ---------------------------------------------------------------------------------------------
 # 3, 9, 14. Signals in every phase
+
+
+def test_a_signal_while_other_libraries_notices_are_hidden_is_still_acknowledged(capfd,
+                                                                                monkeypatch):
+  # TensorFlow loads (data preparation, export) with fd 2 on /dev/null; a Ctrl-C meanwhile
+  # still says at once that the run is stopping. sys.stderr writes to fd 2, as in launch.py.
+  monkeypatch.setattr(sys, 'stderr', open(2, 'w', closefd=False))
+  from absl import logging as absl_logging
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  try:
+    with signals.recorded():
+      with metrics.quiet_native_stderr():
+        os.write(2, b'a native start-up notice\n')
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0)  # the handler runs in this thread, here
+      assert signals.received() == 'SIGINT'
+      with pytest.raises(signals.Interrupted, match='stopped by SIGINT while testing'):
+        signals.check('while testing')
+  finally:
+    absl_logging.set_verbosity(verbosity)
+  err = capfd.readouterr().err
+  assert 'a native start-up notice' not in err
+  assert err.splitlines() == ['SIGINT received: stopping at the next safe point']
+  assert signals.received() is None  # recorded() put the previous handlers back
 
 
 def _run_until(processes, args, tmp_path, name, when):
