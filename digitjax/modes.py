@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import io
 import os
+import stat
 import sys
 
 import jax
@@ -168,20 +169,25 @@ def check_output(output: str, inputs: list[str], workdir: str) -> None:
 
 
 def _write_text(text: str, output: str | None) -> None:
+  """Writes `text` to stdout or `output`. A file (or a link to one) is written aside and renamed
+  over it, so it is replaced whole or not at all and a link keeps pointing at it; a device or a
+  pipe (/dev/stdout, a FIFO) is written to as it is, never replaced."""
   if not output:
     sys.stdout.write(text)
     sys.stdout.flush()
     return
-  tmp = f'{output}.{os.getpid()}.tmp'
-  try:  # aside, then renamed: an existing file is replaced whole or not at all
-    with open(tmp, 'w') as f:
-      f.write(text)
-    os.replace(tmp, output)
+  stream = os.path.exists(output) and not stat.S_ISREG(os.stat(output).st_mode)
+  try:
+    if stream:
+      with open(output, 'w') as f:
+        f.write(text)
+      return
+    with workdir_lib.written_aside(os.path.realpath(output)) as tmp:
+      with open(tmp, 'w') as f:
+        f.write(text)
   except OSError as e:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise UserError(f'--output={output}: cannot write ({e.strerror}); the file is unchanged'
-                    ) from e
+    raise UserError(f'--output={output}: cannot write ({e.strerror})'
+                    f'{"" if stream else "; the file is unchanged"}') from e
 
 
 def run_predict(config, workdir: str, inputs: list[str], output: str | None = None,

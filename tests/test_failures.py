@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -74,6 +75,32 @@ def test_predict_output_that_is_an_input_or_in_the_workdir_is_refused(copy, tmp_
   (tmp_path / 'out.csv').write_text('old')
   assert modes.run_predict(config, str(workdir), [str(folder)], str(tmp_path / 'out.csv')) == 0
   assert (tmp_path / 'out.csv').read_text().startswith('path,prediction,confidence\n')
+
+
+def test_predict_output_through_a_link_or_into_a_pipe_keeps_the_link_and_the_pipe(copy,
+                                                                                  tmp_path):
+  # A link to a file: the file it points at gets the predictions, the link stays a link.
+  config, workdir, _ = copy
+  digit = tmp_path / 'digit.npy'
+  np.save(digit, np.pad(np.eye(20, dtype=np.uint8) * 255, 4)[None])
+  (tmp_path / 'kept.csv').write_text('old')
+  (tmp_path / 'link.csv').symlink_to(tmp_path / 'kept.csv')
+  assert modes.run_predict(config, str(workdir), [str(digit)], str(tmp_path / 'link.csv')) == 0
+  assert os.readlink(tmp_path / 'link.csv') == str(tmp_path / 'kept.csv')
+  expected = (tmp_path / 'kept.csv').read_text()
+  assert expected.startswith('path,prediction,confidence\n') and len(expected.splitlines()) == 2
+  # A pipe (as /dev/stdout may be): written to, not replaced by a file. Its reader is open
+  # first, so the write does not wait (the CSV fits the pipe's buffer).
+  fifo = tmp_path / 'pipe'
+  os.mkfifo(fifo)
+  reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+  try:
+    assert modes.run_predict(config, str(workdir), [str(digit)], str(fifo)) == 0
+    received = os.read(reader, 1 << 16).decode()
+  finally:
+    os.close(reader)
+  assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+  assert received == expected
 
 
 # ---------------------------------------------------------------------------------------------
