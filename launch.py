@@ -73,9 +73,9 @@ def parse_flags(argv):
       fail(f'--config: {_config_path(argv)}: no such file; pick one of configs/*.py')
     fail(f'--config: the config file does not load ({type(e).__name__}: '
          f'{(str(e).splitlines() or [""])[0][:200]}); fix it or pick a file in configs/')
-  if FLAGS['workdir'].value is None:
-    fail('--workdir is required (e.g. python launch.py --config=configs/default.py '
-         '--workdir=runs/default)')
+  if not (FLAGS['workdir'].value or '').strip():
+    fail(f'--workdir is {"empty" if FLAGS["workdir"].present else "required"} (e.g. python '
+         f'launch.py --config=configs/default.py --workdir=runs/default)')
   return rest
 
 

@@ -253,13 +253,16 @@ def test_a_huge_eval_batch_is_not_padded_to(copy):
      "error: --checkpoint is empty: give 'best', 'latest' or a step number"),
     (['--config=configs/default.py', '--config.num_epochs=inf'],
      'error: config.num_epochs=inf is invalid'),
+    (['--config=configs/default.py', '--workdir='], 'error: --workdir is empty'),
 ])
 def test_flag_and_config_file_mistakes_are_one_line(tmp_path, processes, args, message):
   bad = tmp_path / 'bad.py'
   bad.write_text('def get_config(:\n')
   args = [str(bad) if a == '--config=BAD' else a for a in args]
   args = [f'--config={bad}' if a == str(bad) else a for a in args]
-  proc = processes.run(launch_args(*args, f'--workdir={tmp_path / "w"}'), cwd=ROOT, timeout=120)
+  if not any(a.startswith('--workdir=') for a in args):
+    args.append(f'--workdir={tmp_path / "w"}')
+  proc = processes.run(launch_args(*args), cwd=ROOT, timeout=120)
   assert proc.stderr.strip().splitlines() and len([
       l for l in proc.stderr.splitlines() if l.startswith('error:')]) == 1
   assert _one_error_line(proc).startswith(message)
