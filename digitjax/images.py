@@ -188,15 +188,25 @@ def read_image(path: str) -> np.ndarray:
   return _grayscale(img)
 
 
+MAX_BYTES = 2 ** 31  # 2 GiB: past MAX_PIXELS in any picture format, or 2.7 million 28x28 images
+
+
 def _read_bytes(path: str) -> bytes:
+  """The file's bytes, read in pieces up to MAX_BYTES (a device such as /dev/zero never ends)."""
+  pieces, size = [], 0
   try:
     with open(path, 'rb') as f:
-      raw = f.read()
+      while piece := f.read(min(1 << 26, MAX_BYTES + 1 - size)):
+        pieces.append(piece)
+        size += len(piece)
+        if size > MAX_BYTES:
+          limit = f'{MAX_BYTES >> 30} GiB' if MAX_BYTES >= 1 << 30 else f'{MAX_BYTES >> 20} MiB'
+          raise InputError(f'larger than {limit}; split it or scale it down')
   except OSError as e:
     raise InputError(f'cannot read ({e.strerror or _one_line(e)})') from e
-  if not raw:
+  if not size:
     raise InputError('empty file')
-  return raw
+  return b''.join(pieces)
 
 
 # ---------------------------------------------------------------------------------------------

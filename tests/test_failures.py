@@ -313,6 +313,22 @@ def test_blank_arrays_symlink_loops_and_negative_floats_get_their_own_reasons(tm
                                       f'not exist'}
 
 
+def test_an_endless_or_oversized_input_is_refused_before_it_fills_the_memory(tmp_path,
+                                                                             monkeypatch):
+  # /dev/zero never ends: read whole, it took every byte of memory until the kernel killed
+  # the run. Reading stops past images.MAX_BYTES (2 GiB; 1 MiB here) with a reason.
+  monkeypatch.setattr(images, 'MAX_BYTES', 1 << 20)
+  np.save(tmp_path / 'big.npy', np.zeros((1400, 28, 28), np.uint8))  # 1.05 MiB
+  np.save(tmp_path / 'fits.npy', np.pad(np.eye(20, dtype=np.uint8) * 255, 4))
+  inputs = [str(tmp_path / 'big.npy'), str(tmp_path / 'fits.npy')]
+  if os.path.exists('/dev/zero'):
+    inputs.append('/dev/zero')
+  read = images.read_inputs(inputs)
+  assert read.names == [str(tmp_path / 'fits.npy')]
+  assert dict(read.errors) == {path: 'larger than 1 MiB; split it or scale it down'
+                               for path in inputs if 'fits' not in path}
+
+
 @pytest.mark.slow
 def test_a_large_picture_is_read_and_a_giant_one_is_refused_in_one_line(tmp_path):
   big = Image.new('L', (10_000, 10_000), 255)  # 100 megapixels: past Pillow's own 89M limit
