@@ -176,8 +176,9 @@ def _write_text(text: str, output: str | None) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
     return
-  stream = os.path.exists(output) and not stat.S_ISREG(os.stat(output).st_mode)
+  stream = False
   try:
+    stream = os.path.exists(output) and not stat.S_ISREG(os.stat(output).st_mode)
     if stream:
       with open(output, 'w') as f:
         f.write(text)
