@@ -371,14 +371,26 @@ def test_a_signal_while_other_libraries_notices_are_hidden_is_still_acknowledged
   assert signals.received() is None  # recorded() put the previous handlers back
 
 
+def _catches_sigterm(pid: int) -> bool:
+  """Whether the process has a handler for SIGTERM (Python has none of its own: launch.py's
+  first statement installs it, just before the heavy imports)."""
+  try:
+    with open(f'/proc/{pid}/status') as f:
+      caught = next(int(line.split()[1], 16) for line in f if line.startswith('SigCgt:'))
+  except FileNotFoundError:  # it has already ended
+    return False
+  return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
 def _run_until(processes, args, tmp_path, name, when):
-  """Starts `args`, sends a signal once `when(elapsed, stdout)` says so, returns the result."""
+  """Starts `args`, sends a signal once `when(elapsed, stdout, pid)` says so, returns the
+  result."""
   out, err = tmp_path / f'{name}.out', tmp_path / f'{name}.err'
   proc = processes.popen(args, cwd=ROOT, stdout=open(out, 'w'), stderr=open(err, 'w'))
   start = time.monotonic()
   sent = None
   while proc.poll() is None:
-    sig = when(time.monotonic() - start, out.read_text())
+    sig = when(time.monotonic() - start, out.read_text(), proc.pid)
     if sig and not sent:
       proc.send_signal(sig)
       sent = sig
@@ -403,16 +415,20 @@ def test_sigint_during_imports_and_compilation_stops_cleanly(idx_dir, tfds_dir, 
       f'--config.data.data_dir={tfds_dir}', '--config.data.verify_checksums=False',
       '--config.batch_size=16', '--config.plots=False', '--config.compilation_cache_dir=',
       '--config.model.dense_features=77')  # a width no cache holds: a slow compile
-  # 9. In the first second, while Python imports: the run stops, it never trains to the end.
-  status, out, err, sent = _run_until(processes, args('early'), tmp_path, 'early',
-                                      lambda t, o: signal.SIGINT if t > 0.5 else None)
+  # 9. While Python imports (as soon as launch.py records signals, before jax, TensorFlow and
+  # the rest load): the run stops, it never trains to the end.
+  status, out, err, sent = _run_until(
+      processes, args('early'), tmp_path, 'early',
+      lambda t, o, pid: signal.SIGINT if _catches_sigterm(pid) else None)
   assert sent and status == 130, (status, err[-2000:])
   _clean_end(status, out, err, 'early')
   assert 'Epoch' not in out and not (tmp_path / 'early' / 'results.json').exists()
+  assert err.strip().splitlines()[-1].startswith('stopped by SIGINT while starting; nothing was '
+                                                 'written'), err[-2000:]
   # 3. While the train step compiles (just after the summary table): no segfault (139).
   status, out, err, sent = _run_until(
       processes, args('compiling'), tmp_path, 'compiling',
-      lambda t, o: signal.SIGINT if 'Total params' in o else None)
+      lambda t, o, pid: signal.SIGINT if 'Total params' in o else None)
   _clean_end(status, out, err, 'compiling')
   assert status == 130 and 'stopped by SIGINT' in err.strip().splitlines()[-1], err[-2000:]
   # 14. While tfds prepares a fresh data dir: it finishes what it writes, then one line.
@@ -424,7 +440,7 @@ def test_sigint_during_imports_and_compilation_stops_cleanly(idx_dir, tfds_dir, 
                       '--config.plots=False')
   status, out, err, sent = _run_until(
       processes, fresh, tmp_path, 'preparing',
-      lambda t, o: signal.SIGINT if 'Downloading and preparing' in o else None)
+      lambda t, o, pid: signal.SIGINT if 'Downloading and preparing' in o else None)
   _clean_end(status, out, err, 'preparing')
   assert status == 130, err[-2000:]
   assert err.strip().splitlines()[-1] == ('stopped by SIGINT while preparing the data; what was '
@@ -452,7 +468,7 @@ def test_signals_at_twenty_random_moments_then_the_same_command_equals_a_clean_r
     sig = rng.choice([signal.SIGINT, signal.SIGTERM])
     note = f'signal {i} of seed {seed}: {sig.name} at {moment:.2f} s'
     status, out, err, _ = _run_until(processes, args('hit'), tmp_path, f'hit{i}',
-                                     lambda t, o: sig if t > moment else None)
+                                     lambda t, o, pid: sig if t > moment else None)
     _clean_end(status, out, err, note)
     print(note, '->', status)
   final = processes.run(args('hit'), cwd=ROOT)
