@@ -82,10 +82,18 @@ def digitjax_run(data, data_dir, pipeline, extra=()):
           'peak_rss_mib': rss, 'test_accuracy': r['test_accuracy']}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def data_parser(doc: str) -> argparse.ArgumentParser:
+  """A benchmark's parser with --data (the MNIST IDX files) and --data-dir (tfds's prepared
+  copy, shared by every benchmark)."""
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
   parser.add_argument('--data', default=os.path.join(ROOT, '..', 'shared', 'data', 'mnist'))
-  parser.add_argument('--data-dir', default=os.path.join(tempfile.gettempdir(), 'digitjax_bench_tfds'))
+  parser.add_argument('--data-dir', default=os.path.join(tempfile.gettempdir(),
+                                                         'digitjax_bench_tfds'))
+  return parser
+
+
+def main():
+  parser = data_parser(__doc__)
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--pipelines', default='device,tfds',
                       help='comma-separated input pipelines to time; each may carry config '

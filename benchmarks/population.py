@@ -13,7 +13,6 @@ only, from results.json) and whole jobs' wall time of each, their ratios, and wh
 member's test loss equals its single run's (they do, bit for bit, under 'map'). Extra
 `--config.*` overrides apply to every job.
 """
-import argparse
 import json
 import os
 import statistics
@@ -22,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from compare import ROOT
+from compare import ROOT, data_parser
 
 
 def job(data, data_dir, config, extra, workdir):
@@ -44,10 +43,7 @@ def job(data, data_dir, config, extra, workdir):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--data', default=os.path.join(ROOT, '..', 'shared', 'data', 'mnist'))
-  parser.add_argument('--data-dir', default=os.path.join(tempfile.gettempdir(),
-                                                         'digitjax_bench_tfds'))
+  parser = data_parser(__doc__)
   parser.add_argument('--config', default='configs/sweep.py')
   parser.add_argument('--grid', default=None, help="config.sweep.grid (default: the config's)")
   parser.add_argument('--train-examples', type=int, default=0, help='0: all')

@@ -13,7 +13,6 @@ makes '--threads 1 --channels-last' the faster one: its docstring has the figure
 seed's accuracy and seconds on both sides, mean and min accuracy, mean seconds and their ratio,
 and the load average before and after; --json writes the same.
 """
-import argparse
 import json
 import os
 import shlex
@@ -22,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from compare import ROOT, data_parser
 
 
 def _run(cmd):
@@ -64,10 +63,7 @@ def summary(runs):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--data', default=os.path.join(ROOT, '..', 'shared', 'data', 'mnist'))
-  parser.add_argument('--data-dir', default=os.path.join(tempfile.gettempdir(),
-                                                         'digitjax_bench_tfds'))
+  parser = data_parser(__doc__)
   parser.add_argument('--seeds', default='0,1,2,3,4')
   parser.add_argument('--config', default='configs/speedrun.py')
   parser.add_argument('--override', action='append', default=[],
