@@ -503,10 +503,8 @@ def write_csv(path: str, results: dict, fields: list[str]) -> None:
   for m in results['members']:
     row = {**m, **{f: format_value(m['overrides'].get(f, '')) for f in fields}}
     writer.writerow(['' if row.get(c) is None else row.get(c) for c in columns])
-  tmp = f'{path}.{os.getpid()}.tmp'
-  with open(tmp, 'w') as f:
+  with workdir_lib.written_aside(path) as tmp, open(tmp, 'w') as f:
     f.write(buffer.getvalue())
-  os.replace(tmp, path)
 
 
 def table(results: dict) -> str:

@@ -122,17 +122,10 @@ def write_json_atomic(path: str, obj) -> None:
   Non-finite floats (nothing measured: an empty validation split) are written as null, so the
   file stays standard JSON.
   """
-  tmp = f'{path}.{os.getpid()}.tmp'
-  try:
-    with open(tmp, 'w') as f:
-      json.dump(as_json(obj), f, indent=2, allow_nan=False)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
+  with written_aside(path) as tmp, open(tmp, 'w') as f:
+    json.dump(as_json(obj), f, indent=2, allow_nan=False)
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def aside(path: str) -> str:
@@ -291,12 +284,10 @@ class JsonLines:
       logging.warning('%s: removed %d damaged line(s) (a write that was cut off)', self.path,
                       torn)
     if torn or dropped or (raw and not raw.endswith(b'\n')):
-      tmp = f'{self.path}.{os.getpid()}.tmp'
-      with open(tmp, 'wb') as f:
+      with written_aside(self.path) as tmp, open(tmp, 'wb') as f:
         f.write(b''.join(line + b'\n' for line in keep))
         f.flush()
         os.fsync(f.fileno())
-      os.replace(tmp, self.path)
 
   def append(self, record: dict) -> None:
     line = json.dumps(as_json(record), allow_nan=False) + '\n'
