@@ -186,12 +186,15 @@ class _Group:
     sums = jax.tree.map(lambda x: jnp.stack([x] * len(self.members)), steps.empty_sums())
     return jax.device_put(sums, parallel.member_sharding(self.mesh))
 
-  def read_sums(self, sums) -> list[dict]:
-    if not self.vmapped:
-      return [steps.read_sums(s) for s in sums]
+  def host_sums(self, sums) -> list[dict]:
+    """Each member's running sums, fetched to the host."""
     host = jax.device_get(sums)
-    return [steps.read_sums(jax.tree.map(lambda x: x[i], host))
-            for i in range(len(self.members))]
+    if not self.vmapped:
+      return host
+    return [jax.tree.map(lambda x: x[i], host) for i in range(len(self.members))]
+
+  def read_sums(self, sums) -> list[dict]:
+    return [steps.read_sums(s) for s in self.host_sums(sums)]
 
   # Programs
 
@@ -322,7 +325,7 @@ def train_group(members: list[Member], splits: data.Splits, mesh, choices: confi
       for m, c, a in zip(members, checkpoints, active):
         if a:
           c.discard_after(0)
-          if a and workdir_lib.read_jsonl(m.files.metrics):
+          if workdir_lib.read_jsonl(m.files.metrics):
             logging.warning('%s holds the metrics of an earlier run but no checkpoint to resume '
                             'from: training starts over from step 0, and its records are '
                             'replaced', m.files.dir)
@@ -373,16 +376,14 @@ def _report_done(records, members, group, states, splits, mesh, logits) -> list[
   evaluator = inference.Evaluator.for_config(members[0].config, group.flat, group.choices)
   outcomes = []
   for m, r, state in zip(members, records, states):
-    if not logits:
-      log(f'Already trained to step {r["checkpoint_step"]}; results from {m.files.results}: '
-          f'test_accuracy {r["test_accuracy"]:.4f}, test_loss {r["test_loss"]:.4f}')
-      outcomes.append(Outcome(m, r, [], state=state))
-      continue
+    diverged = r.get('diverged_at_step') is not None
     log(f'{"[" + m.name + "] " if m.name != "base" else ""}Already trained to step '
         f'{r["checkpoint_step"]}; results from {m.files.results}: '
-        + ('diverged' if r.get('diverged_at_step') is not None else
+        + ('diverged' if diverged else
            f'test_accuracy {r["test_accuracy"]:.4f}, test_loss {r["test_loss"]:.4f}'))
-    diverged = r.get('diverged_at_step') is not None
+    if not logits:  # a single run: its results are all there is to report
+      outcomes.append(Outcome(m, r, [], state=state))
+      continue
     outcomes.append(Outcome(
         m, r, metrics_lib.read_history(m.files),
         None if diverged else evaluator.logits(state, splits.val['image']),
@@ -535,9 +536,10 @@ def _chunk(inputs) -> int:
 def _log_steps(group, writers, sums, logged, step, diverged) -> None:
   """TensorBoard's training curve: loss and accuracy over the steps since the last log, and
   the learning rate, per member."""
-  for i, (writer, t) in enumerate(zip(writers, _raw_sums(group, sums))):
+  for i, (writer, s) in enumerate(zip(writers, group.host_sums(sums))):
     if i in diverged:
       continue
+    t = (int(s['steps']), float(s['loss']), float(s['accuracy']))
     before = logged[i] or (0, 0.0, 0.0)
     n = t[0] - before[0]
     if n > 0:
@@ -545,14 +547,6 @@ def _log_steps(group, writers, sums, logged, step, diverged) -> None:
                             'train/accuracy': (t[2] - before[2]) / n,
                             'train/learning_rate': group.learning_rate(i, step)})
     logged[i] = t
-
-
-def _raw_sums(group, sums) -> list[tuple]:
-  host = jax.device_get(sums)
-  if not group.vmapped:
-    return [(int(s['steps']), float(s['loss']), float(s['accuracy'])) for s in host]
-  return [(int(host['steps'][i]), float(host['loss'][i]), float(host['accuracy'][i]))
-          for i in range(len(group.members))]
 
 
 def _write_diverged(member: Member, at_step: int, checkpoints, writes: bool,
