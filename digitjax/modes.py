@@ -3,8 +3,9 @@
 Each works on a single run, on one member of a population (`member`: its index or name), or on
 what a population delivers (its selection: the best member, or the mean probabilities of
 several). Checkpoints are opened read-only. eval adds eval.json, report redraws plots/, predict
-writes only its --output, export only its folder (workdir/export unless --output names another). Evaluation goes through the Evaluator training used, with the
-config's eval_batch_size, so `--checkpoint=latest` reproduces results.json exactly.
+writes only its --output, export only its folder (workdir/export unless --output names
+another). Evaluation goes through the Evaluator training used, with the config's
+eval_batch_size, so `--checkpoint=latest` reproduces results.json exactly.
 """
 from __future__ import annotations
 
@@ -183,9 +184,8 @@ def _write_text(text: str, output: str | None) -> None:
       with open(output, 'w') as f:
         f.write(text)
       return
-    with workdir_lib.written_aside(os.path.realpath(output)) as tmp:
-      with open(tmp, 'w') as f:
-        f.write(text)
+    with workdir_lib.written_aside(os.path.realpath(output)) as tmp, open(tmp, 'w') as f:
+      f.write(text)
   except OSError as e:
     raise UserError(f'--output={output}: cannot write ({e.strerror})'
                     f'{"" if stream else "; the file is unchanged"}') from e
@@ -233,8 +233,9 @@ def run_report(config, workdir: str, checkpoint: str = 'latest',
   if not parallel.is_main_process():  # all processes evaluate; process 0 draws, as in training
     return []
   from digitjax import report  # matplotlib is imported only when pictures are drawn
-  histories = [metrics_lib.read_history(m.files) for m in goal.members]
-  paths = report.draw_all(goal.files.plots, splits, test_logits, histories[0],
+  # The learning curves of the first member, as training drew them (the delivered one's).
+  paths = report.draw_all(goal.files.plots, splits, test_logits,
+                          metrics_lib.read_history(goal.members[0].files),
                           data.first_images(goal.members[0].config, splits))
   if goal.population is not None:
     paths += report.draw_population(

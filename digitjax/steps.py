@@ -110,10 +110,11 @@ def spec(config, model, steps_per_epoch: int, grad_chunks: int = 1) -> StepSpec:
 
 
 def exact_numbers(spec: StepSpec) -> tuple[str, ...]:
-  """The numbers whose arithmetic is the same, bit for bit, as an array passed to the step as
-  as a Python number compiled into it (checked in tests/test_steps.py): they multiply or add
-  once (Adam's learning rate too: it scales Adam's update once; Adam ignores the momentum). Schedules, augmentation ranges and dropout rates do more with theirs, which XLA then
-  rounds differently."""
+  """The numbers whose arithmetic is the same, bit for bit, passed to the step as arrays or
+  compiled into it as Python numbers (checked in tests/test_steps.py): they multiply or add
+  once (Adam's learning rate too: it scales Adam's update once; Adam ignores the momentum).
+  Schedules, augmentation ranges and dropout rates do more with theirs, which XLA then rounds
+  differently."""
   constant_rate = spec.schedule == 'constant' and not spec.warmup
   return ('momentum', 'weight_decay') + (('learning_rate',) if constant_rate else ())
 

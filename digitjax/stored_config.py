@@ -31,8 +31,9 @@ def _workdir_argument() -> str | None:
 def get_config():
   from digitjax import inference
   workdir = _workdir_argument()
-  if not workdir:
-    raise UserError('--workdir is required')
+  if not (workdir or '').strip():
+    raise UserError('--workdir is required (e.g. python launch.py --workdir=runs/default '
+                    '--mode=eval)')
   record = inference.stored_config(workdir)
   if record is None:
     raise UserError(f'--workdir={workdir} holds no trained run to take the config from; give '
