@@ -38,6 +38,9 @@ flags.DEFINE_string('inputs', None, 'predict: image files, folders of them, .npy
 flags.DEFINE_string('output', None, 'predict: the CSV file to write (default: stdout); export: '
                     'the folder to write savedmodel/ and model.onnx into (default: '
                     'WORKDIR/export).')
+flags.DEFINE_string('debug_pause_at', '', 'Debugging and tests: hold the run once at each named '
+                    'phase (e.g. step:300,saving,exiting; digitjax/signals.py PHASES lists them) '
+                    'until SIGINT or SIGTERM comes, saying so on stderr.')
 flags.DEFINE_string('member', None, 'eval/predict/report/export on a population: one member (its '
                     'index or name) instead of what the population delivers.')
 # The modes each optional flag means something to: anywhere else it is a mistake, not a no-op.
@@ -47,13 +50,38 @@ MODE_FLAGS = {'checkpoint': ('eval', 'predict', 'report', 'export'), 'split': ('
 
 
 def fail(message: str, status: int = 2):
-  print(f'error: {message}', file=sys.stderr, flush=True)
+  last_line(f'error: {message}')
   sys.exit(status)
+
+
+def last_line(text: str) -> None:
+  """Writes `text` as the last line on stderr, for good: signals are ignored from here on (what
+  is left is the exit; a signal in the interpreter's shutdown killed the process, status -15),
+  and what libraries' threads log after it (orbax's, at ERROR level, after a failed save) goes
+  to /dev/null instead of burying it."""
+  signals.ignore()
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  console = os.dup(2)
+  null = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(null, 2)
+  os.close(null)
+  os.write(console, (text + '\n').encode(errors='replace'))
+  os.close(console)
+
+
+HELP_FLAGS = ('--help', '-help', '-h', '-?', '--helpshort', '--helpfull')
 
 
 def parse_flags(argv):
   """absl's parsing, with each mistake (an unknown flag or config field, a config file that is
   missing or does not load) as one line instead of a traceback or the usage text."""
+  if any(a in HELP_FLAGS for a in argv[1:]):  # before a config loads: it may need --workdir
+    app.usage(shorthelp=True, writeto_stdout=True)
+    sys.exit(0)
   if not any(a == '--config' or a.startswith('--config=') for a in argv[1:]):
     argv = [argv[0], f'--config={STORED_CONFIG}', *argv[1:]]  # the workdir's own config
   try:
@@ -135,6 +163,11 @@ def main(argv):
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
   from digitjax import parallel, workdir as workdir_lib
   try:
+    signals.pause_at(FLAGS.debug_pause_at)
+  except ValueError as e:
+    fail(str(e))
+  try:
+    signals.reached('starting')
     signals.check('while starting; nothing was written')
     parallel.initialize_distributed(FLAGS.config.distributed)  # before anything uses devices
     from digitjax import population
@@ -150,15 +183,22 @@ def main(argv):
   except UserError as e:
     fail(str(e))
   except signals.Interrupted as e:
-    signals.ignore()  # nothing is left to do: further signals change nothing
-    if not e.saved:
-      print(f'{e}; run the same command to start again', file=sys.stderr, flush=True)
+    if e.saved:  # its 'Stopped by ... checkpoint saved' line is on stdout
+      signals.ignore()  # nothing is left to do: further signals change nothing
+    else:
+      last_line(f'{e}; run the same command to start again')
     sys.exit(e.exit_status)
   except OSError as e:
     if e.errno in workdir_lib.DISK_ERRNOS and e.filename:
       fail(f'cannot write {e.filename}: {e.strerror}; nothing else was changed; make it '
            f'writable (or free space) and run the same command')
     raise
+  signals.reached('exiting')
+  received = signals.received()
+  signals.ignore()  # the results are complete: a signal from here on changes nothing
+  if received:
+    print(f'{received} came after the results were complete; they are intact', file=sys.stderr,
+          flush=True)
   sys.exit(status)
 
 

@@ -190,6 +190,8 @@ def _preparing(root: str, dataset: str):
 
 def _prepare(builder, dataset, data_dir, manual_dir, verify_checksums) -> None:
   import tensorflow_datasets as tfds
+  from digitjax import signals
+  signals.reached('preparing')
   _tensorflow_off_gpu()
   if manual_dir:
     # Validate every file before tfds writes anything, so a bad file leaves no partial dataset.

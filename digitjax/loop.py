@@ -17,8 +17,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
-import sys
 import time
 from typing import Any
 
@@ -100,19 +98,6 @@ def _process_age() -> float | None:
     return time.time() - psutil.Process().create_time()
   except Exception:
     return None
-
-
-def _test_pause(step: int, stop: StopSignals) -> None:
-  """Test-only: with DIGITJAX_TEST_PAUSE_AT_STEP=N in the environment, the run holds at the
-  first chunk boundary at or past step N, says so on stderr, and waits there for a signal
-  (tests/test_reliability.py kills or stops it at a known point, not after a sleep)."""
-  at = os.environ.get('DIGITJAX_TEST_PAUSE_AT_STEP')
-  if at is None or step < int(at) or getattr(stop, 'paused', False):
-    return
-  stop.paused = True
-  print(f'digitjax-test: paused at step {step}', file=sys.stderr, flush=True)
-  while stop.received is None:
-    time.sleep(0.02)
 
 
 def epoch_line(prefix: str, epoch: int, num_epochs: int, seconds: float, record: dict) -> str:
@@ -402,6 +387,7 @@ def _train(members, group, states, step, last_step, num_epochs, spe, train_secon
   inputs = group.make_inputs(cfg.batch_size, cfg.chunk_steps)
   carry = group.carry(states)
   sums = group.empty_sums()
+  signals.reached('compiling')
   compile_start = time.perf_counter()
   compiled = set()
   for i, (feed, numbers) in enumerate(inputs):
@@ -489,7 +475,7 @@ def _train(members, group, states, step, last_step, num_epochs, spe, train_secon
       if log_every and writes and (step // log_every > (step - _chunk(inputs)) // log_every
                                    or done_in_epoch == epoch_end):
         _log_steps(group, writers, sums, logged, step, diverged)
-      _test_pause(step, stop)
+      signals.reached('step', step)
       if stop.agreed(collective):
         break
     progress.clear()
@@ -510,6 +496,7 @@ def _train(members, group, states, step, last_step, num_epochs, spe, train_secon
       stop_now(stop.received)
     member_states = group.states(carry)
     epoch_seconds = time.perf_counter() - epoch_start
+    signals.reached('evaluating', step)
     for i, m in enumerate(members):
       if i in diverged:
         continue
@@ -520,6 +507,7 @@ def _train(members, group, states, step, last_step, num_epochs, spe, train_secon
       log(epoch_line(prefix(m), epoch + 1, num_epochs, epoch_seconds, records[i]))
       writers[i].write(step, records[i])
     save(epoch_done=True)
+    signals.reached('saving', step)
     if stop.agreed(collective):  # the signal came at the epoch's last step or its evaluation
       stop_now(stop.received)
 
@@ -566,6 +554,7 @@ def _finish(members, group, carry, step, spe, train_seconds, compile_seconds,
             logits) -> list[Outcome]:
   outcomes = []
   member_states = group.states(carry)
+  signals.reached('testing', step)
   for i, m in enumerate(members):
     if i in diverged:
       outcomes.append(Outcome(m, workdir_lib.read_json(m.files.results) or {

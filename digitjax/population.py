@@ -283,6 +283,7 @@ def _train(config, workdir, members) -> dict:
   if single:
     outcome = outcomes[0]
     if config.plots and parallel.is_main_process() and outcome.test_logits is not None:
+      signals.reached('plotting')
       from digitjax import report  # matplotlib is imported only when pictures are drawn
       report.draw_all(files.plots, splits, outcome.test_logits,
                       metrics_lib.read_history(files), data.first_images(config, splits))
@@ -471,6 +472,7 @@ def summarize(config, workdir: str, outcomes: list[loop.Outcome], splits,
     workdir_lib.write_json_atomic(files.results, results)
     write_csv(files.path(workdir_lib.POPULATION_CSV), results, swept_fields(config))
     if config.plots:
+      signals.reached('plotting')
       from digitjax import report  # matplotlib is imported only when pictures are drawn
       report.draw_population(files.plots, results, [o.history for o in outcomes],
                              swept_fields(config))

@@ -16,12 +16,16 @@ import logging
 import os
 import signal
 import sys
+import time
 
 _HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
-class Interrupted(Exception):
-  """A signal stopped the run at a phase boundary; everything written so far is complete."""
+class Interrupted(KeyboardInterrupt):
+  """A signal stopped the run at a phase boundary; everything written so far is complete.
+
+  A KeyboardInterrupt: a notebook's `try: digitjax.train(...) except Exception:` lets a Ctrl-C
+  through (after the checkpoint is saved) instead of going on with the next run."""
 
   def __init__(self, signal_name: str, phase: str, saved: bool = False):
     self.signal_name, self.phase, self.saved = signal_name, phase, saved
@@ -34,6 +38,8 @@ class Interrupted(Exception):
 
 class _State:
   received: str | None = None
+  count = 0  # signals received while recorded, the repeated ones included
+  pauses: dict = {}  # phase -> the step from which to pause there (None: any), once each
   depth = 0
   previous: dict = {}
   console_fd: int | None = None  # where the acknowledgement goes while fd 2 is silenced
@@ -41,6 +47,7 @@ class _State:
 
 def _handle(signum, frame):
   name = signal.Signals(signum).name
+  _State.count += 1
   if _State.received is None:
     _State.received = name
     line = f'{name} received: stopping at the next safe point'
@@ -114,3 +121,56 @@ def ignore() -> None:
 def note(name: str) -> None:
   """Records a stop agreed with another process (a signal it received)."""
   _State.received = _State.received or name
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases: where a run is, and a debug option that holds it there (launch.py --debug_pause_at)
+
+PHASES = {
+    'starting': 'launch.py, once the flags are read, before anything is written',
+    'preparing': 'before tfds prepares a data_dir (only when it has to)',
+    'compiling': 'before the train step compiles',
+    'step': 'at the first chunk boundary at or past step N (step:N)',
+    'evaluating': 'before an epoch\'s validation',
+    'saving': 'while an epoch\'s checkpoint is being written',
+    'testing': 'before the final evaluation on the test split',
+    'selecting': "before a population evaluates its members' logits",
+    'plotting': 'before the pictures are drawn',
+    'exporting': 'export: after the SavedModel is written aside, before the ONNX model',
+    'exiting': 'launch.py, once the results are complete, before the process exits',
+}
+
+
+def pause_at(spec: str) -> None:
+  """Holds the run, once, at each phase `spec` names ('step:300,saving'), until a signal comes
+  (tests send it there, not after a sleep); each pause says so on stderr. '' pauses nowhere."""
+  pauses = {}
+  for item in filter(None, (p.strip() for p in spec.split(','))):
+    phase, _, step = item.partition(':')
+    if phase not in PHASES or (phase == 'step') != bool(step) or (
+        step and not step.isdigit()):
+      raise ValueError(f'--debug_pause_at: {item!r} is not a phase; give one or more of '
+                      f'{", ".join("step:N" if p == "step" else p for p in PHASES)}, '
+                      f'separated by commas')
+    pauses[phase] = int(step) if step else None
+  _State.pauses = pauses
+
+
+def reached(phase: str, step: int | None = None) -> None:
+  """Marks that the run reached `phase` (a key of PHASES); holds it there if asked to."""
+  if phase not in _State.pauses:
+    return
+  threshold = _State.pauses[phase]
+  if threshold is not None and (step is None or step < threshold):
+    return
+  del _State.pauses[phase]
+  seen = _State.count
+  where = f'step {step}' if phase == 'step' else phase + (f' (step {step})' if step else '')
+  line = f'digitjax: paused at {where} (--debug_pause_at); send SIGINT or SIGTERM to go on'
+
+  if _State.console_fd is None:
+    print(line, file=sys.stderr, flush=True)
+  else:
+    os.write(_State.console_fd, (line + '\n').encode())
+  while _State.count == seen:
+    time.sleep(0.01)

@@ -239,19 +239,19 @@ def test_ensemble_of_structural_groups_averages_member_probabilities(idx_dir, tf
 @pytest.mark.slow
 def test_sigkill_mid_population_then_rerun_equals_an_uninterrupted_run(
     idx_dir, tfds_dir, tmp_path, processes):
-  args = lambda w: launch_args(
+  args = lambda w, *extra: launch_args(
       '--config=configs/default.py', f'--workdir={w}', f'--config.data.manual_dir={idx_dir}',
       f'--config.data.data_dir={tfds_dir}', '--config.data.verify_checksums=False',
       '--config.batch_size=16', '--config.num_epochs=3', '--config.eval_batch_size=50',
       '--config.plots=False', '--config.chunk_steps=5', '--config.augment.enabled=True',
-      "--config.sweep.grid=learning_rate=0.02,0.01; seed=0,1")
+      "--config.sweep.grid=learning_rate=0.02,0.01; seed=0,1", *extra)
   straight = processes.run(args(tmp_path / 'straight'), cwd=ROOT)
   assert straight.returncode == 0, straight.stderr[-2000:]
   workdir = tmp_path / 'killed'
-  env = {**os.environ, 'DIGITJAX_TEST_PAUSE_AT_STEP': '30'}  # mid-epoch 2 (22 steps each)
-  run = processes.popen(args(workdir), cwd=ROOT, env=env, stdout=open(tmp_path / 'out', 'w'),
+  run = processes.popen(args(workdir, '--debug_pause_at=step:30'),  # mid-epoch 2 (22 steps each)
+                        cwd=ROOT, stdout=open(tmp_path / 'out', 'w'),
                         stderr=open(tmp_path / 'err', 'w'))
-  wait_for(run, (tmp_path / 'err').read_text, 'digitjax-test: paused at step')
+  wait_for(run, (tmp_path / 'err').read_text, 'digitjax: paused at step')
   run.kill()
   run.wait()
   again = processes.run(args(workdir), cwd=ROOT)

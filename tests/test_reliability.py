@@ -59,15 +59,15 @@ def run(workdir, data, *overrides):
 
 
 class Paused:
-  """A launch.py run held at a step by the test hook (DIGITJAX_TEST_PAUSE_AT_STEP): the test
-  acts when the run is there, not after a sleep. Killed and reaped when the test ends."""
+  """A launch.py run held at a step by --debug_pause_at=step:N: the test acts when the run is
+  there, not after a sleep. Killed and reaped when the test ends."""
 
   def __init__(self, processes, workdir, data, logs: pathlib.Path, step: int):
     self.out, self.err = logs.with_suffix('.stdout'), logs.with_suffix('.stderr')
-    env = {**os.environ, 'DIGITJAX_TEST_PAUSE_AT_STEP': str(step)}
-    self.proc = processes.popen(command(workdir, data), cwd=ROOT, env=env,
+    self.proc = processes.popen(command(workdir, data, f'--debug_pause_at=step:{step}'),
+                                cwd=ROOT,
                                 stdout=open(self.out, 'w'), stderr=open(self.err, 'w'))
-    self.step = int(self.wait_for(r'digitjax-test: paused at step (\d+)', self.stderr).group(1))
+    self.step = int(self.wait_for(r'digitjax: paused at step (\d+)', self.stderr).group(1))
 
   def stdout(self) -> str:
     return self.out.read_text()
