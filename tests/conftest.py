@@ -131,6 +131,14 @@ def mnist_dir():
   return MNIST_DIR
 
 
+def cannot_mount(why: str) -> None:
+  """A test that needs mount (root, as CI runs) skips with the reason elsewhere, but fails
+  under CI (`CI` set), where a skipped check must not pass as a green run."""
+  if os.environ.get('CI'):
+    pytest.fail(f'mount is required in CI: {why}', pytrace=False)
+  pytest.skip(f'mount is not permitted here: {why}')
+
+
 class Processes:
   """Subprocesses of one test, each killed (with its process group) and reaped when the test
   ends, passed or failed."""

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, launch_args, wait_for, write_dataset
+from conftest import ROOT, cannot_mount, launch_args, wait_for, write_dataset
 from digitjax import workdir as workdir_lib
 
 pytestmark = pytest.mark.slow
@@ -335,18 +335,22 @@ def test_checkpoints_path_that_is_a_file_is_a_clear_error(tmp_path):
     ckpt_lib.Checkpoints(tmp_path / 'checkpoints')
 
 
-def _mount(*args) -> bool:
-  return subprocess.run(['mount', *args], capture_output=True).returncode == 0
+def _mount(*args) -> str | None:
+  """None if the mount was made, else why not."""
+  proc = subprocess.run(['mount', *args], capture_output=True, text=True)
+  return proc.stderr.strip() or f'mount exited {proc.returncode}' if proc.returncode else None
 
 
 @pytest.fixture
 def mounts():
-  """Mounts made by a test (root only), undone afterwards."""
+  """Mounts made by a test (root only: skipped elsewhere, a failure under CI), undone
+  afterwards."""
   made = []
 
   def mount(*args):
-    if not _mount(*args):
-      pytest.skip('mount is not permitted here')
+    why = _mount(*args)
+    if why:
+      cannot_mount(why)
     if args[-1] not in made:  # a remount changes a mount, it adds none
       made.append(args[-1])
 
