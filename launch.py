@@ -151,6 +151,10 @@ def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}: flags take the form --name=value')
   check_mode_flags()
+  try:
+    signals.pause_at(FLAGS.debug_pause_at)
+  except ValueError as e:
+    fail(str(e))
   if not FLAGS['verbosity'].present:  # orbax and tfds are chatty at INFO; -v 0 brings it back
     absl_logging.set_verbosity(absl_logging.WARNING)
   from digitjax import metrics
@@ -162,10 +166,6 @@ def main(argv):
     jax.config.update('jax_compilation_cache_dir', cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
   from digitjax import parallel, workdir as workdir_lib
-  try:
-    signals.pause_at(FLAGS.debug_pause_at)
-  except ValueError as e:
-    fail(str(e))
   try:
     signals.reached('starting')
     signals.check('while starting; nothing was written')

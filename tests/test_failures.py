@@ -538,3 +538,43 @@ def test_the_error_line_stays_last_whatever_libraries_log_after_it(tmp_path):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.splitlines() == [
       'error: could not write checkpoint 7: No space left on device; free space']
+
+
+def test_a_bad_debug_pause_at_is_one_line(tmp_path, processes):
+  proc = processes.run(launch_args('--config=configs/default.py', f'--workdir={tmp_path / "w"}',
+                                   '--debug_pause_at=step:soon'), cwd=ROOT)
+  line = _one_error_line(proc)
+  assert line.startswith("error: --debug_pause_at: 'step:soon' is not a phase; give one or "
+                         "more of starting, preparing, compiling, step:N"), line
+  assert not (tmp_path / 'w').exists()
+
+
+def test_ctrl_c_in_the_python_api_is_a_keyboard_interrupt_after_the_checkpoint(config,
+                                                                                tmp_path):
+  # A notebook's `try: digitjax.train(...) except Exception:` must not swallow a Ctrl-C and
+  # go on with its next run: the stop propagates as a KeyboardInterrupt, once the step it
+  # stopped at is saved.
+  import threading
+  config.chunk_steps = 5
+  workdir = tmp_path / 'run'
+
+  def interrupt_when_paused():
+    while 'step' in signals._State.pauses:  # the pause takes its entry when it starts
+      time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGINT)
+
+  signals.pause_at('step:10')
+  thread = threading.Thread(target=interrupt_when_paused, daemon=True)
+  thread.start()
+  try:
+    with pytest.raises(KeyboardInterrupt) as stopped:
+      try:
+        digitjax.train(config, str(workdir))
+      except Exception as e:  # what a notebook's loop would catch
+        pytest.fail(f'the Ctrl-C was an Exception: {e!r}')
+  finally:
+    signals.pause_at('')
+    thread.join(timeout=60)
+  assert stopped.value.step == 10 and stopped.value.exit_status == 130
+  steps = [int(p) for p in os.listdir(workdir / 'checkpoints') if p.isdigit()]
+  assert max(steps) == 10
