@@ -415,6 +415,7 @@ def _train(members, group, states, step, last_step, num_epochs, spe, train_secon
               'config': m.config.to_dict()}
       c.save(step, member_states[i], meta,
              {'val_accuracy': records[i]['val_accuracy']} if epoch_done and records[i] else None)
+    signals.reached('saving', step)  # the saves run in orbax's threads meanwhile
 
   def stop_now(signal_name: str):
     for c in checkpoints:
@@ -507,7 +508,6 @@ def _train(members, group, states, step, last_step, num_epochs, spe, train_secon
       log(epoch_line(prefix(m), epoch + 1, num_epochs, epoch_seconds, records[i]))
       writers[i].write(step, records[i])
     save(epoch_done=True)
-    signals.reached('saving', step)
     if stop.agreed(collective):  # the signal came at the epoch's last step or its evaluation
       stop_now(stop.received)
 

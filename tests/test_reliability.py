@@ -62,9 +62,10 @@ class Paused:
   """A launch.py run held at a step by --debug_pause_at=step:N: the test acts when the run is
   there, not after a sleep. Killed and reaped when the test ends."""
 
-  def __init__(self, processes, workdir, data, logs: pathlib.Path, step: int):
+  def __init__(self, processes, workdir, data, logs: pathlib.Path, step: int, also: str = ''):
     self.out, self.err = logs.with_suffix('.stdout'), logs.with_suffix('.stderr')
-    self.proc = processes.popen(command(workdir, data, f'--debug_pause_at=step:{step}'),
+    pause = ','.join(filter(None, [f'step:{step}', also]))
+    self.proc = processes.popen(command(workdir, data, f'--debug_pause_at={pause}'),
                                 cwd=ROOT,
                                 stdout=open(self.out, 'w'), stderr=open(self.err, 'w'))
     self.step = int(self.wait_for(r'digitjax: paused at step (\d+)', self.stderr).group(1))
@@ -170,11 +171,12 @@ def test_sigkill_at_a_random_step_then_restart_ends_bit_identical(reference, dat
 def test_sigterm_mid_epoch_saves_that_step_and_resumes_to_the_same_parameters(
     reference, data, tmp_path, processes):
   workdir = tmp_path / 'run'
-  held = Paused(processes, workdir, data, tmp_path / 'preempted', 2 * STEPS_PER_EPOCH + 100)
+  held = Paused(processes, workdir, data, tmp_path / 'preempted', 2 * STEPS_PER_EPOCH + 100,
+                also='saving')
   lock = (workdir / workdir_lib.LOCK_FILE).read_text().split()
   assert lock[0] == str(held.proc.pid)  # the lock names its owner
   held.proc.send_signal(signal.SIGTERM)
-  held.wait_for('SIGTERM received', held.stderr)
+  held.wait_for('digitjax: paused at saving', held.stderr)
   held.proc.send_signal(signal.SIGTERM)  # a second one, while it saves
   assert held.finish() == 143, held.stderr()[-3000:]
 
