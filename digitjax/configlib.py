@@ -17,7 +17,14 @@ CONV_IMPLS = ('lax', 'im2col', 'winograd', 'mixed')
 SCHEDULES = ('constant', 'cosine', 'onecycle')
 OPTIMIZERS = ('sgd', 'adam')
 DTYPES = ('float32', 'bfloat16')
+DATASET_LABELS = {'mnist': 10, 'fashion_mnist': 10}  # the classes a model must output
+# parallel.py checks these before it joins a cluster (launch.py joins before validating): the
+# same tuples there, pinned equal by tests/test_config_checks.py.
+DISTRIBUTED_MODES = ('auto', 'on', 'off')
+CPU_COLLECTIVES = ('gloo', 'mpi', 'megascale', '')
 MAX_EPOCHS = 10_000
+# The sections validate's checks read across fields (each checked present before any check).
+_SECTIONS_READ = ('model', 'data', 'augment', 'plateau', 'sweep', 'distributed')
 
 # The fields a checkpoint must share with the config that resumes it (the batch size shapes the
 # example order, the model the arrays, the data fields which examples are trained on).
@@ -64,14 +71,69 @@ REMOVED_FIELDS = {
 
 
 def with_added_fields(record: dict) -> dict:
-  """A stored config (a plain dict) with every field of ADDED_FIELDS it lacks."""
+  """A stored config (a plain dict) with every field of ADDED_FIELDS it lacks. A section that
+  is absent or not a section is left as it is, for `stored_mismatch` to name."""
   for dotted, value in ADDED_FIELDS.items():
     *parents, leaf = dotted.split('.')
     target = record
     for part in parents:
-      target = target.setdefault(part, {})
-    target.setdefault(leaf, value)
+      target = target.get(part) if isinstance(target, dict) else None
+    if isinstance(target, dict):
+      target.setdefault(leaf, value)
   return record
+
+
+def stored_mismatch(record: dict, reference: dict, prefix: str = '') -> str | None:
+  """The first field of a stored config (`record`, a plain dict with tuples for lists) that is
+  absent or not of the kind `reference`'s is (configs/default.py's, as a dict): 'NAME is VALUE
+  (a TYPE), expected a KIND'; None when every field is there. An int in a float field becomes
+  the float (as ConfigDict would make it)."""
+  for key, ref in reference.items():
+    name = prefix + key
+    if key not in record:
+      return f'{name} is missing'
+    value = record[key]
+    if isinstance(ref, dict):
+      if not isinstance(value, dict):
+        return _described(name, value, 'a section')
+      inner = stored_mismatch(value, ref, name + '.')
+      if inner:
+        return inner
+    elif not _same_kind(value, ref):
+      return _described(name, value, _kind(ref))
+    elif isinstance(ref, float):
+      record[key] = float(value)
+  return None
+
+
+def _same_kind(value, ref) -> bool:
+  if isinstance(ref, bool):
+    return isinstance(value, bool)
+  if isinstance(ref, int):
+    return _int(value)
+  if isinstance(ref, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(ref, tuple):
+    return isinstance(value, tuple) and (not ref or all(_same_kind(v, ref[0]) for v in value))
+  return ref is None or type(value) is type(ref)
+
+
+def _kind(ref) -> str:
+  if isinstance(ref, tuple):
+    return f'a tuple of {type(ref[0]).__name__}' if ref else 'a tuple'
+  return _a(type(ref).__name__)
+
+
+def _a(name: str) -> str:
+  return f'{"an" if name[0] in "aeiou" else "a"} {name}'
+
+
+def _described(name: str, value, expected: str) -> str:
+  shown = repr(value)
+  shown = shown if len(shown) <= 60 else shown[:57] + '...'
+  if value is None or type(value) in (tuple, dict):  # the type is plain from the value
+    return f'{name} is {shown}, expected {expected}'
+  return f'{name} is {shown} ({_a(type(value).__name__)}), expected {expected}'
 
 
 def get(config, dotted: str, default: Any = KeyError) -> Any:
@@ -182,73 +244,123 @@ def _kernel_sizes_ok(model_config, image_size: int = 28) -> bool:
 
 
 def _finite(x) -> bool:
-  return isinstance(x, (int, float)) and math.isfinite(x)
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _in_unit(x, low_closed: bool = True) -> bool:
+  """x in [0, 1) (or (0, 1) when not `low_closed`), a finite number."""
+  return _finite(x) and (0 <= x if low_closed else 0 < x) and x < 1
+
+
+def _data_and_optimizer_checks(c) -> list:
+  return [
+      ('dataset', lambda v: v in SUPPORTED_DATASETS, f'one of {SUPPORTED_DATASETS}'),
+      ('batch_size', lambda v: _int(v) and v > 0, 'a positive integer'),
+      ('eval_batch_size', lambda v: _int(v) and v > 0, 'a positive integer'),
+      ('num_epochs', lambda v: _finite(v) and 0 < v <= MAX_EPOCHS,
+       f'a number of passes over the training examples in (0, {MAX_EPOCHS}] (fractions '
+       f'allowed, e.g. 0.2)'),
+      ('learning_rate', lambda v: _finite(v) and v >= 0,
+       '0 (a frozen member, for comparisons) or positive'),
+      ('momentum', _in_unit, 'in [0, 1)'),
+      ('optimizer', lambda v: v in OPTIMIZERS, "'sgd' or 'adam'"),
+      ('adam_b1', _in_unit, 'in [0, 1)'),
+      ('adam_b2', _in_unit, 'in [0, 1)'),
+      ('nesterov', lambda v: not (v and c.optimizer == 'adam'),
+       "False with optimizer='adam' (Nesterov momentum is SGD's)"),
+      ('validation_fraction', _in_unit, 'in [0, 1)'),
+      ('data.max_train_examples', lambda v: _int(v) and v >= 0, '0 (all) or positive'),
+      ('checkpoint_keep', lambda v: _int(v) and v >= 1, 'at least 1'),
+      ('data.split_seed', lambda v: _int(v) and v >= -1, '-1 (= seed) or a seed >= 0'),
+      ('seed', lambda v: _int(v) and v >= 0, 'a seed >= 0'),
+      ('schedule', lambda v: v in SCHEDULES, "'constant', 'cosine' or 'onecycle'"),
+      ('warmup_epochs', lambda v: _finite(v) and 0 <= v <= c.num_epochs
+       and not (c.schedule == 'cosine' and v >= c.num_epochs),
+       'in [0, num_epochs], and below num_epochs with the cosine schedule'),
+      ('onecycle_pct_start', lambda v: _in_unit(v, low_closed=False), 'in (0, 1)'),
+      ('weight_decay', lambda v: _finite(v) and v >= 0, '0 or positive'),
+      # optax's reduce_on_plateau refuses a factor outside (0, 1) only once the data is loaded.
+      ('plateau.factor', lambda v: _in_unit(v, low_closed=False), 'in (0, 1)'),
+      ('plateau.patience', lambda v: _int(v) and v >= 0, 'an integer >= 0'),
+      ('plateau.cooldown', lambda v: _int(v) and v >= 0, 'an integer >= 0'),
+      ('augment.rotation', lambda v: _finite(v) and 0 <= v <= 180, 'in [0, 180] degrees'),
+      ('augment.zoom', _in_unit, 'in [0, 1)'),
+      ('augment.shift', _in_unit, 'in [0, 1)'),
+  ]
+
+
+def _model_checks(c) -> list:
+  m = c.model
+  return [
+      ('model.conv_features', lambda v: isinstance(v, (tuple, list)) and len(v) >= 1
+       and all(_int(f) and f > 0 for f in v), 'a non-empty list of positive widths'),
+      ('model.kernel_sizes', lambda v: isinstance(v, (tuple, list)) and _kernel_sizes_ok(m),
+       '() (3x3 everywhere) or one size >= 1 per conv layer, leaving 28x28 images a map of at '
+       'least 1x1'),
+      ('model.pool_after', lambda v: isinstance(v, (tuple, list)) and all(_int(i) for i in v),
+       'a list of conv layer indices (0-based)'),
+      ('model.dense_features', lambda v: _int(v) and v > 0, 'positive'),
+      ('model.num_classes', lambda v: _int(v) and v == DATASET_LABELS[c.dataset],
+       f'{DATASET_LABELS.get(c.dataset)}, the number of labels of config.dataset='
+       f'{c.dataset!r}'),
+      ('model.dropout_rate', _in_unit, 'in [0, 1)'),
+      ('model.conv_impl', lambda v: isinstance(v, str) and _conv_impl_ok(m),
+       "'auto', 'lax', 'im2col', 'winograd' or 'mixed', or one of lax/im2col/winograd per conv "
+       "layer separated by commas (e.g. 'lax,winograd,winograd')"),
+      ('model.pool_impl', lambda v: v in ('auto', 'lax', 'reshape'), "'auto', 'lax' or 'reshape'"),
+      ('model.dtype', lambda v: v in DTYPES, "'float32' or 'bfloat16'"),
+      ('model.conv_init', lambda v: v in ('he_uniform', 'torch'), "'he_uniform' or 'torch'"),
+  ]
+
+
+def _run_checks(c) -> list:
+  return [
+      ('input_pipeline', lambda v: v in ('auto', 'device', 'tfds'), "'auto', 'device' or 'tfds'"),
+      ('chunk_steps', lambda v: _int(v) and v >= 1, 'at least 1'),
+      ('grad_chunks', lambda v: _int(v) and v >= 0 and (v == 0 or c.batch_size % v == 0),
+       '0 (auto) or a divisor of batch_size'),
+      ('grad_chunks', lambda v: v <= 1 or not c.model.batch_norm,
+       '0 or 1 with model.batch_norm (BatchNorm normalizes by the whole batch)'),
+      ('sweep.execution', lambda v: v in ('auto', 'map', 'vmap'), "'auto', 'map' or 'vmap'"),
+      ('log_every_steps', lambda v: _int(v) and v >= 0, '0 (epoch ends only) or positive'),
+      ('distributed.mode', lambda v: v in DISTRIBUTED_MODES, "'auto', 'on' or 'off'"),
+      ('distributed.cpu_collectives', lambda v: v in CPU_COLLECTIVES,
+       "'gloo', 'mpi', 'megascale' or '' (JAX's default)"),
+      ('distributed.coordinator_address', lambda v: isinstance(v, str),
+       "'host:port' or '' (from the environment)"),
+      ('distributed.num_processes', lambda v: _int(v) and v >= 0,
+       '0 (from the environment) or positive'),
+      ('distributed.process_id', lambda v: _int(v) and v >= -1,
+       '-1 (from the environment) or an id >= 0'),
+      ('distributed.initialization_timeout', lambda v: _int(v) and v > 0,
+       'a positive number of seconds'),
+  ]
+
+
+_MISSING = object()
 
 
 def validate(config) -> None:
-  """Raises UserError naming the first field whose value cannot work."""
-  checks = [
-      ('dataset', config.dataset in SUPPORTED_DATASETS, f'one of {SUPPORTED_DATASETS}'),
-      ('batch_size', config.batch_size > 0, 'a positive integer'),
-      ('eval_batch_size', config.eval_batch_size > 0, 'a positive integer'),
-      ('num_epochs', _finite(config.num_epochs) and 0 < config.num_epochs <= MAX_EPOCHS,
-       f'a number of passes over the training examples in (0, {MAX_EPOCHS}] (fractions '
-       f'allowed, e.g. 0.2)'),
-      ('learning_rate', _finite(config.learning_rate) and config.learning_rate >= 0,
-       '0 (a frozen member, for comparisons) or positive'),
-      ('momentum', 0 <= config.momentum < 1, 'in [0, 1)'),
-      ('optimizer', config.optimizer in OPTIMIZERS, "'sgd' or 'adam'"),
-      ('adam_b1', 0 <= config.adam_b1 < 1, 'in [0, 1)'),
-      ('adam_b2', 0 <= config.adam_b2 < 1, 'in [0, 1)'),
-      ('nesterov', not (config.nesterov and config.optimizer == 'adam'),
-       "False with optimizer='adam' (Nesterov momentum is SGD's)"),
-      ('validation_fraction', 0 <= config.validation_fraction < 1, 'in [0, 1)'),
-      ('data.max_train_examples', config.data.max_train_examples >= 0, '0 (all) or positive'),
-      ('checkpoint_keep', config.checkpoint_keep >= 1, 'at least 1'),
-      ('data.split_seed', config.data.split_seed >= -1, '-1 (= seed) or a seed >= 0'),
-      ('seed', config.seed >= 0, 'a seed >= 0'),
-      ('model.conv_features', len(config.model.conv_features) >= 1
-       and all(f > 0 for f in config.model.conv_features), 'a non-empty list of positive widths'),
-      ('model.kernel_sizes', _kernel_sizes_ok(config.model),
-       '() (3x3 everywhere) or one size >= 1 per conv layer, leaving 28x28 images a map of at '
-       'least 1x1'),
-      ('model.dense_features', config.model.dense_features > 0, 'positive'),
-      ('model.num_classes', config.model.num_classes >= 2, 'at least 2'),
-      ('input_pipeline', config.input_pipeline in ('auto', 'device', 'tfds'),
-       "'auto', 'device' or 'tfds'"),
-      ('chunk_steps', config.chunk_steps >= 1, 'at least 1'),
-      ('schedule', config.schedule in SCHEDULES, "'constant', 'cosine' or 'onecycle'"),
-      ('warmup_epochs', _finite(config.warmup_epochs)
-       and 0 <= config.warmup_epochs <= config.num_epochs
-       and not (config.schedule == 'cosine' and config.warmup_epochs >= config.num_epochs),
-       'in [0, num_epochs], and below num_epochs with the cosine schedule'),
-      ('onecycle_pct_start', 0 < config.onecycle_pct_start < 1, 'in (0, 1)'),
-      ('weight_decay', _finite(config.weight_decay) and config.weight_decay >= 0,
-       '0 or positive'),
-      ('model.dropout_rate', 0 <= config.model.dropout_rate < 1, 'in [0, 1)'),
-      ('augment.rotation', 0 <= config.augment.rotation <= 180, 'in [0, 180] degrees'),
-      ('augment.zoom', 0 <= config.augment.zoom < 1, 'in [0, 1)'),
-      ('augment.shift', 0 <= config.augment.shift < 1, 'in [0, 1)'),
-      ('model.conv_impl', _conv_impl_ok(config.model),
-       "'auto', 'lax', 'im2col', 'winograd' or 'mixed', or one of lax/im2col/winograd per conv "
-       "layer separated by commas (e.g. 'lax,winograd,winograd')"),
-      ('grad_chunks', config.grad_chunks >= 0 and (
-          config.grad_chunks == 0 or config.batch_size % config.grad_chunks == 0),
-       '0 (auto) or a divisor of batch_size'),
-      ('grad_chunks', config.grad_chunks <= 1 or not config.model.batch_norm,
-       '0 or 1 with model.batch_norm (BatchNorm normalizes by the whole batch)'),
-      ('model.pool_impl', config.model.pool_impl in ('auto', 'lax', 'reshape'),
-       "'auto', 'lax' or 'reshape'"),
-      ('model.dtype', config.model.dtype in DTYPES, "'float32' or 'bfloat16'"),
-      ('model.conv_init', config.model.conv_init in ('he_uniform', 'torch'),
-       "'he_uniform' or 'torch'"),
-      ('sweep.execution', config.sweep.execution in ('auto', 'map', 'vmap'),
-       "'auto', 'map' or 'vmap'"),
-      ('log_every_steps', config.log_every_steps >= 0, '0 (epoch ends only) or positive'),
-  ]
-  for field, ok, expected in checks:
-    if not ok:
-      raise UserError(f'config.{field}={get(config, field)!r} is invalid: it must be {expected}')
+  """Raises UserError naming the first field whose value cannot work: absent, of the wrong
+  type, or out of range (a config built by hand or read from a damaged file, too)."""
+  for field in _SECTIONS_READ:
+    if get(config, field, _MISSING) is _MISSING:
+      raise UserError(f'config.{field} is missing; every config has it (configs/default.py)')
+  for checks in (_data_and_optimizer_checks, _model_checks, _run_checks):
+    for field, ok, expected in checks(config):
+      value = get(config, field, _MISSING)
+      if value is _MISSING:
+        raise UserError(f'config.{field} is missing; every config has it (configs/default.py)')
+      try:
+        good = bool(ok(value))
+      except (TypeError, ValueError, AttributeError, KeyError):  # a wrong type in a field read
+        good = False
+      if not good:
+        raise UserError(f'config.{field}={value!r} is invalid: it must be {expected}')
 
 
 def total_steps(num_epochs: float, steps_per_epoch: int) -> int:

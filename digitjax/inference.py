@@ -148,13 +148,22 @@ def abstract_state(config, mesh):
 
 
 def stored_config(workdir: str) -> dict | None:
-  """The config a workdir was trained with, as a dict: a population's config.json, else a run's
-  results.json, else the record of its newest readable checkpoint; None if it holds none."""
+  """The config a workdir was trained with, as a dict (stored_config_source's); None if it
+  holds none, or only a damaged one."""
+  found = stored_config_source(workdir)
+  return found[0] if found and isinstance(found[0], dict) else None
+
+
+def stored_config_source(workdir: str) -> tuple[object, str] | None:
+  """(record, where): the 'config' a workdir was trained with, and the file it came from: a
+  population's config.json, else a run's results.json, else the metadata of its newest readable
+  checkpoint; None if it holds none. The record is as stored: a damaged file's may be anything
+  (stored_config.py names the file and the field)."""
   files = workdir_lib.RunFiles.of(workdir)
   for path in (files.config, files.results):
     record = workdir_lib.read_json(path, 'record')
-    if record and isinstance(record.get('config'), dict):
-      return record['config']
+    if record and 'config' in record:
+      return record['config'], path
   if not os.path.isdir(files.checkpoints):
     return None
   with _read_only_notices_hidden():
@@ -165,8 +174,8 @@ def stored_config(workdir: str) -> dict | None:
         meta = checkpoints.read_meta(step)
       except Exception:  # damaged: an older one may do
         continue
-      if isinstance(meta.get('config'), dict):
-        return meta['config']
+      if isinstance(meta, dict) and 'config' in meta:
+        return meta['config'], f'{checkpoints.directory}/{step} (checkpoint metadata)'
   finally:
     checkpoints.close()
   return None
@@ -175,14 +184,31 @@ def stored_config(workdir: str) -> dict | None:
 def open_checkpoints(files: workdir_lib.RunFiles) -> ckpt_lib.Checkpoints:
   directory = files.checkpoints
   if not os.path.isdir(directory):
-    raise UserError(f'no checkpoint in {files.dir} ({directory} does not exist); train with '
-                    f'--mode=train first, or point --workdir at a trained run')
+    raise _diverged_without_checkpoint(files) or UserError(
+        f'no checkpoint in {files.dir} ({directory} does not exist); train with --mode=train '
+        f'first, or point --workdir at a trained run')
   with _read_only_notices_hidden():
     checkpoints = ckpt_lib.Checkpoints(directory, read_only=True)
   if not checkpoints.steps():
     checkpoints.close()
-    raise UserError(f'no checkpoint in {directory}; train with --mode=train first')
+    raise _diverged_without_checkpoint(files) or UserError(
+        f'no checkpoint in {directory}; train with --mode=train first')
   return checkpoints
+
+
+def _diverged_without_checkpoint(files: workdir_lib.RunFiles) -> UserError | None:
+  """Why a run that diverged before its first checkpoint has none (its results.json says
+  diverged_at_step): training it again the same way would diverge again."""
+  results = workdir_lib.read_json(files.results, 'results file') or {}
+  at = results.get('diverged_at_step')
+  if at is None:
+    return None
+  member = os.path.basename(os.path.dirname(files.dir)) == workdir_lib.MEMBERS
+  what = f'member {os.path.basename(files.dir)}' if member else f'the run in {files.dir}'
+  fix = ('pick another member with --member=INDEX' if member else
+         'train it again with a lower config.learning_rate')
+  return UserError(f'{what} diverged at step {at} (the training loss became non-finite) before '
+                   f'any checkpoint, so it has none to use; {fix}')
 
 
 class _read_only_notices_hidden:

@@ -29,14 +29,51 @@ def _workdir_argument() -> str | None:
 
 
 def get_config():
-  from digitjax import inference
   workdir = _workdir_argument()
   if not (workdir or '').strip():
     raise UserError('--workdir is required (e.g. python launch.py --workdir=runs/default '
                     '--mode=eval)')
-  record = inference.stored_config(workdir)
-  if record is None:
+  return load(workdir)
+
+
+def load(workdir: str) -> ml_collections.ConfigDict:
+  """The config `workdir` was trained with, checked: a damaged one (a field absent, of another
+  type, or out of range) is a UserError naming the file and the field."""
+  from digitjax import configlib, inference
+  found = inference.stored_config_source(workdir)
+  if found is None:
     raise UserError(f'--workdir={workdir} holds no trained run to take the config from; give '
                     f'--config=configs/<name>.py')
-  from digitjax import configlib
-  return ml_collections.ConfigDict(configlib.with_added_fields(_tuples(record)))
+  record, path = found
+  fix = ('the file is damaged: restore it, or give the config the run was trained with '
+         '(--config=configs/<name>.py)')
+  if not isinstance(record, dict):
+    kind = type(record).__name__
+    raise UserError(f"{path}: its 'config' is {record!r:.60} ({'an' if kind[0] in 'aeiou' else 'a'}"
+                    f" {kind}), not an object; {fix}")
+  record = configlib.with_added_fields(_tuples(record))
+  reference = _reference()
+  problem = reference and configlib.stored_mismatch(record, reference)
+  if problem:
+    raise UserError(f'{path}: config field {problem}; {fix}')
+  config = ml_collections.ConfigDict(record)
+  try:
+    configlib.validate(config)
+  except UserError as e:
+    raise UserError(f'{path}: {e}; {fix}') from None
+  return config
+
+
+def _reference() -> dict | None:
+  """configs/default.py's config as a dict: every field and the kind of value it holds. None
+  where the configs/ folder is not beside the package (an installed copy without it)."""
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                      'default.py')
+  if not os.path.isfile(path):
+    return None
+  spec = importlib.util.spec_from_file_location('_digitjax_reference_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config().to_dict()
