@@ -88,6 +88,10 @@ def get_config():
   config.sweep.execution = 'auto'      # members of a group: 'map' (one after another, each its
   #                                      own program) | 'vmap' (one program) | 'auto' (map on
   #                                      CPU, vmap on GPU/TPU)
+  config.sweep.allow_large = False     # train a population even when its estimated memory (the
+  #                                      largest group's states, every member's logits), disk
+  #                                      (checkpoints) or open files exceed what this machine
+  #                                      has; without it such a population is refused at once
 
   # Input and speed (these change how fast, not what is computed)
   config.input_pipeline = 'auto'       # 'device' (on device, lax.scan) | 'tfds' (per-step host batches) | 'auto' (= 'device')

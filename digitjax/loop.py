@@ -137,8 +137,11 @@ class _Group:
       inits = {}  # one program per structure: the numbers do not shape the initial state
       for spec, hp in zip(self.specs, self.hypers):
         inits.setdefault(spec, jax.jit(functools.partial(steps.init_state, spec, hp)))
-      return [jax.device_put(inits[spec](key), parallel.replicated(self.flat))
-              for spec, key in zip(self.specs, keys)]
+      states = []
+      for spec, key in zip(self.specs, keys):
+        signals.check("while initializing the members' states; nothing was lost")
+        states.append(jax.device_put(inits[spec](key), parallel.replicated(self.flat)))
+      return states
     # One vmapped init for all: each member gets the parameters its single run starts from
     # (the initializers are elementwise).
     init = jax.jit(jax.vmap(functools.partial(steps.init_state, self.specs[0], self.hypers[0])))
@@ -257,6 +260,7 @@ def _restore_common(checkpoints, targets, config_dicts, active) -> tuple[list | 
   while candidates:
     states, metas, got = [], [], []
     for c, target, cfg, a in zip(checkpoints, targets, config_dicts, active):
+      signals.check('while restoring the checkpoints; nothing was lost')
       if not a:
         states.append(None), metas.append(None), got.append(None)
         continue
@@ -297,16 +301,19 @@ def train_group(members: list[Member], splits: data.Splits, mesh, choices: confi
   group = _Group(members, splits, mesh, choices, spe)
   config_dicts = [m.config.to_dict() for m in members]
 
-  checkpoints = [ckpt_lib.Checkpoints(m.files.checkpoints, m.config.checkpoint_keep,
-                                      process=process) for m in members]
+  checkpoints = []
   try:
+    for m in members:  # a signal stops between two members: set-up is not deaf to it
+      signals.check("while opening the members' checkpoints; nothing was lost")
+      checkpoints.append(ckpt_lib.Checkpoints(m.files.checkpoints, m.config.checkpoint_keep,
+                                              process=process))
     finished = [_diverged_record(m) for m in members]
     active = [f is None for f in finished]
     fresh = group.init()
     restored, metas, step = _restore_common(checkpoints, [group.abstract(s) for s in fresh],
                                             config_dicts, active)
     if restored is None:
-      states, train_seconds = fresh, [0.0] * len(members)
+      states, clocks = fresh, _Clocks.start(len(members))
       for m, c, a in zip(members, checkpoints, active):
         if a:
           c.discard_after(0)
@@ -316,7 +323,7 @@ def train_group(members: list[Member], splits: data.Splits, mesh, choices: confi
                             'replaced', m.files.dir)
     else:
       states = [r if r is not None else f for r, f in zip(restored, fresh)]
-      train_seconds = [m['train_seconds'] if m else 0.0 for m in metas]
+      clocks = _Clocks.restore(metas)
       for c, a in zip(checkpoints, active):
         if a:
           c.discard_after(step)
@@ -326,8 +333,8 @@ def train_group(members: list[Member], splits: data.Splits, mesh, choices: confi
     signals.check('while restoring the checkpoints; nothing was lost')
     done = _already_done(members, step, last_step, active)
     if done is not None:
-      return _report_done(done, members, group, states, splits, mesh, logits)
-    return _train(members, group, states, step, last_step, num_epochs, spe, train_seconds,
+      return _report_done(done, members, group, states, splits, logits, stop, collective)
+    return _train(members, group, states, step, last_step, num_epochs, spe, clocks,
                   splits, mesh, choices, stop, checkpoints, active, finished, writes, prefix,
                   collective, logits)
   except BaseException:
@@ -357,9 +364,19 @@ def _already_done(members, step, last_step, active) -> list[dict] | None:
   return records
 
 
-def _report_done(records, members, group, states, splits, mesh, logits) -> list[Outcome]:
+def _stop_between_members(stop: StopSignals, collective: bool, phase: str) -> None:
+  """Raises Interrupted if a signal came (agreed between processes where they all take part):
+  called between two members of a long per-member phase, so that it never goes deaf."""
+  if stop.agreed(collective):
+    raise signals.Interrupted(stop.received, phase)
+
+
+def _report_done(records, members, group, states, splits, logits, stop,
+                 collective) -> list[Outcome]:
   evaluator = inference.Evaluator.for_config(members[0].config, group.flat, group.choices)
   outcomes = []
+  if logits:
+    signals.reached('selecting')
   for m, r, state in zip(members, records, states):
     diverged = r.get('diverged_at_step') is not None
     log(f'{"[" + m.name + "] " if m.name != "base" else ""}Already trained to step '
@@ -369,37 +386,144 @@ def _report_done(records, members, group, states, splits, mesh, logits) -> list[
     if not logits:  # a single run: its results are all there is to report
       outcomes.append(Outcome(m, r, [], state=state))
       continue
+    _stop_between_members(stop, collective, "while evaluating the population's members; "
+                          "their results are intact, and the population's are made next time")
     outcomes.append(Outcome(
         m, r, metrics_lib.read_history(m.files),
         None if diverged else evaluator.logits(state, splits.val['image']),
-        None if diverged else evaluator.logits(state, splits.test['image']), state))
+        None if diverged else evaluator.logits(state, splits.test['image'])))
   return outcomes
 
 
-def _train(members, group, states, step, last_step, num_epochs, spe, train_seconds, splits,
-           mesh, choices, stop, checkpoints, active, finished, writes, prefix,
-           collective, logits) -> list[Outcome]:
-  cfg = members[0].config
-  K = len(members)
-  evaluator = inference.Evaluator.for_config(cfg, group.flat, choices)
-  writers = [metrics_lib.MetricWriter(m.files, after_step=step, enabled=writes)
-             for m in members]
-  inputs = group.make_inputs(cfg.batch_size, cfg.chunk_steps)
-  carry = group.carry(states)
-  sums = group.empty_sums()
+@dataclasses.dataclass
+class _Clocks:
+  """Each member's training seconds: in all (results.json's train_seconds) and in the current
+  epoch (metrics.jsonl's epoch_seconds), so that a member's epochs add up to its total. Under
+  'map' they are the member's own chunks; under 'vmap' the members share one program, and
+  each is given the group's seconds (every member took all of them)."""
+  total: list[float]
+  epoch: list[float]
+
+  @classmethod
+  def start(cls, k: int) -> '_Clocks':
+    return cls([0.0] * k, [0.0] * k)
+
+  @classmethod
+  def restore(cls, metas) -> '_Clocks':
+    """From the checkpoints' metadata: a mid-epoch checkpoint carries its epoch's seconds."""
+    return cls([m['train_seconds'] if m else 0.0 for m in metas],
+               [m.get('epoch_seconds', 0.0) if m else 0.0 for m in metas])
+
+  def add(self, i: int, seconds: float) -> None:
+    self.total[i] += seconds
+    self.epoch[i] += seconds
+
+
+def _run_chunk(group, runs, inputs, diverged) -> tuple[list, list[float]]:
+  """One chunk (or, per step, `sync_every` steps) of every member, member after member:
+  (each member's last (state, sums, steps done) or None, the seconds it took)."""
+  results, elapsed = [], []
+  for i, run in enumerate(runs):
+    if not group.vmapped and i in diverged:
+      results.append(None)
+      elapsed.append(0.0)
+      continue
+    start = time.perf_counter()
+    got = None
+    for _ in range(inputs[i][0].sync_every):
+      latest = next(run, None)
+      if latest is None:
+        break
+      got = latest
+    if got is not None:
+      jax.block_until_ready(got[1])
+    results.append(got)
+    elapsed.append(time.perf_counter() - start)
+  return results, elapsed
+
+
+def _take_chunk(group, results, elapsed, carry, sums, clocks: _Clocks):
+  """(carry, sums) after a chunk's results; each member's clocks advanced."""
+  if group.vmapped:
+    for i in range(len(group.members)):
+      clocks.add(i, elapsed[0])
+    return results[0][0], results[0][1]
+  for i, r in enumerate(results):
+    if r is not None:
+      carry[i], sums[i] = r[0], r[1]
+      clocks.add(i, elapsed[i])
+  return carry, sums
+
+
+def _compile(inputs, group, carry, sums) -> tuple[float, int]:
+  """(seconds, programs): every distinct step program compiled."""
   signals.reached('compiling')
-  compile_start = time.perf_counter()
+  start = time.perf_counter()
   compiled = set()
   for i, (feed, numbers) in enumerate(inputs):
     if id(feed) not in compiled:
       feed.compile(carry if group.vmapped else carry[i], sums if group.vmapped else sums[i],
                    numbers)
       compiled.add(id(feed))
-  compile_seconds = time.perf_counter() - compile_start
+  seconds = time.perf_counter() - start
   signals.check('while compiling the train step; nothing was lost')
+  return seconds, len(compiled)
+
+
+# A population's member has diverged when its mean training loss over an epoch's steps exceeds
+# EXPLODED_LOSS x log(num_classes): log(num_classes) is the loss of a uniform guess (2.3 for
+# 10 classes), and a mean 100 times that gives the right class a probability below e^-230 on
+# average: the weights have blown up (a finite 4e19 at 9% accuracy was never flagged before).
+EXPLODED_LOSS = 100
+
+
+def _divergence(t: dict, step: int, num_classes: int) -> tuple[int, str] | None:
+  """(step, reason) if the epoch's training sums `t` show a member diverged, else None."""
+  if t['first_nonfinite_step'] is not None:
+    return t['first_nonfinite_step'], 'non-finite loss'
+  limit = EXPLODED_LOSS * math.log(num_classes)
+  if t['loss'] > limit:
+    return step, (f'mean training loss {t["loss"]:.3g} over the epoch, above '
+                  f'{EXPLODED_LOSS} x log({num_classes}) = {limit:.0f}')
+  return None
+
+
+def _check_divergence(train, members, step, diverged, checkpoints, writes, clocks,
+                      single: bool) -> None:
+  """Marks the members whose training diverged this epoch (they stop, the others go on); a
+  single run's non-finite loss is an error."""
+  for i, t in enumerate(train):
+    found = None if i in diverged else _divergence(
+        t, step, members[i].config.model.num_classes)
+    if found is None:
+      continue
+    if single:
+      if t['first_nonfinite_step'] is None:
+        continue  # a single run's figures say what happened; only a non-finite loss stops it
+      raise NonFiniteLossError(
+          f'the training loss became non-finite at step {t["first_nonfinite_step"]}; '
+          f'nothing after the last checkpoint ({checkpoints[i].steps()[-1:] or "none"}) was '
+          f'saved; lower config.learning_rate')
+    diverged[i] = found[0]
+    _write_diverged(members[i], found, checkpoints[i], writes, clocks.total[i])
+
+
+def _train(members, group, states, step, last_step, num_epochs, spe, clocks, splits,
+           mesh, choices, stop, checkpoints, active, finished, writes, prefix,
+           collective, logits) -> list[Outcome]:
+  cfg = members[0].config
+  K = len(members)
+  single = K == 1 and members[0].name == 'base'
+  evaluator = inference.Evaluator.for_config(cfg, group.flat, choices)
+  writers = [metrics_lib.MetricWriter(m.files, after_step=step, enabled=writes)
+             for m in members]
+  inputs = group.make_inputs(cfg.batch_size, cfg.chunk_steps)
+  carry = group.carry(states)
+  sums = group.empty_sums()
+  compile_seconds, programs = _compile(inputs, group, carry, sums)
   log(f'Compiled the train step in {compile_seconds:.1f}s on {parallel.data_size(mesh)} '
       f'{jax.default_backend()} device(s), {choices.line()}'
-      + (f'; {K} members, {choices.execution}, {len(compiled)} program(s)' if K > 1 else ''))
+      + (f'; {K} members, {choices.execution}, {programs} program(s)' if K > 1 else ''))
   diverged = {i: f['diverged_at_step'] for i, f in enumerate(finished) if f is not None}
   log_every = cfg.log_every_steps
   first_step_seconds = None
@@ -410,7 +534,8 @@ def _train(members, group, states, step, last_step, num_epochs, spe, train_secon
     for i, (m, c) in enumerate(zip(members, checkpoints)):
       if i in diverged:
         continue
-      meta = {'step': step, 'epoch': step / spe, 'train_seconds': train_seconds[i],
+      meta = {'step': step, 'epoch': step / spe, 'train_seconds': clocks.total[i],
+              'epoch_seconds': 0.0 if epoch_done else clocks.epoch[i],
               'resume_fields': ckpt_lib.resume_fields(m.config.to_dict()),
               'config': m.config.to_dict()}
       c.save(step, member_states[i], meta,
@@ -431,43 +556,17 @@ def _train(members, group, states, step, last_step, num_epochs, spe, train_secon
     progress = metrics_lib.Progress(epoch_end, f'Epoch {epoch + 1}/{num_epochs}')
     sums = group.empty_sums()
     logged = [None] * K  # (steps, loss sum, accuracy sum) at the last step log
-    epoch_start = time.perf_counter()
     first = step % spe
     runs = ([inputs[0][0].run(carry, sums, perms, first, epoch_end, inputs[0][1])]
             if group.vmapped else
             [feed.run(state, s, perm, first, epoch_end, numbers)
              for (feed, numbers), state, s, perm in zip(inputs, carry, sums, perms)])
     while True:
-      # One chunk (or, per step, `sync_every` steps) of every member, member after member.
-      results, elapsed = [], []
-      for i, run in enumerate(runs):
-        if not group.vmapped and i in diverged:
-          results.append(None)
-          elapsed.append(0.0)
-          continue
-        start = time.perf_counter()
-        got = None
-        for _ in range(inputs[i][0].sync_every):
-          latest = next(run, None)
-          if latest is None:
-            break
-          got = latest
-        if got is not None:
-          jax.block_until_ready(got[1])
-        results.append(got)
-        elapsed.append(time.perf_counter() - start)
+      results, elapsed = _run_chunk(group, runs, inputs, diverged)
       if all(r is None for r in results):
         break
       done_in_epoch = max(r[2] for r in results if r is not None)
-      if group.vmapped:
-        carry, sums = results[0][0], results[0][1]
-        for i in range(K):
-          train_seconds[i] += elapsed[0]
-      else:
-        for i, r in enumerate(results):
-          if r is not None:
-            carry[i], sums[i] = r[0], r[1]
-            train_seconds[i] += elapsed[i]
+      carry, sums = _take_chunk(group, results, elapsed, carry, sums, clocks)
       step = epoch * spe + done_in_epoch
       if first_step_seconds is None:
         first_step_seconds = _process_age()
@@ -481,40 +580,39 @@ def _train(members, group, states, step, last_step, num_epochs, spe, train_secon
         break
     progress.clear()
     train = group.read_sums(sums)
-    for i, t in enumerate(train):
-      if i in diverged or t['first_nonfinite_step'] is None:
-        continue
-      if K == 1:
-        raise NonFiniteLossError(
-            f'the training loss became non-finite at step {t["first_nonfinite_step"]}; '
-            f'nothing after the last checkpoint ({checkpoints[i].steps()[-1:] or "none"}) was '
-            f'saved; lower config.learning_rate')
-      diverged[i] = t['first_nonfinite_step']
-      _write_diverged(members[i], t['first_nonfinite_step'], checkpoints[i], writes,
-                      train_seconds[i])
+    _check_divergence(train, members, step, diverged, checkpoints, writes, clocks, single)
     if stop.received and step < epoch * spe + epoch_end:  # mid-epoch: no evaluation
       save(epoch_done=False)
       stop_now(stop.received)
-    member_states = group.states(carry)
-    epoch_seconds = time.perf_counter() - epoch_start
     signals.reached('evaluating', step)
-    for i, m in enumerate(members):
-      if i in diverged:
-        continue
-      val = evaluator.evaluate(member_states[i], splits.val)
-      records[i] = {'epoch': epoch + 1, 'train_loss': train[i]['loss'],
-                    'train_accuracy': train[i]['accuracy'], 'val_loss': val['loss'],
-                    'val_accuracy': val['accuracy'], 'epoch_seconds': epoch_seconds}
-      log(epoch_line(prefix(m), epoch + 1, num_epochs, epoch_seconds, records[i]))
-      writers[i].write(step, records[i])
+    records = _evaluate_epoch(members, group.states(carry), train, diverged, evaluator, splits,
+                              clocks, writers, step, (epoch + 1, num_epochs), prefix)
     save(epoch_done=True)
+    clocks.epoch = [0.0] * K
     if stop.agreed(collective):  # the signal came at the epoch's last step or its evaluation
       stop_now(stop.received)
 
   for c in checkpoints:
     c.wait()  # a failed last save is an error before results.json points at it
-  return _finish(members, group, carry, step, spe, train_seconds, compile_seconds,
-                 first_step_seconds, evaluator, splits, writers, diverged, writes, prefix, logits)
+  return _finish(members, group, carry, step, spe, clocks.total, compile_seconds,
+                 first_step_seconds, evaluator, splits, writers, diverged, writes, prefix,
+                 (logits, stop, collective))
+
+
+def _evaluate_epoch(members, member_states, train, diverged, evaluator, splits, clocks,
+                    writers, step, epochs, prefix) -> list[dict | None]:
+  """Each member's record of the epoch (validation included), logged and written."""
+  records = [None] * len(members)
+  for i, m in enumerate(members):
+    if i in diverged:
+      continue
+    val = evaluator.evaluate(member_states[i], splits.val)
+    records[i] = {'epoch': epochs[0], 'train_loss': train[i]['loss'],
+                  'train_accuracy': train[i]['accuracy'], 'val_loss': val['loss'],
+                  'val_accuracy': val['accuracy'], 'epoch_seconds': clocks.epoch[i]}
+    log(epoch_line(prefix(m), *epochs, clocks.epoch[i], records[i]))
+    writers[i].write(step, records[i])
+  return records
 
 
 def _chunk(inputs) -> int:
@@ -537,53 +635,75 @@ def _log_steps(group, writers, sums, logged, step, diverged) -> None:
     logged[i] = t
 
 
-def _write_diverged(member: Member, at_step: int, checkpoints, writes: bool,
+def _write_diverged(member: Member, found: tuple[int, str], checkpoints, writes: bool,
                     train_seconds: float) -> None:
+  at_step, reason = found
   saved = checkpoints.steps()
-  log(f'[{member.name}] the training loss became non-finite at step {at_step}: this member '
-      f'stops here (its checkpoints: {saved or "none"}); the others go on')
+  what = ('the training loss became non-finite at step' if reason == 'non-finite loss' else
+          f'the training loss exploded ({reason}) by step')
+  log(f'[{member.name}] {what} {at_step}: this member stops here (its checkpoints: '
+      f'{saved or "none"}); the others go on')
   if writes:
     workdir_lib.write_json_atomic(member.files.results, {
-        'diverged_at_step': at_step, 'checkpoint_step': saved[-1] if saved else None,
+        'diverged_at_step': at_step, 'diverged_reason': reason,
+        'checkpoint_step': saved[-1] if saved else None,
         'train_seconds': train_seconds, 'overrides': member.overrides,
         'config': member.config.to_dict()})
 
 
 def _finish(members, group, carry, step, spe, train_seconds, compile_seconds,
             first_step_seconds, evaluator, splits, writers, diverged, writes, prefix,
-            logits) -> list[Outcome]:
+            population) -> list[Outcome]:
+  """Each member's test figures and results.json. `population`: (logits, stop, collective):
+  whether a population's selection needs validation logits too, and the signals, checked
+  between its members (evaluating hundreds of them takes minutes)."""
+  logits, stop, collective = population
   outcomes = []
   member_states = group.states(carry)
   signals.reached('testing', step)
+  if logits:
+    signals.reached('selecting')
   for i, m in enumerate(members):
+    if logits:
+      _stop_between_members(stop, collective, "while evaluating the population's members; "
+                            "those evaluated have their results, the others are evaluated "
+                            "next time")
     if i in diverged:
       outcomes.append(Outcome(m, workdir_lib.read_json(m.files.results) or {
           'diverged_at_step': diverged[i]}, metrics_lib.read_history(m.files)))
       writers[i].close()
       continue
-    state = member_states[i]
-    test_logits = evaluator.logits(state, splits.test['image'])
-    val_logits = evaluator.logits(state, splits.val['image']) if logits else None
-    test = inference.classification_metrics(test_logits, splits.test['label'])
-    history = metrics_lib.read_history(m.files)
-    last = history[-1] if history else {}
-    results = {
-        'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
-        'val_accuracy': last.get('val_accuracy'), 'val_loss': last.get('val_loss'),
-        'num_params': model_lib.count_params(state.params),
-        'epochs_completed': round(step / spe, 4), 'checkpoint_step': step,
-        'train_seconds': train_seconds[i],
-        'seconds_per_epoch': train_seconds[i] / max(step / spe, 1e-9),
-        'compile_seconds': compile_seconds, 'start_to_first_step_seconds': first_step_seconds,
-        'devices': parallel.data_size(evaluator.mesh), 'backend': jax.default_backend(),
-        **({'overrides': m.overrides} if m.name != 'base' else {}),
-        'config': m.config.to_dict(),
-    }
-    log(f'{prefix(m)}Test: loss {test["loss"]:.4f} - accuracy {test["accuracy"]:.4f} '
-        f'({len(splits.test["label"])} images)')
-    if writes:
-      workdir_lib.write_json_atomic(m.files.results, results)
-    writers[i].write(step, {'test_loss': test['loss'], 'test_accuracy': test['accuracy']})
-    writers[i].close()
-    outcomes.append(Outcome(m, results, history, val_logits, test_logits, state))
+    outcomes.append(_test_member(m, member_states[i], step, spe, train_seconds[i],
+                                 (compile_seconds, first_step_seconds), evaluator, splits,
+                                 writers[i], writes, prefix, logits))
   return outcomes
+
+
+def _test_member(m, state, step, spe, train_seconds, seconds, evaluator, splits, writer,
+                 writes, prefix, logits) -> Outcome:
+  """A member's test figures, written to its results.json and metrics."""
+  test_logits = evaluator.logits(state, splits.test['image'])
+  val_logits = evaluator.logits(state, splits.val['image']) if logits else None
+  test = inference.classification_metrics(test_logits, splits.test['label'])
+  history = metrics_lib.read_history(m.files)
+  last = history[-1] if history else {}
+  results = {
+      'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
+      'val_accuracy': last.get('val_accuracy'), 'val_loss': last.get('val_loss'),
+      'num_params': model_lib.count_params(state.params),
+      'epochs_completed': round(step / spe, 4), 'checkpoint_step': step,
+      'train_seconds': train_seconds,
+      'seconds_per_epoch': train_seconds / max(step / spe, 1e-9),
+      'compile_seconds': seconds[0], 'start_to_first_step_seconds': seconds[1],
+      'devices': parallel.data_size(evaluator.mesh), 'backend': jax.default_backend(),
+      **({'overrides': m.overrides} if m.name != 'base' else {}),
+      'config': m.config.to_dict(),
+  }
+  log(f'{prefix(m)}Test: loss {test["loss"]:.4f} - accuracy {test["accuracy"]:.4f} '
+      f'({len(splits.test["label"])} images)')
+  if writes:
+    workdir_lib.write_json_atomic(m.files.results, results)
+  writer.write(step, {'test_loss': test['loss'], 'test_accuracy': test['accuracy']})
+  writer.close()
+  # A population's outcome carries no state: its members' logits are all the selection needs.
+  return Outcome(m, results, history, val_logits, test_logits, None if logits else state)

@@ -22,19 +22,23 @@ from __future__ import annotations
 
 import ast
 import csv
+import dataclasses
+import functools
 import io
 import itertools
 import json
 import math
 import os
 import re
+import resource
+import shutil
 import time
 
 import jax
 import numpy as np
 
 from digitjax import configlib, data, inference, loop, metrics as metrics_lib
-from digitjax import model as model_lib, parallel, signals
+from digitjax import model as model_lib, parallel, signals, steps
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
 from digitjax.metrics import log
@@ -125,8 +129,8 @@ SELECT_RE = re.compile(r'^(best|ensemble|top([1-9][0-9]*))$')
 # Members
 
 
-def members_of(config, workdir: str) -> list[loop.Member]:
-  """The members `config` declares, each validated; a UserError names the first bad one."""
+def override_sets(config) -> list[dict]:
+  """Each member's overrides, in order, from the sweep's syntax alone (nothing is built)."""
   configlib.validate(config)
   select = config.sweep.select
   if not SELECT_RE.match(select):
@@ -148,11 +152,18 @@ def members_of(config, workdir: str) -> list[loop.Member]:
         raise UserError(f'config.sweep: {sorted(both)[0]} is set both by config.sweep.members '
                         f'and by config.sweep.grid; set it in one of them')
       overrides.append({**chosen, **dict(combo)})
+  return overrides
+
+
+def members_of(config, workdir: str) -> list[loop.Member]:
+  """The members `config` declares, each validated; a UserError names the first bad one."""
+  overrides = override_sets(config)
   if len(overrides) == 1 and not overrides[0]:
     return [loop.Member(0, 'base', {}, config, workdir_lib.RunFiles.of(workdir))]
   base_split_seed = configlib.split_seed(config)
   members, seen = [], {}
   for i, chosen in enumerate(overrides):
+    signals.check("while checking the population's members; nothing was written")
     name = member_name(chosen)
     where = f'config.sweep member {i} ({name})'
     member = config.copy_and_resolve_references()
@@ -218,6 +229,128 @@ def groups_of(members: list[loop.Member]) -> list[list[loop.Member]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Cost: what a population needs, estimated from its config before any work
+
+# Examples in (train, test) before the data is read; other datasets are assumed as large.
+SPLIT_SIZES = {'mnist': (60000, 10000), 'fashion_mnist': (60000, 10000)}
+MEMORY_SHARE = 0.8         # of the machine's total memory a population may plan to fill
+RUNTIME_BYTES = 2 << 30    # any run: JAX, XLA's compiler, the data's readers and arrays
+MEMBER_BYTES = 1 << 20     # each member: checkpoint manager, metric writer, records (0.2 MB seen)
+STATE_COPIES = 3           # states per member of the group in training: the working one, the
+#                            initial one kept while a resumed group restores, orbax's host copy
+OPEN_FILES_SPARE = 256     # open files left to the rest of the process (each member of the group
+#                            in training holds one: its TensorBoard writer)
+
+
+@dataclasses.dataclass
+class Cost:
+  """A population's needs, estimated before the data is read (estimate_cost)."""
+  members: int
+  memory: int          # bytes at the peak: the largest group's states, every member's logits
+  disk: int            # bytes of checkpoints: checkpoint_keep + the best + one being written
+  largest_group: int   # members trained at once
+
+
+def _state_bytes(config, structural: dict) -> int:
+  """Bytes of one member's training state (parameters and optimizer state) with the
+  structural `structural` overrides; 0 where they are invalid (members_of names them)."""
+  cfg = config.copy_and_resolve_references()
+  try:
+    for key, value in structural.items():
+      configlib.set_field(cfg, key, value)
+    configlib.validate(cfg)
+  except UserError:
+    return 0
+  spec = steps.spec(cfg, model_lib.build_model(cfg.model), 1)
+  shapes = jax.eval_shape(functools.partial(steps.init_state, spec, steps.hyper(cfg, 1)),
+                          jax.random.key(0))
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(shapes) if np.issubdtype(x.dtype, np.number))
+
+
+def estimate_cost(config, overrides: list[dict]) -> Cost:
+  """Memory and disk of the population whose members' overrides are `overrides`: members
+  that differ only in numbers share a structure, whose state is sized once (jax.eval_shape)."""
+  n_train, n_test = SPLIT_SIZES.get(config.dataset, SPLIT_SIZES['mnist'])
+  if config.data.max_train_examples:
+    n_train = min(n_train, config.data.max_train_examples)
+  n_val = int(round(n_train * config.validation_fraction))
+  logits = (n_val + n_test) * config.model.num_classes * 4  # float32, kept for the selection
+  structures: dict[str, list] = {}  # structural overrides -> [members, state bytes]
+  for i, chosen in enumerate(overrides):
+    if i % 1000 == 0:
+      signals.check("while estimating the population's size; nothing was written")
+    structural = {k: v for k, v in chosen.items()
+                  if not configlib.matches(k, configlib.MEMBER_NUMERIC_FIELDS)}
+    key = json.dumps(structural, sort_keys=True, default=str)
+    if key not in structures:
+      structures[key] = [0, _state_bytes(config, structural)]
+    structures[key][0] += 1
+  states = sum(n * size for n, size in structures.values())
+  return Cost(members=len(overrides),
+              memory=(RUNTIME_BYTES + len(overrides) * (logits + MEMBER_BYTES)
+                      + STATE_COPIES * max(n * size for n, size in structures.values())),
+              disk=states * (config.checkpoint_keep + 2),
+              largest_group=max(n for n, _ in structures.values()))
+
+
+def machine() -> dict:
+  """What this machine offers: total memory, and the soft limit of open files."""
+  try:
+    memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  except (ValueError, OSError, AttributeError):
+    with open('/proc/meminfo') as f:
+      memory = int(next(l for l in f if l.startswith('MemTotal:')).split()[1]) * 1024
+  return {'memory': memory, 'open_files': resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
+
+
+def _free_disk(workdir: str) -> tuple[str, int]:
+  """(the nearest existing folder of `workdir`, free bytes on its filesystem)."""
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return path, shutil.disk_usage(path).free
+
+
+def _bytes_under(path: str) -> int:
+  """Bytes of the files under `path` (checkpoints a resumed population already holds)."""
+  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path)
+             for f in files if os.path.isfile(os.path.join(root, f)))
+
+
+def _size(n: float) -> str:
+  for unit in ('bytes', 'KB', 'MB', 'GB', 'TB'):
+    if n < 1000 or unit == 'TB':
+      return f'{n:.0f} {unit}' if unit == 'bytes' else f'{n:.1f} {unit}'
+    n /= 1000
+
+
+def check_cost(config, workdir: str, overrides: list[dict]) -> None:
+  """Refuses, in one line, a population beyond what this machine can hold (memory, disk of
+  the workdir's filesystem, open files), before any data is read or any folder made; config.
+  sweep.allow_large=True goes ahead anyway."""
+  if len(overrides) <= 1 or config.sweep.get('allow_large', False):
+    return
+  cost, have = estimate_cost(config, overrides), machine()
+  where, free = _free_disk(workdir)
+  beyond = []
+  if cost.memory > MEMORY_SHARE * have['memory']:
+    beyond.append(f'about {_size(cost.memory)} of memory (this machine has '
+                  f'{_size(have["memory"])}, of which {MEMORY_SHARE:.0%} may be planned)')
+  if cost.disk > free and cost.disk > free + _bytes_under(workdir):  # a resume's count too
+    beyond.append(f'about {_size(cost.disk)} of disk for checkpoints ({_size(free)} free '
+                  f'under {where})')
+  if cost.largest_group > have['open_files'] - OPEN_FILES_SPARE:
+    beyond.append(f'{cost.largest_group:,} open files at once (one per member of a group; '
+                  f'the limit is {have["open_files"]:,}: ulimit -n)')
+  if beyond:
+    raise UserError(f'config.sweep declares {cost.members:,} members, which would need '
+                    f'{" and ".join(beyond)}; sweep fewer members (or smaller models, a lower '
+                    f'config.checkpoint_keep), or set config.sweep.allow_large=True to go '
+                    f'ahead anyway')
+
+
+# ---------------------------------------------------------------------------------------------
 # Training
 
 
@@ -227,6 +360,7 @@ def train(config, workdir: str) -> dict:
   delivered model's figures and one record per member under 'members'
   (`pandas.DataFrame(results['members'])` tabulates them).
   """
+  check_cost(config, workdir, override_sets(config))  # before any member is built
   members = members_of(config, workdir)  # every member is checked before any work
   with signals.recorded(), workdir_lib.claim(workdir, exclusive=parallel.is_main_process()):
     return workdir_lib.as_json(_train(config, workdir, members))
@@ -305,14 +439,19 @@ def _train_group(group, splits, stop, shard: bool, single: bool) -> list[loop.Ou
     mesh = parallel.make_mesh(local=shard, members=_member_axis(len(group), mesh))
     parallel.check_divisible('batch_size', cfg.batch_size, mesh)
   log(model_lib.summary_table(model_lib.build_model(cfg.model)))
-  if not single:
-    for m in group:
-      if shard or parallel.is_main_process():
-        os.makedirs(m.files.dir, exist_ok=True)
-        workdir_lib.write_json_atomic(m.files.config, _config_record(m.config, [m]))
+  if not single and (shard or parallel.is_main_process()):
+    _make_member_folders(group)
   return loop.train_group(group, splits, mesh, choices, stop,
                           process=jax.process_index() if shard else None,
                           collective=not shard, logits=not single)
+
+
+def _make_member_folders(group) -> None:
+  """Each member's folder and config.json; a signal stops between two members."""
+  for m in group:
+    signals.check("while making the members' folders; the folders made so far are complete")
+    os.makedirs(m.files.dir, exist_ok=True)
+    workdir_lib.write_json_atomic(m.files.config, _config_record(m.config, [m]))
 
 
 def _member_axis(group_size: int, mesh) -> int:
@@ -375,12 +514,18 @@ def _finished_population(files, config, members) -> dict | None:
       isinstance(results.get(k), (int, float)) for k in workdir_lib.RESULT_KEYS[:2]):
     return None  # damaged: summarized again from the members
   recorded = {r['name']: r.get('checkpoint_step') for r in results['members']}
-  if recorded != steps or results.get('config', {}).get('sweep') != workdir_lib.as_json(
-      config.sweep.to_dict()):
+  if recorded != steps or _sweep_record(results.get('config', {}).get('sweep')) != (
+      _sweep_record(workdir_lib.as_json(config.sweep.to_dict()))):
     return None
   log(f'Population of {len(members)} members already trained; results from {files.results}:')
   log(table(results))
   return results
+
+
+def _sweep_record(sweep) -> dict | None:
+  """The fields of config.sweep that make the population (allow_large only lets it start)."""
+  return {k: v for k, v in sweep.items() if k != 'allow_large'} if isinstance(
+      sweep, dict) else sweep
 
 
 def _gather(outcomes, members, splits) -> list[loop.Outcome]:
@@ -427,6 +572,19 @@ def select(outcomes: list[loop.Outcome], how: str) -> list[int]:
   return ranked[:int(top) if top else 1]
 
 
+def selection_note(outcomes: list[loop.Outcome], how: str, chosen: list[int]) -> str | None:
+  """What the delivered model lacks because members diverged (None: nothing): 'top3' with two
+  of the three best diverged delivers one; 'ensemble' leaves the diverged out."""
+  lost = [o.member.name for o in outcomes if o.test_logits is None]
+  top = SELECT_RE.match(how).group(2)
+  asked = len(outcomes) if how == 'ensemble' else int(top) if top else 1
+  if not lost or len(chosen) >= asked:
+    return None
+  return (f'select={how} asked for {asked} members; {len(lost)} diverged '
+          f'({", ".join(lost)}), so the delivered model combines {len(chosen)}: '
+          f'{", ".join(outcomes[i].member.name for i in chosen)}')
+
+
 def _member_record(o: loop.Outcome, selected: bool) -> dict:
   r, m = o.results, o.member
   best = max((h['val_accuracy'] for h in o.history
@@ -437,7 +595,8 @@ def _member_record(o: loop.Outcome, selected: bool) -> dict:
           'val_loss': r.get('val_loss'), 'test_accuracy': r.get('test_accuracy'),
           'test_loss': r.get('test_loss'), 'train_seconds': r.get('train_seconds'),
           'checkpoint_step': r.get('checkpoint_step'),
-          'diverged_at_step': r.get('diverged_at_step'), 'selected': selected}
+          'diverged_at_step': r.get('diverged_at_step'),
+          'diverged_reason': r.get('diverged_reason'), 'selected': selected}
 
 
 def summarize(config, workdir: str, outcomes: list[loop.Outcome], splits,
@@ -448,6 +607,7 @@ def summarize(config, workdir: str, outcomes: list[loop.Outcome], splits,
       inference.combine_logits([outcomes[i].val_logits for i in chosen]), splits.val['label'])
   test_logits = inference.combine_logits([outcomes[i].test_logits for i in chosen])
   test = inference.classification_metrics(test_logits, splits.test['label'])
+  note = selection_note(outcomes, config.sweep.select, chosen)
   ok = [o for o in outcomes if o.test_logits is not None]
   member_metrics = lambda split: [{'accuracy': o.results[f'{split}_accuracy'],
                                    'loss': o.results[f'{split}_loss']} for o in ok]
@@ -455,6 +615,7 @@ def summarize(config, workdir: str, outcomes: list[loop.Outcome], splits,
       'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
       'val_accuracy': val['accuracy'], 'val_loss': val['loss'],
       'select': config.sweep.select, 'selected': [outcomes[i].member.name for i in chosen],
+      **({'selection_note': note} if note else {}),
       **inference.member_summary('test', member_metrics('test')),
       **inference.member_summary('val', member_metrics('val')),
       'train_seconds': train_seconds if train_seconds is not None else sum(
@@ -467,6 +628,8 @@ def summarize(config, workdir: str, outcomes: list[loop.Outcome], splits,
       f'({", ".join(results["selected"])}): test loss {test["loss"]:.4f} - accuracy '
       f'{test["accuracy"]:.4f}')
   log(table(results))
+  if note:
+    log(f'Note: {note}')
   if parallel.is_main_process():
     files = workdir_lib.RunFiles.of(workdir)
     workdir_lib.write_json_atomic(files.results, results)
@@ -518,7 +681,9 @@ def table(results: dict) -> str:
            f'{"test_loss":>11}{"train_s":>9}']
   for m in rows:
     mark = ' *' if m['selected'] else ''
-    note = f'  diverged at step {m["diverged_at_step"]}' if m['diverged_at_step'] else ''
+    note = (f'  diverged at step {m["diverged_at_step"]}' + (
+        f' ({m["diverged_reason"]})' if m.get('diverged_reason') else '')
+            if m['diverged_at_step'] else '')
     seconds = '-' if m['train_seconds'] is None else f'{m["train_seconds"]:.1f}'
     lines.append(f'{m["name"]:<{width}}{fmt(m["val_accuracy"]):>9}'
                  f'{fmt(m["best_val_accuracy"]):>10}{fmt(m["val_loss"]):>10}'
