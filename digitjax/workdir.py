@@ -19,8 +19,10 @@ A population of several members adds, beside its own config.json, results.json a
 
 JSON files are written aside and renamed into place (never half-written). JSON lines are
 appended; a torn last line (a kill or power loss during a write) is reported and cut off when
-the file is next opened, and a run that resumes from an earlier step than its log reached drops
-the records after that step, so no record is ever duplicated.
+the file is next opened; other lines that are not records, or a link in the file's place, are
+reported as such, what the file held kept aside as `<name>.damaged`; and a run that resumes
+from an earlier step than its log reached drops the records after that step, so no record is
+ever duplicated.
 
 `claim(workdir)` takes workdir/run.lock, a file holding the owner's pid under an exclusive
 `flock`. The kernel drops a flock when its process dies, however it dies, so a lock left by a
@@ -255,36 +257,45 @@ def _parse(line: bytes) -> dict | None:
 class JsonLines:
   """An append-only JSON-lines file that survives torn writes.
 
-  Opening it repairs it: damaged lines (a torn last line, or garbage) are reported once and
-  removed, and with `after_step`, records of steps beyond it (written by a run that got further
-  than the checkpoint it is resumed from) are dropped, so a resumed run never duplicates them.
+  Opening it repairs it: a torn last line (a write cut off by a kill) is reported and removed;
+  lines that are not records (JSON objects with an integer 'step') are reported and removed,
+  the file as it was kept aside as `<path>.damaged` (or `.damaged.2`, ...); a symbolic link in
+  its place is never written through: its target is left untouched, what it held is kept aside
+  likewise, and the records read through it go on in a file of the run's own. With
+  `after_step`, records of steps beyond it (written by a run that got further than the
+  checkpoint it is resumed from) are dropped, so a resumed run never duplicates them.
   """
 
   def __init__(self, path: str, after_step: int | None = None):
     self.path = path
-    if os.path.exists(path):
+    if os.path.lexists(path):
       self._repair(after_step)
 
   def _repair(self, after_step: int | None) -> None:
-    with open(self.path, 'rb') as f:
-      raw = f.read()
-    keep, torn, dropped = [], 0, 0
-    for line in raw.split(b'\n'):
-      if not line.strip():
-        continue
+    link = os.readlink(self.path) if os.path.islink(self.path) else None
+    try:
+      with open(self.path, 'rb') as f:
+        raw = f.read()
+    except OSError:
+      if link is None:
+        raise
+      raw = b''  # a dangling link, or one to a folder: nothing of this run's to keep
+    lines = [line for line in raw.split(b'\n') if line.strip()]
+    torn = 1 if (lines and not raw.endswith(b'\n') and _parse(lines[-1]) is None) else 0
+    keep, foreign, dropped = [], 0, 0
+    for line in lines[:len(lines) - torn]:
       record = _parse(line)
-      if record is None:
-        torn += 1
-      elif after_step is not None and isinstance(record.get('step'), int) and (
+      if record is None or not isinstance(record.get('step'), int):
+        foreign += 1
+      elif after_step is not None and (
           record['step'] > after_step or (record['step'] == after_step and 'test_loss' in record)):
         dropped += 1  # written again by the resumed run (the test figures at its end too)
       else:
         keep.append(line)
-    if torn:
-      logging.warning('%s: removed %d damaged line(s) (a write that was cut off)', self.path,
-                      torn)
-    if torn or dropped or (raw and not raw.endswith(b'\n')):
-      with written_aside(self.path) as tmp, open(tmp, 'wb') as f:
+    kept = _keep_aside(self.path, raw) if link is not None or foreign else None
+    _report(self.path, link, torn, foreign, kept, len(keep))
+    if link is not None or torn or foreign or dropped or (raw and not raw.endswith(b'\n')):
+      with written_aside(self.path) as tmp, open(tmp, 'wb') as f:  # replaces a link itself
         f.write(b''.join(line + b'\n' for line in keep))
         f.flush()
         os.fsync(f.fileno())
@@ -296,6 +307,37 @@ class JsonLines:
 
   def read(self) -> list[dict]:
     return read_jsonl(self.path)
+
+
+def _keep_aside(path: str, raw: bytes) -> str | None:
+  """Writes `raw` (what a damaged log held) to the first free `<path>.damaged[.N]`."""
+  if not raw:
+    return None
+  aside_path, n = f'{path}.damaged', 1
+  while os.path.lexists(aside_path):
+    n += 1
+    aside_path = f'{path}.damaged.{n}'
+  with open(aside_path, 'xb') as f:
+    f.write(raw)
+  return aside_path
+
+
+def _report(path: str, link: str | None, torn: int, foreign: int, kept: str | None,
+            records: int) -> None:
+  """One warning line saying what was found in a JSON-lines file and what became of it."""
+  found = []
+  if link is not None:
+    found.append(f'a link to {link} was in its place, not a file of this run: {link} is left '
+                 f'untouched, the link replaced by a file of the run\'s own holding the '
+                 f'{records} record(s) read through it')
+  if foreign:
+    found.append(f'{foreign} line(s) that are not this run\'s records (JSON objects with a '
+                 f'step) removed')
+  if torn:
+    found.append(f'removed {torn} damaged line(s) (a write that was cut off)')
+  if found:
+    aside_note = f'; what it held is kept as {kept}' if kept else ''
+    logging.warning('%s: %s%s', path, '; '.join(found), aside_note)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """The run's pictures: drawn at the end of training and again by --mode=report."""
+import json
 import os
 import shutil
 
@@ -86,3 +87,74 @@ def test_confusion_counts_and_pictures_of_mistakes_and_of_an_empty_history(tmp_p
   assert [os.path.basename(p) for p in paths] == list(report.PLOT_FILES)
   for name in report.PLOT_FILES:
     check_plot(tmp_path / 'plots' / name, 10)  # an empty history still gives labelled axes
+
+
+# ---------------------------------------------------------------------------------------------
+# The history the curves are drawn from: metrics.jsonl kept whole (finding 14)
+
+
+def _records(path):
+  return [json.loads(line) for line in open(path).read().splitlines()]
+
+
+def test_a_metrics_file_replaced_by_a_link_is_reported_as_such_and_nothing_is_lost(
+    tmp_path, caplog):
+  from digitjax import metrics, workdir as workdir_lib
+  run = tmp_path / 'run'
+  run.mkdir()
+  foreign = tmp_path / 'notes.txt'
+  foreign.write_text('{"step": 5, "epoch": 1, "val_accuracy": 0.5}\nshopping list\nmilk\n')
+  before = foreign.read_bytes()
+  (run / 'metrics.jsonl').symlink_to(foreign)
+  writer = metrics.MetricWriter(workdir_lib.RunFiles.of(str(run)), enabled=True)
+  writer.write(6, {'epoch': 2, 'val_accuracy': 0.75})
+  writer.close()
+  # The link's target is untouched; metrics.jsonl is the run's own file now.
+  assert foreign.read_bytes() == before
+  assert not os.path.islink(run / 'metrics.jsonl')
+  assert _records(run / 'metrics.jsonl') == [{'step': 5, 'epoch': 1, 'val_accuracy': 0.5},
+                                             {'step': 6, 'epoch': 2, 'val_accuracy': 0.75}]
+  # What it held is kept aside, whole.
+  assert (run / 'metrics.jsonl.damaged').read_bytes() == before
+  message = [r.getMessage() for r in caplog.records if 'metrics.jsonl' in r.getMessage()]
+  assert len(message) == 1 and '\n' not in message[0]
+  assert f'a link to {foreign} was in its place' in message[0] and 'left untouched' in message[0]
+  assert "2 line(s) that are not this run's records" in message[0]
+  assert 'metrics.jsonl.damaged' in message[0] and 'cut off' not in message[0]
+
+
+def test_foreign_lines_are_kept_aside_and_a_torn_last_line_is_only_cut_off(tmp_path, caplog):
+  from digitjax import workdir as workdir_lib
+  path = tmp_path / 'metrics.jsonl'
+  good = ['{"step": 1, "epoch": 1}', '{"step": 2, "epoch": 2}']
+  path.write_text(f'{good[0]}\nnot a record\n[1, 2]\n{good[1]}\n')
+  original = path.read_bytes()
+  workdir_lib.JsonLines(str(path))
+  assert path.read_text() == ''.join(g + '\n' for g in good)
+  assert (tmp_path / 'metrics.jsonl.damaged').read_bytes() == original
+  assert "2 line(s) that are not this run's records" in caplog.text
+  assert 'cut off' not in caplog.text
+  # A second damaged file does not replace the first one kept aside.
+  path.write_text(f'{good[0]}\ngarbage\n')
+  workdir_lib.JsonLines(str(path))
+  assert (tmp_path / 'metrics.jsonl.damaged').read_bytes() == original
+  assert (tmp_path / 'metrics.jsonl.damaged.2').read_text() == f'{good[0]}\ngarbage\n'
+  # A torn last line (a kill mid-write) is expected: cut off, nothing kept aside.
+  caplog.clear()
+  path.write_text(f'{good[0]}\n{good[1][:9]}')
+  workdir_lib.JsonLines(str(path))
+  assert path.read_text() == good[0] + '\n'
+  assert 'removed 1 damaged line(s) (a write that was cut off)' in caplog.text
+  assert sorted(os.listdir(tmp_path)) == ['metrics.jsonl', 'metrics.jsonl.damaged',
+                                          'metrics.jsonl.damaged.2']
+
+
+def test_a_dangling_link_is_not_written_through(tmp_path, caplog):
+  from digitjax import workdir as workdir_lib
+  path = tmp_path / 'metrics.jsonl'
+  path.symlink_to(tmp_path / 'elsewhere' / 'gone.jsonl')
+  log = workdir_lib.JsonLines(str(path))
+  log.append({'step': 1})
+  assert not (tmp_path / 'elsewhere').exists() and not os.path.islink(path)
+  assert _records(path) == [{'step': 1}]
+  assert f'a link to {tmp_path / "elsewhere" / "gone.jsonl"} was in its place' in caplog.text
