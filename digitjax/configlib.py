@@ -55,7 +55,9 @@ SHARED_FIELDS = ('dataset', 'validation_fraction', 'data.', 'distributed.',
 # a workdir's stored config that lacks one gets it (stored_config.py).
 ADDED_FIELDS = {'model.dtype': 'float32', 'model.kernel_sizes': (),
                 'model.conv_init': 'he_uniform', 'optimizer': 'sgd', 'adam_b1': 0.9,
-                'adam_b2': 0.999}
+                'adam_b2': 0.999, 'sweep.allow_large': False}
+# A field added to configs/default.py must be added here too: stored_config.py refuses a stored
+# config without one of default.py's fields as damaged (naming the file and the field).
 
 # Fields that no longer exist, and what replaced them: named in the error instead of a typo hint.
 REMOVED_FIELDS = {

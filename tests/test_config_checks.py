@@ -248,3 +248,26 @@ def test_on_without_any_cluster_is_refused(config, no_cluster):
 
 def test_auto_without_a_cluster_runs_alone(config, no_cluster):
   parallel.initialize_distributed(config.distributed)  # nothing to join: returns at once
+
+
+def test_a_stored_config_from_before_the_added_fields_loads(config, tmp_path, monkeypatch):
+  record = json.loads(json.dumps(config.to_dict()))
+  for dotted in configlib.ADDED_FIELDS:
+    _damage(record, dotted, _DELETE)
+  loaded = _stored(tmp_path, monkeypatch, record)  # not 'damaged': what was done then
+  assert loaded.to_dict() == config.to_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mode', ['eval', 'train'])
+def test_launch_names_the_damaged_file_in_its_error_line(config, tmp_path, processes, mode):
+  from conftest import ROOT, launch_args
+  record = json.loads(json.dumps(config.to_dict()))
+  record['batch_size'] = '32'
+  (tmp_path / 'results.json').write_text(json.dumps({'config': record}))
+  proc = processes.run(launch_args(f'--workdir={tmp_path}', f'--mode={mode}'), cwd=ROOT)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: {tmp_path}/results.json: config field batch_size is '32' (a str), expected an "
+      f"int; the file is damaged: restore it, or give the config the run was trained with "
+      f"(--config=configs/<name>.py)")

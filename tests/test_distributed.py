@@ -6,6 +6,7 @@ devices and hosts").
 """
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -179,3 +180,58 @@ def test_two_processes_on_a_fresh_data_dir_prepare_it_once(tmp_path, launch):
                              '--config.num_epochs=1'), count=2))
   prepared = [('Dataset mnist downloaded and prepared' in r.stdout + r.stderr) for r in runs]
   assert prepared == [True, False]
+
+
+WRITING_CALLS = ('creat', 'mkdir', 'mkdirat', 'rename', 'renameat', 'renameat2', 'unlink',
+                 'unlinkat', 'rmdir', 'truncate', 'symlink', 'symlinkat', 'link', 'linkat')
+
+
+def writes_under(trace: str, folder: str) -> list[str]:
+  """strace lines of calls that changed something under `folder`: opened to write, created,
+  renamed, removed, linked (a call that failed changed nothing)."""
+  found = []
+  for line in trace.splitlines():
+    call = line.split(None, 1)[-1].split('(', 1)[0]
+    if f'"{folder}/' not in line or ' = -1 ' in line:
+      continue
+    if call in WRITING_CALLS or (call in ('open', 'openat', 'openat2') and any(
+        flag in line for flag in ('O_WRONLY', 'O_RDWR', 'O_CREAT', 'O_TRUNC'))):
+      found.append(line)
+  return found
+
+
+def test_only_process_0_writes_the_workdirs_files(data, tmp_path, processes):
+  # docs/distributed.md: only process 0 writes metrics.jsonl, TensorBoard files, plots and
+  # results.json; checkpoints are written by orbax the multi-host way, every process taking part.
+  # Every file call of process 1 is traced (strace sees those of C++ libraries too: orbax's
+  # tensorstore, TensorFlow's writers): its only writes are its own parts of a checkpoint.
+  strace = shutil.which('strace')
+  if strace is None:
+    pytest.skip('strace is not installed: the calls of process 1 cannot be seen')
+  idx_dir, tfds_dir = data
+  workdir, trace = tmp_path / 'w', tmp_path / 'process1.strace'
+  port = free_port()
+  args = lambda i: base_args(
+      idx_dir, tfds_dir, workdir, '--config.num_epochs=1', '--config.plots=True',
+      '--config.data.max_train_examples=320', '--config.distributed.mode=on',
+      f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+      '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}',
+      '--config.distributed.initialization_timeout=60')
+  env = {**os.environ, 'XLA_FLAGS': ''}
+  traced = [strace, '-f', '-qq', '-e', 'trace=%file', '-o', str(trace)]
+  procs = [processes.popen(prefix + args(i), cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env)
+           for i, prefix in enumerate(([], traced))]
+  results = []
+  for p in procs:
+    out, err = p.communicate(timeout=TIMEOUT)
+    results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+  ok(results)
+  for name in ('results.json', 'metrics.jsonl', 'checkpoints', 'plots', 'tensorboard'):
+    assert (workdir / name).exists(), name  # process 0 wrote the run
+  text = trace.read_text()
+  assert f'"{workdir}' in text  # process 1 was traced, and looked at the workdir
+  writes = writes_under(text, str(workdir))
+  assert writes, 'process 1 took no part in saving the checkpoints'
+  assert [w for w in writes if f'"{workdir}/checkpoints/' not in w] == []
+  assert [w for w in writes if 'process_1' not in w] == []  # orbax's files of process 1 only
