@@ -164,10 +164,15 @@ def test_evaluator_gives_the_training_models_logits(config):
     state, spec, _ = steps.create(config, jax.random.key(seed), 'im2col', 'reshape')
     expected = spec.model.apply({'params': state.params}, images.astype(np.float32) / 255.0)
     np.testing.assert_allclose(evaluator.logits(state, images), expected, rtol=1e-5, atol=1e-5)
-  # A split smaller than eval_batch_size is not padded up to it; a larger one is batched.
-  assert inference.Evaluator(mesh, 10**6, spec.model).logits(state, images).shape == (70, 10)
-  np.testing.assert_array_equal(inference.Evaluator(mesh, 32, spec.model).logits(state, images),
-                                inference.Evaluator(mesh, 32, spec.model).logits(state, images))
+  # A split smaller than eval_batch_size is not padded up to it; a larger one is batched
+  # (70 = 32 + 32 + 6, the last batch padded): each image keeps its own logits, those of the
+  # whole split in one program and of the model's own apply.
+  whole = inference.Evaluator(mesh, 10**6, spec.model).logits(state, images)
+  batched = inference.Evaluator(mesh, 32, spec.model).logits(state, images)
+  assert whole.shape == batched.shape == (70, 10)
+  assert not np.allclose(batched[:32], batched[32:64])  # different images, different logits
+  np.testing.assert_allclose(batched, whole, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(batched, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_gradient_in_chunks_equals_whole_batch_gradient(config):
