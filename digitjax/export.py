@@ -9,6 +9,12 @@ BatchNorm ones included):
                            them; any N, 0 included
   output  'probabilities'  float32, shape (N, num_classes): each row sums to 1
 
+Both compute in float32 from the float32 parameters, whatever `model.dtype` the run trained
+with: a bfloat16 run (activations and products rounded to bfloat16 in training and in
+digitjax's own evaluation) exports the same weights as a float32 function, since ONNX runtimes
+have no bfloat16 convolution on CPU; its exports then differ from its bfloat16 evaluation by
+bfloat16's rounding, and from each other by float32's only.
+
 The model sees `images / 255`, as in training. One input type keeps the two files alike: a
 caller with float images in [0, 1] sends `np.round(x * 255).astype(np.uint8)`, and one with
 (N, 28, 28, 1) arrays drops the last axis.
@@ -32,14 +38,23 @@ checkpoint: `modes.run_export` does, and writes the files under the names workdi
   outputs are the same. The first dense layer's kernel rows are reordered from JAX's (h, w, c)
   flattening to ONNX's (c, h, w). Dropout, an identity at inference, has no node.
 
+The folder holding both is replaced whole (`folder_replaced`): the new files are written into
+a sibling `<folder>.<pid>.tmp`, which takes the folder's place in one exchange of names, so the
+folder always holds one complete export, never files of two; a kill -9 leaves only that
+sibling, which the next export removes (`clean_leftovers`).
+
 TensorFlow and onnx are imported by the functions that write each file, never by this module's
 import: the other modes do not load them.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import importlib.util
 import os
+import re
+import shutil
 from typing import Any, Callable, Sequence
 
 import jax
@@ -64,10 +79,13 @@ def missing_packages() -> list[str]:
 
 def probabilities_fn(members: Sequence[Member]) -> Callable:
   """uint8 (N, 28, 28) images -> float32 (N, C): the mean of the members' softmax probabilities
-  (a single member's own). The function both files export, and their reference."""
+  (a single member's own), computed in float32 whatever the modules' dtype. The function both
+  files export, and their reference."""
   members = list(members)
   if not members:
     raise ValueError('export needs at least one model')
+
+  members = [(module.clone(dtype=jnp.float32), variables) for module, variables in members]
 
   def probabilities(images_NxHxW):
     x = images_NxHxW.astype(jnp.float32)[..., None] / 255.0
@@ -76,6 +94,105 @@ def probabilities_fn(members: Sequence[Member]) -> Callable:
     return probs[0] if len(probs) == 1 else jnp.mean(jnp.stack(probs), axis=0)
 
   return probabilities
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder: both files replaced together
+
+# What an export writes or moves aside, beside the folder: `<folder>.<pid>.tmp|old`.
+_ASIDE = re.compile(r'(?P<base>.+)\.(?P<pid>[0-9]+)\.(?P<kind>tmp|old)')
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+@contextlib.contextmanager
+def folder_replaced(folder: str):
+  """Yields a new, empty folder beside `folder` to write into. When the block ends without an
+  error (or signal) it takes `folder`'s place: in one atomic exchange of the two names where the
+  file system offers one (Linux renameat2), else in two renames (a kill between them leaves the
+  old folder as `<folder>.<pid>.old`, which `clean_leftovers` puts back); the old folder is then
+  removed. Otherwise the new folder is removed and `folder` is left as it was."""
+  tmp = f'{folder}.{os.getpid()}.tmp'
+  _remove(tmp)
+  os.makedirs(tmp)
+  try:
+    yield tmp
+    if not os.path.lexists(folder):
+      os.rename(tmp, folder)
+      return
+    if not _exchange(tmp, folder):
+      old = f'{folder}.{os.getpid()}.old'
+      _remove(old)
+      os.rename(folder, old)
+      try:
+        os.rename(tmp, folder)
+      except BaseException:
+        os.rename(old, folder)
+        raise
+      tmp = old
+  except BaseException:
+    with contextlib.suppress(OSError):
+      _remove(tmp)
+    raise
+  with contextlib.suppress(OSError):  # the new folder is in place: the old one is a leftover
+    _remove(tmp)
+
+
+def clean_leftovers(folder: str) -> list[str]:
+  """Removes what exports that were killed (whose pid no process has) left beside `folder`: a
+  new export half written (`<folder>.<pid>.tmp`), or an old one replaced (`.old`), which is put
+  back instead when `folder` is missing. Returns one line for each thing done."""
+  parent, base = os.path.split(os.path.abspath(folder))
+  try:
+    entries = os.listdir(parent)
+  except FileNotFoundError:
+    return []
+  found = [m for m in map(_ASIDE.fullmatch, entries)
+           if m and m['base'] == base and not _alive(int(m['pid']))]
+  done = []
+  for m in sorted(found, key=lambda m: m['kind'] != 'old'):  # a folder to put back first
+    path = os.path.join(parent, m.string)
+    if m['kind'] == 'old' and not os.path.lexists(folder):
+      os.rename(path, folder)
+      done.append(f'put back {folder} from {path}, where an export killed while replacing it '
+                  f'(pid {m["pid"]}) had moved it')
+    else:
+      _remove(path)
+      done.append(f'removed {path}, left by an export that was killed (pid {m["pid"]})')
+  return done
+
+
+def _alive(pid: int) -> bool:
+  if pid == os.getpid():  # this process's leftovers are its own to replace
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's live process
+    return True
+  return True
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Swaps the names of `a` and `b` atomically (Linux renameat2 RENAME_EXCHANGE); False where
+  the system or the file system cannot."""
+  try:
+    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+  except (OSError, AttributeError):
+    return False
+  if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    return True
+  code = ctypes.get_errno()
+  if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+    return False
+  raise OSError(code, os.strerror(code), b)
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path)
+  elif os.path.lexists(path):
+    os.unlink(path)
 
 
 # ---------------------------------------------------------------------------------------------
