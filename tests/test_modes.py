@@ -69,6 +69,29 @@ def test_best_latest_and_step_choose_the_checkpoint(run):
     checkpoints.close()
 
 
+def test_predict_checkpoint_step_gives_that_checkpoints_predictions(run, tmp_path):
+  # --checkpoint=22 and --checkpoint=44: each the predictions of its own checkpoint's model.
+  config, workdir, _ = run
+  x = data.load_splits(config).test['image'][:50]
+  np.save(tmp_path / 'digits.npy', x)
+  confidences = {}
+  for step in ('22', '44'):
+    output = str(tmp_path / f'step{step}.csv')
+    assert modes.run_predict(config, workdir, [str(tmp_path / 'digits.npy')], output,
+                             checkpoint=step) == 0
+    with open(output) as f:
+      rows = [line.split(',') for line in f.read().splitlines()[1:]]
+    restored = modes.Restored(modes.target(config, workdir), step, 'predict')
+    assert restored.step == int(step)
+    probabilities = inference.probabilities(restored.member_logits(x)[0])
+    assert [int(p) for _, p, _ in rows] == probabilities.argmax(-1).tolist()
+    assert [float(c) for _, _, c in rows] == [float(f'{p.max():.4f}') for p in probabilities]
+    confidences[step] = [float(c) for _, _, c in rows]
+  assert confidences['22'] != confidences['44']  # two models, told apart
+  with pytest.raises(UserError, match=r'--checkpoint=23: no checkpoint at that step'):
+    modes.run_predict(config, workdir, [str(tmp_path / 'digits.npy')], checkpoint='23')
+
+
 @pytest.mark.parametrize('field, value', [('seed', 3), ('validation_fraction', 0.2),
                                           ('data.max_train_examples', 300),
                                           ('data.split_seed', 5)])

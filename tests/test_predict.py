@@ -1,7 +1,9 @@
 """--mode=predict: pictures of digits in many forms brought to MNIST form and classified."""
 import csv
 import io
+import os
 import struct
+import threading
 import zlib
 
 import numpy as np
@@ -140,11 +142,13 @@ def test_predict_agrees_with_eval_on_test_images_in_many_forms(mnist_run, tmp_pa
   for form in forms:
     agree = [predicted[p][0] == expected[i] for p, (f, i) in paths.items() if f == form]
     assert np.mean(agree) >= 0.95, (form, np.mean(agree))
-  # The confidence of the unchanged grayscale images is eval's top probability, to 4 decimals.
-  probabilities = _eval_probabilities(config, workdir, test_images)
-  for path, (form, i) in paths.items():
-    if form == 'gray':
-      assert predicted[path][1] == float(f'{probabilities[i].max():.4f}'), path
+  # The confidence of the 28x28 grayscale pictures is the top probability eval's own program
+  # gives the pixels predict brought them to (MNIST form), to 4 decimals.
+  gray = sorted(p for p, (f, _) in paths.items() if f == 'gray28')
+  assert len(gray) == len(test_images)
+  probabilities = _eval_probabilities(config, workdir, images.read_inputs(gray).images)
+  assert [predicted[p] for p in gray] == [
+      (int(q.argmax()), float(f'{q.max():.4f}')) for q in probabilities]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +245,61 @@ def test_a_folder_stands_for_its_images_and_an_empty_one_is_an_error(synthetic_r
   assert list(_read_csv(out)) == [str(folder / 'a.png'), str(folder / 'b.jpg')]
   assert err.splitlines() == [f'{tmp_path / "nothing"}: error: no image or array files in '
                               f'this folder']
+
+
+def _write_when_opened(path, data: bytes):
+  """A thread that writes `data` into the FIFO `path` once a reader opens it, then closes it."""
+  def write():
+    with open(path, 'wb') as f:  # blocks until predict opens the FIFO to read it
+      f.write(data)
+  thread = threading.Thread(target=write, daemon=True)
+  thread.start()
+  return thread
+
+
+def _release(path, thread):
+  """Lets a writer that no reader came for finish (a failed test must not hang)."""
+  fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+  thread.join()
+  os.close(fd)
+
+
+def test_stdin_and_fifos_are_read_as_files(synthetic_run, tmp_path):
+  # docs/reliability.md: `/dev/stdin` and pipes are read as files: a picture or an array sent
+  # through one is classified as the same file on disk is.
+  config, workdir = synthetic_run
+  x, _ = data.read_idx_split(config.data.manual_dir, 'test', 'mnist', False)
+  _drawn_seven().save(tmp_path / 'seven.png')
+  np.save(tmp_path / 'rows.npy', x[:3, ..., 0])
+  png, npy = (tmp_path / 'seven.png').read_bytes(), (tmp_path / 'rows.npy').read_bytes()
+  os.mkfifo(tmp_path / 'pipe.png')
+  os.mkfifo(tmp_path / 'pipe.npy')
+  writers = [(tmp_path / 'pipe.png', _write_when_opened(tmp_path / 'pipe.png', png)),
+             (tmp_path / 'pipe.npy', _write_when_opened(tmp_path / 'pipe.npy', npy))]
+  read_end, write_end = os.pipe()
+  os.write(write_end, png)  # a small PNG fits in the pipe's buffer
+  os.close(write_end)
+  saved_stdin = os.dup(0)
+  os.dup2(read_end, 0)
+  output = str(tmp_path / 'out.csv')
+  inputs = [str(tmp_path / n) for n in ('seven.png', 'rows.npy', 'pipe.png', 'pipe.npy')]
+  try:
+    assert modes.run_predict(config, workdir, inputs + ['/dev/stdin'], output) == 0
+  finally:
+    os.dup2(saved_stdin, 0)
+    os.close(saved_stdin)
+    os.close(read_end)
+    for path, thread in writers:
+      _release(path, thread)
+  with open(output) as f:
+    predicted = _read_csv(f.read())
+  assert list(predicted) == [inputs[0], *[f'{inputs[1]}[{i}]' for i in range(3)], inputs[2],
+                             *[f'{inputs[3]}[{i}]' for i in range(3)], '/dev/stdin']
+  assert predicted[inputs[2]] == predicted['/dev/stdin'] == predicted[inputs[0]]
+  for i in range(3):
+    assert predicted[f'{inputs[3]}[{i}]'] == predicted[f'{inputs[1]}[{i}]']
+  assert [predicted[f'{inputs[1]}[{i}]'][0] for i in range(3)] == _eval_predictions(
+      config, workdir, x[:3, ..., 0]).tolist()
 
 
 def test_predict_needs_inputs_and_a_valid_checkpoint(synthetic_run, tmp_path):
