@@ -197,8 +197,8 @@ def main(argv):
   received = signals.received()
   signals.ignore()  # the results are complete: a signal from here on changes nothing
   if received:
-    print(f'{received} came after the results were complete; they are intact', file=sys.stderr,
-          flush=True)
+    print(f'{received} came while the run was finishing; its results are complete',
+          file=sys.stderr, flush=True)
   sys.exit(status)
 
 

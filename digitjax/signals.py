@@ -142,16 +142,17 @@ PHASES = {
 
 
 def pause_at(spec: str) -> None:
-  """Holds the run, once, at each phase `spec` names ('step:300,saving'), until a signal comes
+  """Holds the run, once, at each phase `spec` names ('step:300,saving:300': at the first chunk
+  boundary from step 300 on, then at the first save from step 300 on), until a signal comes
   (tests send it there, not after a sleep); each pause says so on stderr. '' pauses nowhere."""
   pauses = {}
   for item in filter(None, (p.strip() for p in spec.split(','))):
     phase, _, step = item.partition(':')
-    if phase not in PHASES or (phase == 'step') != bool(step) or (
+    if phase not in PHASES or (phase == 'step' and not step) or (
         step and not step.isdigit()):
       raise ValueError(f'--debug_pause_at: {item!r} is not a phase; give one or more of '
                       f'{", ".join("step:N" if p == "step" else p for p in PHASES)}, '
-                      f'separated by commas')
+                      f'separated by commas (PHASE:N: from step N on)')
     pauses[phase] = int(step) if step else None
   _State.pauses = pauses
 

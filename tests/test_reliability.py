@@ -172,7 +172,7 @@ def test_sigterm_mid_epoch_saves_that_step_and_resumes_to_the_same_parameters(
     reference, data, tmp_path, processes):
   workdir = tmp_path / 'run'
   held = Paused(processes, workdir, data, tmp_path / 'preempted', 2 * STEPS_PER_EPOCH + 100,
-                also='saving')
+                also=f'saving:{2 * STEPS_PER_EPOCH + 100}')
   lock = (workdir / workdir_lib.LOCK_FILE).read_text().split()
   assert lock[0] == str(held.proc.pid)  # the lock names its owner
   held.proc.send_signal(signal.SIGTERM)
@@ -345,7 +345,7 @@ def _mount(*args) -> str | None:
 
 @pytest.fixture
 def mounts():
-  """Mounts made by a test (root only: skipped elsewhere, a failure under CI), undone
+  """Mounts made by a test (root only: skipped elsewhere with the reason), undone
   afterwards."""
   made = []
 
