@@ -86,6 +86,13 @@ def test_a_select_given_on_top_equals_training_with_it(pop, idx_dir, tfds_dir, t
   val = modes.run_eval(ensemble_config, workdir, 'latest', 'validation')
   assert (val['val_accuracy'], val['val_loss']) == (trained['val_accuracy'],
                                                     trained['val_loss'])
+  # predict on the population trained to deliver its ensemble: the same rows.
+  np.save(tmp_path / 'digits.npy', data.load_splits(config).test['image'][:40])
+  csvs = []
+  for c, w in ((ensemble_config, str(tmp_path / 'ensemble')), (ensemble_config, workdir)):
+    csvs.append(str(tmp_path / f'{len(csvs)}.csv'))
+    assert modes.run_predict(c, w, [str(tmp_path / 'digits.npy')], csvs[-1]) == 0
+  assert _read_csv(csvs[0]) == _read_csv(csvs[1])
 
 
 def _read_csv(path):
