@@ -176,7 +176,7 @@ def diverged_pop(idx_dir, tfds_dir, tmp_path_factory):
   return config, workdir, digitjax.train(config, workdir)
 
 
-def test_a_member_that_diverged_before_any_checkpoint_says_so(diverged_pop, tmp_path):
+def test_a_member_that_diverged_before_any_checkpoint_says_so(diverged_pop, tmp_path, capsys):
   config, workdir, results = diverged_pop
   at = results['members'][1]['diverged_at_step']
   assert at is not None and results['members'][1]['checkpoint_step'] is None
@@ -192,8 +192,11 @@ def test_a_member_that_diverged_before_any_checkpoint_says_so(diverged_pop, tmp_
     modes.run_report(config, workdir, member='learning_rate=1e+20')
   # The other member, and the population, are there to use; an ensemble never includes it.
   assert modes.run_eval(config, workdir, member='0')['test_accuracy'] is not None
+  capsys.readouterr()
   ensemble = modes.run_eval(_with(config, sweep__select='ensemble'), workdir)
   assert ensemble['members'] == ['learning_rate=0.02']
+  assert ('select=ensemble asked for 2 members; 1 diverged (learning_rate=1e+20), so the '
+          'delivered model combines 1: learning_rate=0.02') in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------
