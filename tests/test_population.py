@@ -164,12 +164,72 @@ def test_results_table_and_csv_describe_every_member(map_population, capsys):
   assert sorted(os.listdir(workdir / 'tensorboard')) == [
       '00-learning_rate=0.02,seed=0', '01-learning_rate=0.02,seed=1',
       '02-learning_rate=0.0,seed=0', '03-learning_rate=0.0,seed=1']
-  # Run again: a finished population only reports, with the same table.
+  # Run again: a finished population only reports: the table it prints is results.json's.
   capsys.readouterr()
   again = digitjax.train(config, str(workdir))
   out = capsys.readouterr().out
   assert again == results and 'Epoch' not in out
-  assert population.table(results) in out
+  on_disk = json.loads((workdir / 'results.json').read_text())
+  rows, delivered = _printed_table(out)
+  fmt = lambda x: '-' if x is None else f'{x:.4f}'
+  assert rows == {m['name']: [fmt(m[k]) for k in ('val_accuracy', 'best_val_accuracy',
+                                                    'val_loss', 'test_accuracy', 'test_loss')]
+                  + [f'{m["train_seconds"]:.1f}'] + (['*'] if m['selected'] else [])
+                  for m in on_disk['members']}
+  assert delivered == (f'(* delivered: select=best; test_accuracy '
+                       f'{on_disk["test_accuracy"]:.4f}, test_loss {on_disk["test_loss"]:.4f})')
+
+
+def _printed_table(out: str) -> tuple[dict, str]:
+  """({member: its printed cells}, the 'delivered' line) of the table in `out`."""
+  lines = out.splitlines()
+  start = next(i for i, l in enumerate(lines) if l.split()[:2] == ['member', 'val_acc'])
+  end = next(i for i in range(start, len(lines)) if lines[i].startswith('(* delivered'))
+  return {l.split()[0]: l.split()[1:] for l in lines[start + 1:end]}, lines[end]
+
+
+def test_each_members_epoch_seconds_add_up_to_its_train_seconds(map_population):
+  # 'map': each member's epoch time is its own steps' (not the group's, 4 members long).
+  _, workdir, results = map_population
+  for m in results['members']:
+    history = workdir_lib.read_jsonl(str(workdir / m['dir'] / 'metrics.jsonl'))
+    epochs = [r['epoch_seconds'] for r in history if 'epoch_seconds' in r]
+    assert len(epochs) == 1
+    assert sum(epochs) == pytest.approx(m['train_seconds'], rel=1e-9, abs=0)
+
+
+def test_diverged_members_stop_alone_and_are_reported(map_population, idx_dir, tfds_dir,
+                                                      tmp_path, capsys):
+  # Member 1's loss explodes but stays finite (4.8e29 at 7% accuracy); member 2's becomes
+  # non-finite, alone in its group (another structure); the base member goes on.
+  config = _sweep(idx_dir, tfds_dir, '', ('', 'learning_rate=1.0',
+                                          'learning_rate=1e20; model.dense_features=50'),
+                  **{'sweep.select': 'top2'})
+  workdir = tmp_path / 'pop'
+  results = digitjax.train(config, str(workdir))
+  out = capsys.readouterr().out
+  base, exploded, nan = results['members']
+  # The base member is its single run (map_population's member 0: the same config).
+  assert base['test_loss'] == map_population[2]['members'][0]['test_loss']
+  assert base['checkpoint_step'] == 22 and base['diverged_at_step'] is None
+  assert exploded['diverged_at_step'] == 22
+  assert 'above 100 x log(10) = 230' in exploded['diverged_reason']
+  assert nan['diverged_at_step'] == 1 and nan['diverged_reason'] == 'non-finite loss'
+  for m in (exploded, nan):
+    own = json.loads((workdir / m['dir'] / 'results.json').read_text())
+    assert own['diverged_at_step'] == m['diverged_at_step'] and own['checkpoint_step'] is None
+  # Delivered: the one member left of top2, with a note (log and results.json).
+  assert results['selected'] == ['base'] and results['test_loss'] == base['test_loss']
+  assert results['selection_note'] == (
+      'select=top2 asked for 2 members; 2 diverged (learning_rate=1.0, learning_rate=1e+20,'
+      'model.dense_features=50), so the delivered model combines 1: base')
+  assert f'Note: {results["selection_note"]}' in out
+  rows = {r['name']: r for r in csv.DictReader(open(workdir / 'population.csv'))}
+  assert [rows[m['name']]['diverged_at_step'] for m in results['members']] == ['', '22', '1']
+  printed = {name: ' '.join(cells) for name, cells in _printed_table(out)[0].items()}
+  assert printed[exploded['name']].endswith(
+      f'diverged at step 22 ({exploded["diverged_reason"]})')
+  assert printed[nan['name']].endswith('diverged at step 1 (non-finite loss)')
 
 
 def test_another_population_in_the_same_workdir_is_refused(map_population, idx_dir, tfds_dir):
