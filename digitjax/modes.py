@@ -12,7 +12,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import logging
 import os
+import re
 import stat
 import sys
 
@@ -44,8 +46,8 @@ class Target:
   def what(self) -> str:
     if self.population is None:
       return '' if self.members[0].name == 'base' else f' of member {self.members[0].name}'
-    return (f' of the population\'s selection ({len(self.members)} of '
-            f'{len(self.population)} members)')
+    return (f' of the population\'s selection (select={self.results.get("select")}: '
+            f'{len(self.members)} of {len(self.population)} members)')
 
 
 def target(config, workdir: str, member: str | None = None) -> Target:
@@ -73,7 +75,33 @@ def target(config, workdir: str, member: str | None = None) -> Target:
   if len(chosen) != len(results['selected']):
     raise UserError(f'{files.results} selects members ({results["selected"]}) that the config '
                     f'does not declare; use the config the population was trained with')
+  if config.sweep.select != results.get('select'):  # --config.sweep.select= given on top
+    results = reselected(results, config.sweep.select, members, files.results)
+    chosen = [m for m in members if m.name in results['selected']]
   return Target(chosen, files, members, results)
+
+
+def reselected(results: dict, how: str, members: list[loop.Member], path: str) -> dict:
+  """The population's results with `how` choosing what it delivers, as training chooses
+  (population.select: on each member's validation accuracy, diverged members never), from the
+  members' records in results.json; 'selected' and each member's 'selected' follow."""
+  records = {r.get('name'): r for r in results.get('members') or [] if isinstance(r, dict)}
+  missing = [m.name for m in members if m.name not in records]
+  if missing:
+    raise UserError(f'{path} has no record of member {missing[0]}, so select={how!r} cannot '
+                    f'choose among the members; train the population to the end again (the '
+                    f'same --mode=train command), or pick one member with --member=INDEX')
+  trained = lambda r: r.get('diverged_at_step') is None and r.get('test_accuracy') is not None
+  outcomes = [loop.Outcome(m, records[m.name], [],
+                           test_logits=np.zeros(0) if trained(records[m.name]) else None)
+              for m in members]  # only whether a member has logits matters to the choice
+  chosen = population_lib.select(outcomes, how)
+  note = population_lib.selection_note(outcomes, how, chosen)
+  if note:
+    log(note)
+  names = [members[i].name for i in chosen]
+  return {**results, 'select': how, 'selected': names,
+          'members': [{**records[m.name], 'selected': m.name in names} for m in members]}
 
 
 class Restored:
@@ -257,8 +285,8 @@ def export_folder(workdir: str, output: str | None) -> str:
 
 def check_export_output(folder: str, output: str | None, config, workdir: str) -> None:
   """Refuses, before any work, an --output export must not write to: an existing file, a
-  folder inside checkpoints (the workdir's or a member's), or a folder whose savedmodel or
-  model.onnx is something export did not write."""
+  folder inside checkpoints (the workdir's or a member's), or a folder holding anything export
+  did not write (export replaces the folder whole)."""
   given = f'--output={output}' if output else f'the export folder {folder}'
   target = os.path.realpath(folder)
   if os.path.exists(target) and not os.path.isdir(target):
@@ -283,15 +311,28 @@ def check_export_output(folder: str, output: str | None, config, workdir: str) -
   if os.path.isdir(onnx_file):
     raise UserError(f'{os.path.join(folder, workdir_lib.EXPORT_ONNX)} is a folder, so export '
                     f'will not replace it; move it, or give another --output')
+  others = sorted(n for n in (os.listdir(target) if os.path.isdir(target) else [])
+                  if n not in _EXPORTED and not _EXPORT_LEFTOVER.fullmatch(n))
+  if others:
+    raise UserError(f'{given} holds {others[0]}, which export did not write; export replaces '
+                    f'the folder whole: give a new or empty folder, or move '
+                    f'{"what it holds" if len(others) > 1 else others[0]}')
+
+
+_EXPORTED = (workdir_lib.EXPORT_SAVEDMODEL, workdir_lib.EXPORT_ONNX)
+# What earlier versions of export left inside the folder when killed: replaced with it.
+_EXPORT_LEFTOVER = re.compile(rf'({"|".join(map(re.escape, _EXPORTED))})\.[0-9]+\.(tmp|old)')
 
 
 def run_export(config, workdir: str, output: str | None = None, checkpoint: str = 'best',
                member: str | None = None) -> list[str]:
   """Writes what the target delivers as `<folder>/savedmodel/` (TensorFlow) and
-  `<folder>/model.onnx` (ONNX), one function: uint8 images 'images' (N, 28, 28) -> float32
+  `<folder>/model.onnx` (ONNX), one float32 function: uint8 images 'images' (N, 28, 28) ->
   'probabilities' (N, classes), the members' mean for a population's selection (export.py).
-  The folder is `output`, or workdir/export; each file is written aside and renamed into place,
-  replacing an earlier export's. Returns the paths written, one line printed for each."""
+  The folder is `output`, or workdir/export. Both files are written into a sibling folder that
+  then replaces it whole (export.folder_replaced): a signal, an error or a kill leaves the
+  previous export complete, never files of two. Returns the paths written, one line printed
+  for each."""
   from digitjax import export  # its TensorFlow and onnx are imported when the files are written
   missing = export.missing_packages()
   if missing:
@@ -311,25 +352,34 @@ def run_export(config, workdir: str, output: str | None = None, checkpoint: str 
     return []
   what = (f'checkpoint step {restored.step} ({checkpoint}){goal.what}: uint8 images (N, 28, 28) '
           f'-> probabilities (N, {goal.members[0].config.model.num_classes})')
-  written = []
+  _write_export(export, members, os.path.realpath(folder), folder)
+  written = [os.path.join(folder, name) for name in _EXPORTED]
+  for path, kind in zip(written, ('TensorFlow SavedModel', 'ONNX model')):
+    log(f'Wrote {path}: {kind} of {what}')
+  return written
+
+
+def _write_export(export, members: list, target_dir: str, folder: str) -> None:
+  """Both files into a sibling of `target_dir`, which then replaces it whole."""
+  def kept() -> str:  # what the folder holds while the new export is not in place
+    if any(os.path.lexists(os.path.join(target_dir, n)) for n in _EXPORTED):
+      return f'{folder} still holds the previous export, unchanged'
+    return 'nothing was written'
+
   try:
-    os.makedirs(folder, exist_ok=True)
-    for name, write, kind in ((workdir_lib.EXPORT_SAVEDMODEL, export.export_savedmodel,
-                               'TensorFlow SavedModel'),
-                              (workdir_lib.EXPORT_ONNX, export.export_onnx, 'ONNX model')):
-      if written:
-        signals.check(f'after writing {written[-1]} only')
-      path = os.path.join(folder, name)
-      with workdir_lib.written_aside(path) as tmp:
-        write(members, tmp)
-      written.append(path)
-      log(f'Wrote {path}: {kind} of {what}')
+    for line in export.clean_leftovers(target_dir):
+      logging.warning('%s', line)
+    os.makedirs(os.path.dirname(target_dir), exist_ok=True)
+    with export.folder_replaced(target_dir) as new:
+      export.export_savedmodel(members, os.path.join(new, workdir_lib.EXPORT_SAVEDMODEL))
+      signals.reached('exporting')
+      signals.check(f'while exporting; {kept()}')
+      export.export_onnx(members, os.path.join(new, workdir_lib.EXPORT_ONNX))
+      signals.check(f'while exporting; {kept()}')
   except OSError as e:
     raise UserError(f'cannot write the export to {folder} ({e.strerror or e}'
-                    f'{f": {e.filename}" if e.filename else ""}); '
-                    f'{"wrote only " + ", ".join(written) if written else "nothing was written"};'
-                    f' make it writable (or free space), or give another --output') from e
-  return written
+                    f'{f": {e.filename}" if e.filename else ""}); {kept()}; make it writable '
+                    f'(or free space), or give another --output') from e
 
 
 def run(mode: str, config, workdir: str, checkpoint: str | None = None, split: str = 'test',
