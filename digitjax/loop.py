@@ -10,6 +10,14 @@ size, steps, model, schedule kind...); each has its own config (seed, learning r
   'members' axis), the numbers that differ between members passed as arrays (steps.Hyper).
 Members are saved side by side at the same steps; a resumed group restores the newest step that
 every member can read, so a kill at any moment costs no member more than its last save.
+
+Seconds: a member's epoch_seconds (metrics.jsonl) add up to its train_seconds (results.json),
+across stops and resumes. Under 'map' both count the member's own steps; under 'vmap' the
+members share one program, so each member's figures are the group's seconds (every member took
+all of them: they are not shares, and do not add up across members).
+A population's member diverges when its training loss becomes non-finite, or when its mean
+training loss over an epoch exceeds EXPLODED_LOSS x log(num_classes); it stops there and the
+others go on. Signals are checked between members wherever a phase visits them one by one.
 """
 from __future__ import annotations
 

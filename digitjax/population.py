@@ -17,6 +17,10 @@ structure (widths, BatchNorm, batch size, epochs, schedule kind...) form groups 
 after another. With several processes, members are dealt out to them (member i to process
 i mod P), each process training its own on its own devices: no communication between them
 until the end, when process 0 combines the results.
+
+Before any work, estimate_cost sizes the population from its config (the largest group's
+states, every member's logits, the checkpoints, the open files) and check_cost refuses, in one
+line, one this machine cannot hold; config.sweep.allow_large=True goes ahead anyway.
 """
 from __future__ import annotations
 

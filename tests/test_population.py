@@ -3,6 +3,7 @@ results a person can read, resume after a kill, members shared out over processe
 import csv
 import json
 import os
+import signal
 
 import jax
 import numpy as np
@@ -324,3 +325,70 @@ def test_sigkill_mid_population_then_rerun_equals_an_uninterrupted_run(
                                                           b['val_loss'])
     history = workdir_lib.read_jsonl(str(workdir / a['dir'] / 'metrics.jsonl'))
     assert [r['epoch'] for r in history if 'epoch' in r] == [1, 2, 3]  # none twice
+
+
+def _population_launch(idx_dir, tfds_dir):
+  return lambda w, *extra: launch_args(
+      '--config=configs/default.py', f'--workdir={w}', f'--config.data.manual_dir={idx_dir}',
+      f'--config.data.data_dir={tfds_dir}', '--config.data.verify_checksums=False',
+      '--config.batch_size=16', '--config.num_epochs=3', '--config.eval_batch_size=50',
+      '--config.plots=False', '--config.chunk_steps=5',
+      "--config.sweep.grid=learning_rate=0.02,0.01; seed=0,1", *extra)
+
+
+def _sigterm_at_pause(processes, args, tmp_path, name):
+  """Runs `args` (with --debug_pause_at), sends SIGTERM at the pause: (stdout, stderr)."""
+  out, err = tmp_path / f'{name}.out', tmp_path / f'{name}.err'
+  run = processes.popen(args, cwd=ROOT, stdout=open(out, 'w'), stderr=open(err, 'w'))
+  wait_for(run, err.read_text, 'digitjax: paused at')
+  run.send_signal(signal.SIGTERM)
+  assert run.wait() == 143, err.read_text()[-2000:]
+  return out.read_text(), err.read_text()
+
+
+def _same_numbers(workdir, expected) -> None:
+  done = json.loads((workdir / 'results.json').read_text())
+  assert (done['test_loss'], done['test_accuracy'], done['selected']) == (
+      expected['test_loss'], expected['test_accuracy'], expected['selected'])
+  for a, b in zip(done['members'], expected['members']):
+    assert (a['name'], a['test_loss'], a['val_loss']) == (b['name'], b['test_loss'],
+                                                          b['val_loss'])
+    history = workdir_lib.read_jsonl(str(workdir / a['dir'] / 'metrics.jsonl'))
+    assert [r['epoch'] for r in history if 'epoch' in r] == [1, 2, 3]  # none twice
+    # Its epochs' seconds add up to its training seconds, across the stops and resumes.
+    assert sum(r['epoch_seconds'] for r in history if 'epoch' in r) == pytest.approx(
+        a['train_seconds'], rel=1e-9, abs=0)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_population_and_while_selecting_then_the_same_command_equals_a_clean_run(
+    idx_dir, tfds_dir, tmp_path, processes):
+  args = _population_launch(idx_dir, tfds_dir)
+  straight = processes.run(args(tmp_path / 'straight'), cwd=ROOT)
+  assert straight.returncode == 0, straight.stderr[-2000:]
+  expected = json.loads((tmp_path / 'straight' / 'results.json').read_text())
+  workdir = tmp_path / 'stopped'
+  # Mid-epoch 2 (22 steps each, chunks of 5 from 22): every member saved at step 32, then 143.
+  out, _ = _sigterm_at_pause(processes, args(workdir, '--debug_pause_at=step:32'), tmp_path,
+                             'step')
+  assert 'Stopped by SIGTERM at step 32; checkpoint saved' in out
+  # Resumed, trained to the end; stopped before the members' test logits: 143, one line.
+  out, err = _sigterm_at_pause(processes, args(workdir, '--debug_pause_at=selecting'),
+                               tmp_path, 'selecting')
+  assert 'Resuming the group from checkpoint at step 32' in out
+  assert err.strip().splitlines()[-1].startswith(
+      "stopped by SIGTERM while evaluating the population's members")
+  assert not (workdir / 'results.json').exists()
+  again = processes.run(args(workdir), cwd=ROOT)
+  assert again.returncode == 0, again.stderr[-2000:]
+  _same_numbers(workdir, expected)
+  # Members trained and tested, the population's summary missing: it evaluates them again,
+  # and a SIGTERM there stops it too; the same command then makes the same summary.
+  os.remove(tmp_path / 'straight' / 'results.json')
+  _, err = _sigterm_at_pause(processes, args(tmp_path / 'straight', '--debug_pause_at=selecting'),
+                             tmp_path, 'summary')
+  assert err.strip().splitlines()[-1].startswith(
+      "stopped by SIGTERM while evaluating the population's members")
+  again = processes.run(args(tmp_path / 'straight'), cwd=ROOT)
+  assert again.returncode == 0, again.stderr[-2000:]
+  _same_numbers(tmp_path / 'straight', expected)
