@@ -284,74 +284,307 @@ def _restore_common(checkpoints, targets, config_dicts, active) -> tuple[list | 
 
 
 # ---------------------------------------------------------------------------------------------
+# The run state
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """How a group takes part in its population. `process`: the one process that trains these
+  members (a population split over processes); None: every process takes part (data
+  parallelism). `collective`: whether signals are agreed between processes (they are when all
+  processes run this group). `logits`: whether the outcomes carry validation logits (a
+  population's selection needs them)."""
+  process: int | None = None
+  collective: bool = True
+  logits: bool = True
+
+
+@dataclasses.dataclass
+class _Epoch:
+  """The epoch under way: its index, the step within it where it ends (the last epoch may be
+  cut short), its progress bar, the step logs' last sums and each member's (or the vmapped
+  group's) chunk iterator; `train`: each member's training figures once its steps are done."""
+  index: int
+  end: int
+  progress: metrics_lib.Progress
+  logged: list
+  runs: list
+  train: list | None = None
+
+
+@dataclasses.dataclass
+class Run:
+  """One group's training, as every step of the loop sees it: what is fixed from the start
+  (members, group, splits, signals, how the group takes part, the schedule's lengths) and what
+  the steps advance (states, sums, step, clocks, checkpoints, writers, records, the diverged
+  members). `after_epoch`: the steps run at each epoch's end, in order (a search adds its own:
+  exploit, refill)."""
+  members: list[Member]
+  group: _Group
+  splits: data.Splits
+  stop: StopSignals
+  part: Part
+  spe: int                 # steps per epoch
+  last_step: int
+  num_epochs: int
+  writes: bool             # whether this process writes the members' files
+  named: bool              # a population's member (lines say '[name] '), not a run alone
+  after_epoch: tuple = ()
+  checkpoints: list = dataclasses.field(default_factory=list)
+  step: int = 0
+  states: list | None = None       # the restored (or initial) states, one per member
+  active: list | None = None       # members that have not diverged in an earlier process
+  diverged: dict = dataclasses.field(default_factory=dict)  # member index -> step
+  clocks: _Clocks | None = None
+  evaluator: Any = None
+  writers: list = dataclasses.field(default_factory=list)
+  inputs: list = dataclasses.field(default_factory=list)
+  carry: Any = None
+  sums: Any = None
+  records: list | None = None      # each member's record of the last epoch
+  epoch: _Epoch | None = None
+  compile_seconds: float = 0.0
+  first_step_seconds: float | None = None
+
+  def prefix(self, member: Member) -> str:
+    return f'[{member.name}] ' if self.named else ''
+
+
+def _new_run(members, splits, mesh, choices, stop, part: Part) -> Run:
+  cfg = members[0].config
+  spe = len(splits.train['label']) // cfg.batch_size
+  last_step = configlib.total_steps(cfg.num_epochs, spe)
+  writes = (parallel.is_main_process() if part.process is None
+            else jax.process_index() == part.process)
+  return Run(members, _Group(members, splits, mesh, choices, spe), splits, stop, part, spe,
+             last_step, math.ceil(last_step / spe), writes,
+             named=len(members) > 1 or members[0].name != 'base', after_epoch=AFTER_EPOCH)
+
+
+# ---------------------------------------------------------------------------------------------
 # The loop
 
 
 def train_group(members: list[Member], splits: data.Splits, mesh, choices: configlib.Choices,
-                stop: StopSignals, process: int | None = None, collective: bool = True,
-                logits: bool = True) -> list[Outcome]:
+                stop: StopSignals, part: Part = Part()) -> list[Outcome]:
   """Trains `members` to the end of their schedule, resuming from their checkpoints, and
-  evaluates each on the test split; writes each member's files. Returns their outcomes.
-
-  `process`: the one process that trains these members (a population split over processes);
-  None: every process takes part (data parallelism). `collective`: whether signals are agreed
-  between processes (they are when all processes run this group). `logits`: whether the
-  outcomes carry validation logits (a population's selection needs them).
-  """
-  cfg = members[0].config
-  named = len(members) > 1 or members[0].name != 'base'
-  prefix = lambda m: f'[{m.name}] ' if named else ''
-  writes = parallel.is_main_process() if process is None else jax.process_index() == process
-  n_train = len(splits.train['label'])
-  spe = n_train // cfg.batch_size
-  last_step = configlib.total_steps(cfg.num_epochs, spe)
-  num_epochs = math.ceil(last_step / spe)
-  group = _Group(members, splits, mesh, choices, spe)
-  config_dicts = [m.config.to_dict() for m in members]
-
-  checkpoints = []
+  evaluates each on the test split; writes each member's files. Returns their outcomes."""
+  run = _new_run(members, splits, mesh, choices, stop, part)
   try:
-    for m in members:  # a signal stops between two members: set-up is not deaf to it
-      signals.check("while opening the members' checkpoints; nothing was lost")
-      checkpoints.append(ckpt_lib.Checkpoints(m.files.checkpoints, m.config.checkpoint_keep,
-                                              process=process))
-    finished = [_diverged_record(m) for m in members]
-    active = [f is None for f in finished]
-    fresh = group.init()
-    restored, metas, step = _restore_common(checkpoints, [group.abstract(s) for s in fresh],
-                                            config_dicts, active)
-    if restored is None:
-      states, clocks = fresh, _Clocks.start(len(members))
-      for m, c, a in zip(members, checkpoints, active):
-        if a:
-          c.discard_after(0)
-          if workdir_lib.read_jsonl(m.files.metrics):
-            logging.warning('%s holds the metrics of an earlier run but no checkpoint to resume '
-                            'from: training starts over from step 0, and its records are '
-                            'replaced', m.files.dir)
-    else:
-      states = [r if r is not None else f for r, f in zip(restored, fresh)]
-      clocks = _Clocks.restore(metas)
-      for c, a in zip(checkpoints, active):
-        if a:
-          c.discard_after(step)
-      if step < last_step:
-        log(f'Resuming {"the group " if named else ""}from checkpoint at step {step} '
-            f'(epoch {step // spe + 1}, step {step % spe} of it)')
-    signals.check('while restoring the checkpoints; nothing was lost')
-    done = _already_done(members, step, last_step, active)
+    restore_or_init(run)
+    done = _already_done(run)
     if done is not None:
-      return _report_done(done, members, group, states, splits, logits, stop, collective)
-    return _train(members, group, states, step, last_step, num_epochs, spe, clocks,
-                  splits, mesh, choices, stop, checkpoints, active, finished, writes, prefix,
-                  collective, logits)
+      return _report_done(run, done)
+    start_training(run)
+    while run.step < run.last_step:
+      train_epoch(run)
+    return finish(run)
   except BaseException:
-    for c in checkpoints:  # a save in flight ends before the error is reported
+    for c in run.checkpoints:  # a save in flight ends before the error is reported
       c.abandon()
     raise
   finally:
-    for c in checkpoints:
+    for c in run.checkpoints:
       c.close()
+
+
+def restore_or_init(run: Run) -> None:
+  """Every member's checkpoints opened, and its state restored at the newest step all of them
+  can read, or initialized."""
+  for m in run.members:  # a signal stops between two members: set-up is not deaf to it
+    signals.check("while opening the members' checkpoints; nothing was lost")
+    run.checkpoints.append(ckpt_lib.Checkpoints(m.files.checkpoints, m.config.checkpoint_keep,
+                                                process=run.part.process))
+  finished = [_diverged_record(m) for m in run.members]
+  run.active = [f is None for f in finished]
+  run.diverged = {i: f['diverged_at_step'] for i, f in enumerate(finished) if f is not None}
+  fresh = run.group.init()
+  restored, metas, step = _restore_common(
+      run.checkpoints, [run.group.abstract(s) for s in fresh],
+      [m.config.to_dict() for m in run.members], run.active)
+  if restored is None:
+    _start_over(run, fresh)
+  else:
+    _resume(run, [r if r is not None else f for r, f in zip(restored, fresh)], metas, step)
+  signals.check('while restoring the checkpoints; nothing was lost')
+
+
+def _start_over(run: Run, fresh: list) -> None:
+  run.states, run.clocks = fresh, _Clocks.start(len(run.members))
+  for m, c, a in zip(run.members, run.checkpoints, run.active):
+    if a:
+      c.discard_after(0)
+      if workdir_lib.read_jsonl(m.files.metrics):
+        logging.warning('%s holds the metrics of an earlier run but no checkpoint to resume '
+                        'from: training starts over from step 0, and its records are '
+                        'replaced', m.files.dir)
+
+
+def _resume(run: Run, states: list, metas: list, step: int) -> None:
+  run.states, run.clocks, run.step = states, _Clocks.restore(metas), step
+  for c, a in zip(run.checkpoints, run.active):
+    if a:
+      c.discard_after(step)
+  if step < run.last_step:
+    log(f'Resuming {"the group " if run.named else ""}from checkpoint at step {step} '
+        f'(epoch {step // run.spe + 1}, step {step % run.spe} of it)')
+
+
+def start_training(run: Run) -> None:
+  """The evaluator, writers and step programs made, and the programs compiled."""
+  cfg, group = run.members[0].config, run.group
+  run.evaluator = inference.Evaluator.for_config(cfg, group.flat, group.choices)
+  run.writers = [metrics_lib.MetricWriter(m.files, after_step=run.step, enabled=run.writes)
+                 for m in run.members]
+  run.inputs = group.make_inputs(cfg.batch_size, cfg.chunk_steps)
+  run.carry = group.carry(run.states)
+  run.sums = group.empty_sums()
+  run.compile_seconds, programs = _compile(run.inputs, group, run.carry, run.sums)
+  k = len(run.members)
+  log(f'Compiled the train step in {run.compile_seconds:.1f}s on '
+      f'{parallel.data_size(group.mesh)} {jax.default_backend()} device(s), '
+      f'{group.choices.line()}'
+      + (f'; {k} members, {group.choices.execution}, {programs} program(s)' if k > 1 else ''))
+
+
+def train_epoch(run: Run) -> None:
+  """One epoch (or what is left of it), then the epoch's end steps."""
+  begin_epoch(run)
+  train_span(run)
+  for end_step in run.after_epoch:
+    end_step(run)
+
+
+def begin_epoch(run: Run) -> None:
+  epoch = run.step // run.spe
+  perms = run.group.permutation(epoch, len(run.splits.train['label']))
+  end = min(run.spe, run.last_step - epoch * run.spe)
+  progress = metrics_lib.Progress(end, f'Epoch {epoch + 1}/{run.num_epochs}')
+  run.sums = run.group.empty_sums()
+  first = run.step % run.spe
+  if run.group.vmapped:
+    feed, numbers = run.inputs[0]
+    runs = [feed.run(run.carry, run.sums, perms, first, end, numbers)]
+  else:
+    runs = [feed.run(state, s, perm, first, end, numbers)
+            for (feed, numbers), state, s, perm in zip(run.inputs, run.carry, run.sums, perms)]
+  run.epoch = _Epoch(epoch, end, progress, [None] * len(run.members), runs)
+
+
+def train_span(run: Run) -> None:
+  """Chunk after chunk to the epoch's end, or until a signal; the epoch's training figures."""
+  while _train_chunk(run):
+    if run.stop.agreed(run.part.collective):
+      break
+  run.epoch.progress.clear()
+  run.epoch.train = run.group.read_sums(run.sums)
+
+
+def _train_chunk(run: Run) -> bool:
+  """One chunk of every member; False if the epoch had no step left."""
+  group, epoch = run.group, run.epoch
+  results, elapsed = _run_chunk(group, epoch.runs, run.inputs, run.diverged)
+  if all(r is None for r in results):
+    return False
+  done_in_epoch = max(r[2] for r in results if r is not None)
+  run.carry, run.sums = _take_chunk(group, results, elapsed, run.carry, run.sums, run.clocks)
+  run.step = epoch.index * run.spe + done_in_epoch
+  if run.first_step_seconds is None:
+    run.first_step_seconds = _process_age()
+  if epoch.progress.due():
+    epoch.progress.show(done_in_epoch, group.read_sums(run.sums)[0]['loss'])
+  log_every = run.members[0].config.log_every_steps
+  if log_every and run.writes and (run.step // log_every > (run.step - _chunk(run.inputs))
+                                   // log_every or done_in_epoch == epoch.end):
+    _log_steps(run)
+  signals.reached('step', run.step)
+  return True
+
+
+# The steps at an epoch's end
+
+
+def check_divergence(run: Run) -> None:
+  """Marks the members whose training diverged this epoch (they stop, the others go on); a
+  run's non-finite loss is an error."""
+  for i, t in enumerate(run.epoch.train):
+    found = None if i in run.diverged else _divergence(
+        t, run.step, run.members[i].config.model.num_classes)
+    if found is None:
+      continue
+    if not run.named:
+      if t['first_nonfinite_step'] is None:
+        continue  # a run's figures say what happened; only a non-finite loss stops it
+      raise NonFiniteLossError(
+          f'the training loss became non-finite at step {t["first_nonfinite_step"]}; '
+          f'nothing after the last checkpoint ({run.checkpoints[i].steps()[-1:] or "none"}) '
+          f'was saved; lower config.learning_rate')
+    run.diverged[i] = found[0]
+    _write_diverged(run.members[i], found, run.checkpoints[i], run.writes, run.clocks.total[i])
+
+
+def stop_mid_epoch(run: Run) -> None:
+  """A signal before the epoch's last step: a checkpoint, no evaluation, and the run stops."""
+  if run.stop.received and run.step < run.epoch.index * run.spe + run.epoch.end:
+    save(run, epoch_done=False)
+    _stop_now(run)
+
+
+def evaluate_epoch(run: Run) -> None:
+  """Each member's record of the epoch (validation included), logged and written."""
+  signals.reached('evaluating', run.step)
+  member_states = run.group.states(run.carry)
+  train, clocks = run.epoch.train, run.clocks
+  run.records = [None] * len(run.members)
+  for i, m in enumerate(run.members):
+    if i in run.diverged:
+      continue
+    val = run.evaluator.evaluate(member_states[i], run.splits.val)
+    run.records[i] = {'epoch': run.epoch.index + 1, 'train_loss': train[i]['loss'],
+                      'train_accuracy': train[i]['accuracy'], 'val_loss': val['loss'],
+                      'val_accuracy': val['accuracy'], 'epoch_seconds': clocks.epoch[i]}
+    log(epoch_line(run.prefix(m), run.epoch.index + 1, run.num_epochs, clocks.epoch[i],
+                   run.records[i]))
+    run.writers[i].write(run.step, run.records[i])
+
+
+def checkpoint_epoch(run: Run) -> None:
+  save(run, epoch_done=True)
+  run.clocks.epoch = [0.0] * len(run.members)
+
+
+def stop_after_epoch(run: Run) -> None:
+  if run.stop.agreed(run.part.collective):  # at the epoch's last step or its evaluation
+    _stop_now(run)
+
+
+AFTER_EPOCH = (check_divergence, stop_mid_epoch, evaluate_epoch, checkpoint_epoch,
+               stop_after_epoch)
+
+
+def save(run: Run, epoch_done: bool) -> None:
+  """Every member that goes on saved at the run's step (in orbax's threads)."""
+  member_states = run.group.states(run.carry)
+  for i, (m, c) in enumerate(zip(run.members, run.checkpoints)):
+    if i in run.diverged:
+      continue
+    record = run.records[i] if run.records else None
+    meta = {'step': run.step, 'epoch': run.step / run.spe,
+            'train_seconds': run.clocks.total[i],
+            'epoch_seconds': 0.0 if epoch_done else run.clocks.epoch[i],
+            'resume_fields': ckpt_lib.resume_fields(m.config.to_dict()),
+            'config': m.config.to_dict()}
+    c.save(run.step, member_states[i], meta,
+           {'val_accuracy': record['val_accuracy']} if epoch_done and record else None)
+  signals.reached('saving', run.step)  # the saves run in orbax's threads meanwhile
+
+
+def _stop_now(run: Run):
+  for c in run.checkpoints:
+    c.wait()
+  log(f'Stopped by {run.stop.received} at step {run.step}; checkpoint saved; run the same '
+      f'command to resume')
+  raise Preempted(run.stop.received, run.step)
 
 
 def _diverged_record(member: Member) -> dict | None:
@@ -359,47 +592,47 @@ def _diverged_record(member: Member) -> dict | None:
   return results if results and results.get('diverged_at_step') is not None else None
 
 
-def _already_done(members, step, last_step, active) -> list[dict] | None:
+def _already_done(run: Run) -> list[dict] | None:
   """Every member's results.json, if all of them describe the step the group has reached."""
-  if step < last_step:
+  if run.step < run.last_step:
     return None
   records = []
-  for m, a in zip(members, active):
+  for m, a in zip(run.members, run.active):
     results = workdir_lib.read_results(m.files.results)
-    if not results or (a and results.get('checkpoint_step') != step):
+    if not results or (a and results.get('checkpoint_step') != run.step):
       return None
     records.append(results)
   return records
 
 
-def _stop_between_members(stop: StopSignals, collective: bool, phase: str) -> None:
+def _stop_between_members(run: Run, phase: str) -> None:
   """Raises Interrupted if a signal came (agreed between processes where they all take part):
   called between two members of a long per-member phase, so that it never goes deaf."""
-  if stop.agreed(collective):
-    raise signals.Interrupted(stop.received, phase)
+  if run.stop.agreed(run.part.collective):
+    raise signals.Interrupted(run.stop.received, phase)
 
 
-def _report_done(records, members, group, states, splits, logits, stop,
-                 collective) -> list[Outcome]:
-  evaluator = inference.Evaluator.for_config(members[0].config, group.flat, group.choices)
+def _report_done(run: Run, records: list[dict]) -> list[Outcome]:
+  evaluator = inference.Evaluator.for_config(run.members[0].config, run.group.flat,
+                                             run.group.choices)
   outcomes = []
-  if logits:
+  if run.part.logits:
     signals.reached('selecting')
-  for m, r, state in zip(members, records, states):
+  for m, r, state in zip(run.members, records, run.states):
     diverged = r.get('diverged_at_step') is not None
     log(f'{"[" + m.name + "] " if m.name != "base" else ""}Already trained to step '
         f'{r["checkpoint_step"]}; results from {m.files.results}: '
         + ('diverged' if diverged else
            f'test_accuracy {r["test_accuracy"]:.4f}, test_loss {r["test_loss"]:.4f}'))
-    if not logits:  # a single run: its results are all there is to report
+    if not run.part.logits:  # a run alone: its results are all there is to report
       outcomes.append(Outcome(m, r, [], state=state))
       continue
-    _stop_between_members(stop, collective, "while evaluating the population's members; "
-                          "their results are intact, and the population's are made next time")
+    _stop_between_members(run, "while evaluating the population's members; their results "
+                          "are intact, and the population's are made next time")
     outcomes.append(Outcome(
         m, r, metrics_lib.read_history(m.files),
-        None if diverged else evaluator.logits(state, splits.val['image']),
-        None if diverged else evaluator.logits(state, splits.test['image'])))
+        None if diverged else evaluator.logits(state, run.splits.val['image']),
+        None if diverged else evaluator.logits(state, run.splits.test['image'])))
   return outcomes
 
 
@@ -496,150 +729,24 @@ def _divergence(t: dict, step: int, num_classes: int) -> tuple[int, str] | None:
   return None
 
 
-def _check_divergence(train, members, step, diverged, checkpoints, writes, clocks,
-                      single: bool) -> None:
-  """Marks the members whose training diverged this epoch (they stop, the others go on); a
-  single run's non-finite loss is an error."""
-  for i, t in enumerate(train):
-    found = None if i in diverged else _divergence(
-        t, step, members[i].config.model.num_classes)
-    if found is None:
-      continue
-    if single:
-      if t['first_nonfinite_step'] is None:
-        continue  # a single run's figures say what happened; only a non-finite loss stops it
-      raise NonFiniteLossError(
-          f'the training loss became non-finite at step {t["first_nonfinite_step"]}; '
-          f'nothing after the last checkpoint ({checkpoints[i].steps()[-1:] or "none"}) was '
-          f'saved; lower config.learning_rate')
-    diverged[i] = found[0]
-    _write_diverged(members[i], found, checkpoints[i], writes, clocks.total[i])
-
-
-def _train(members, group, states, step, last_step, num_epochs, spe, clocks, splits,
-           mesh, choices, stop, checkpoints, active, finished, writes, prefix,
-           collective, logits) -> list[Outcome]:
-  cfg = members[0].config
-  K = len(members)
-  single = K == 1 and members[0].name == 'base'
-  evaluator = inference.Evaluator.for_config(cfg, group.flat, choices)
-  writers = [metrics_lib.MetricWriter(m.files, after_step=step, enabled=writes)
-             for m in members]
-  inputs = group.make_inputs(cfg.batch_size, cfg.chunk_steps)
-  carry = group.carry(states)
-  sums = group.empty_sums()
-  compile_seconds, programs = _compile(inputs, group, carry, sums)
-  log(f'Compiled the train step in {compile_seconds:.1f}s on {parallel.data_size(mesh)} '
-      f'{jax.default_backend()} device(s), {choices.line()}'
-      + (f'; {K} members, {choices.execution}, {programs} program(s)' if K > 1 else ''))
-  diverged = {i: f['diverged_at_step'] for i, f in enumerate(finished) if f is not None}
-  log_every = cfg.log_every_steps
-  first_step_seconds = None
-  records = [None] * K
-
-  def save(epoch_done: bool):
-    member_states = group.states(carry)
-    for i, (m, c) in enumerate(zip(members, checkpoints)):
-      if i in diverged:
-        continue
-      meta = {'step': step, 'epoch': step / spe, 'train_seconds': clocks.total[i],
-              'epoch_seconds': 0.0 if epoch_done else clocks.epoch[i],
-              'resume_fields': ckpt_lib.resume_fields(m.config.to_dict()),
-              'config': m.config.to_dict()}
-      c.save(step, member_states[i], meta,
-             {'val_accuracy': records[i]['val_accuracy']} if epoch_done and records[i] else None)
-    signals.reached('saving', step)  # the saves run in orbax's threads meanwhile
-
-  def stop_now(signal_name: str):
-    for c in checkpoints:
-      c.wait()
-    log(f'Stopped by {signal_name} at step {step}; checkpoint saved; run the same command to '
-        f'resume')
-    raise Preempted(signal_name, step)
-
-  while step < last_step:
-    epoch = step // spe
-    perms = group.permutation(epoch, len(splits.train['label']))
-    epoch_end = min(spe, last_step - epoch * spe)
-    progress = metrics_lib.Progress(epoch_end, f'Epoch {epoch + 1}/{num_epochs}')
-    sums = group.empty_sums()
-    logged = [None] * K  # (steps, loss sum, accuracy sum) at the last step log
-    first = step % spe
-    runs = ([inputs[0][0].run(carry, sums, perms, first, epoch_end, inputs[0][1])]
-            if group.vmapped else
-            [feed.run(state, s, perm, first, epoch_end, numbers)
-             for (feed, numbers), state, s, perm in zip(inputs, carry, sums, perms)])
-    while True:
-      results, elapsed = _run_chunk(group, runs, inputs, diverged)
-      if all(r is None for r in results):
-        break
-      done_in_epoch = max(r[2] for r in results if r is not None)
-      carry, sums = _take_chunk(group, results, elapsed, carry, sums, clocks)
-      step = epoch * spe + done_in_epoch
-      if first_step_seconds is None:
-        first_step_seconds = _process_age()
-      if progress.due():
-        progress.show(done_in_epoch, group.read_sums(sums)[0]['loss'])
-      if log_every and writes and (step // log_every > (step - _chunk(inputs)) // log_every
-                                   or done_in_epoch == epoch_end):
-        _log_steps(group, writers, sums, logged, step, diverged)
-      signals.reached('step', step)
-      if stop.agreed(collective):
-        break
-    progress.clear()
-    train = group.read_sums(sums)
-    _check_divergence(train, members, step, diverged, checkpoints, writes, clocks, single)
-    if stop.received and step < epoch * spe + epoch_end:  # mid-epoch: no evaluation
-      save(epoch_done=False)
-      stop_now(stop.received)
-    signals.reached('evaluating', step)
-    records = _evaluate_epoch(members, group.states(carry), train, diverged, evaluator, splits,
-                              clocks, writers, step, (epoch + 1, num_epochs), prefix)
-    save(epoch_done=True)
-    clocks.epoch = [0.0] * K
-    if stop.agreed(collective):  # the signal came at the epoch's last step or its evaluation
-      stop_now(stop.received)
-
-  for c in checkpoints:
-    c.wait()  # a failed last save is an error before results.json points at it
-  return _finish(members, group, carry, step, spe, clocks.total, compile_seconds,
-                 first_step_seconds, evaluator, splits, writers, diverged, writes, prefix,
-                 (logits, stop, collective))
-
-
-def _evaluate_epoch(members, member_states, train, diverged, evaluator, splits, clocks,
-                    writers, step, epochs, prefix) -> list[dict | None]:
-  """Each member's record of the epoch (validation included), logged and written."""
-  records = [None] * len(members)
-  for i, m in enumerate(members):
-    if i in diverged:
-      continue
-    val = evaluator.evaluate(member_states[i], splits.val)
-    records[i] = {'epoch': epochs[0], 'train_loss': train[i]['loss'],
-                  'train_accuracy': train[i]['accuracy'], 'val_loss': val['loss'],
-                  'val_accuracy': val['accuracy'], 'epoch_seconds': clocks.epoch[i]}
-    log(epoch_line(prefix(m), *epochs, clocks.epoch[i], records[i]))
-    writers[i].write(step, records[i])
-  return records
-
-
 def _chunk(inputs) -> int:
   return getattr(inputs[0][0], 'chunk', inputs[0][0].sync_every)
 
 
-def _log_steps(group, writers, sums, logged, step, diverged) -> None:
+def _log_steps(run: Run) -> None:
   """TensorBoard's training curve: loss and accuracy over the steps since the last log, and
   the learning rate, per member."""
-  for i, (writer, s) in enumerate(zip(writers, group.host_sums(sums))):
-    if i in diverged:
+  logged = run.epoch.logged
+  for i, (writer, s) in enumerate(zip(run.writers, run.group.host_sums(run.sums))):
+    if i in run.diverged:
       continue
     t = (int(s['steps']), float(s['loss']), float(s['accuracy']))
     before = logged[i] or (0, 0.0, 0.0)
     n = t[0] - before[0]
     if n > 0:
-      writer.scalars(step, {'train/loss': (t[1] - before[1]) / n,
-                            'train/accuracy': (t[2] - before[2]) / n,
-                            'train/learning_rate': group.learning_rate(i, step)})
+      writer.scalars(run.step, {'train/loss': (t[1] - before[1]) / n,
+                                'train/accuracy': (t[2] - before[2]) / n,
+                                'train/learning_rate': run.group.learning_rate(i, run.step)})
     logged[i] = t
 
 
@@ -659,59 +766,65 @@ def _write_diverged(member: Member, found: tuple[int, str], checkpoints, writes:
         'config': member.config.to_dict()})
 
 
-def _finish(members, group, carry, step, spe, train_seconds, compile_seconds,
-            first_step_seconds, evaluator, splits, writers, diverged, writes, prefix,
-            population) -> list[Outcome]:
-  """Each member's test figures and results.json. `population`: (logits, stop, collective):
-  whether a population's selection needs validation logits too, and the signals, checked
-  between its members (evaluating hundreds of them takes minutes)."""
-  logits, stop, collective = population
+# ---------------------------------------------------------------------------------------------
+# The end
+
+
+def finish(run: Run) -> list[Outcome]:
+  """Each member's test figures and results.json. A population's selection needs validation
+  logits too; the signals are checked between its members (evaluating hundreds of them takes
+  minutes)."""
+  for c in run.checkpoints:
+    c.wait()  # a failed last save is an error before results.json points at it
   outcomes = []
-  member_states = group.states(carry)
-  signals.reached('testing', step)
-  if logits:
+  member_states = run.group.states(run.carry)
+  signals.reached('testing', run.step)
+  if run.part.logits:
     signals.reached('selecting')
-  for i, m in enumerate(members):
-    if logits:
-      _stop_between_members(stop, collective, "while evaluating the population's members; "
-                            "those evaluated have their results, the others are evaluated "
-                            "next time")
-    if i in diverged:
+  for i, m in enumerate(run.members):
+    if run.part.logits:
+      _stop_between_members(run, "while evaluating the population's members; those "
+                            "evaluated have their results, the others are evaluated next time")
+    if i in run.diverged:
       outcomes.append(Outcome(m, workdir_lib.read_json(m.files.results) or {
-          'diverged_at_step': diverged[i]}, metrics_lib.read_history(m.files)))
-      writers[i].close()
+          'diverged_at_step': run.diverged[i]}, metrics_lib.read_history(m.files)))
+      run.writers[i].close()
       continue
-    outcomes.append(_test_member(m, member_states[i], step, spe, train_seconds[i],
-                                 (compile_seconds, first_step_seconds), evaluator, splits,
-                                 writers[i], writes, prefix, logits))
+    outcomes.append(_test_member(run, i, member_states[i]))
   return outcomes
 
 
-def _test_member(m, state, step, spe, train_seconds, seconds, evaluator, splits, writer,
-                 writes, prefix, logits) -> Outcome:
+def _test_member(run: Run, i: int, state) -> Outcome:
   """A member's test figures, written to its results.json and metrics."""
-  test_logits = evaluator.logits(state, splits.test['image'])
-  val_logits = evaluator.logits(state, splits.val['image']) if logits else None
+  m, splits, logits = run.members[i], run.splits, run.part.logits
+  test_logits = run.evaluator.logits(state, splits.test['image'])
+  val_logits = run.evaluator.logits(state, splits.val['image']) if logits else None
   test = inference.classification_metrics(test_logits, splits.test['label'])
   history = metrics_lib.read_history(m.files)
-  last = history[-1] if history else {}
-  results = {
+  results = _results(run, i, state, test, history[-1] if history else {})
+  log(f'{run.prefix(m)}Test: loss {test["loss"]:.4f} - accuracy {test["accuracy"]:.4f} '
+      f'({len(splits.test["label"])} images)')
+  if run.writes:
+    workdir_lib.write_json_atomic(m.files.results, results)
+  run.writers[i].write(run.step, {'test_loss': test['loss'], 'test_accuracy': test['accuracy']})
+  run.writers[i].close()
+  # A population's outcome carries no state: its members' logits are all the selection needs.
+  return Outcome(m, results, history, val_logits, test_logits, None if logits else state)
+
+
+def _results(run: Run, i: int, state, test: dict, last: dict) -> dict:
+  """A member's results.json: its test figures, last validation record and costs."""
+  m, train_seconds = run.members[i], run.clocks.total[i]
+  return {
       'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
       'val_accuracy': last.get('val_accuracy'), 'val_loss': last.get('val_loss'),
       'num_params': model_lib.count_params(state.params),
-      'epochs_completed': round(step / spe, 4), 'checkpoint_step': step,
+      'epochs_completed': round(run.step / run.spe, 4), 'checkpoint_step': run.step,
       'train_seconds': train_seconds,
-      'seconds_per_epoch': train_seconds / max(step / spe, 1e-9),
-      'compile_seconds': seconds[0], 'start_to_first_step_seconds': seconds[1],
-      'devices': parallel.data_size(evaluator.mesh), 'backend': jax.default_backend(),
+      'seconds_per_epoch': train_seconds / max(run.step / run.spe, 1e-9),
+      'compile_seconds': run.compile_seconds,
+      'start_to_first_step_seconds': run.first_step_seconds,
+      'devices': parallel.data_size(run.evaluator.mesh), 'backend': jax.default_backend(),
       **({'overrides': m.overrides} if m.name != 'base' else {}),
       'config': m.config.to_dict(),
   }
-  log(f'{prefix(m)}Test: loss {test["loss"]:.4f} - accuracy {test["accuracy"]:.4f} '
-      f'({len(splits.test["label"])} images)')
-  if writes:
-    workdir_lib.write_json_atomic(m.files.results, results)
-  writer.write(step, {'test_loss': test['loss'], 'test_accuracy': test['accuracy']})
-  writer.close()
-  # A population's outcome carries no state: its members' logits are all the selection needs.
-  return Outcome(m, results, history, val_logits, test_logits, None if logits else state)

@@ -445,9 +445,8 @@ def _train_group(group, splits, stop, shard: bool, single: bool) -> list[loop.Ou
   log(model_lib.summary_table(model_lib.build_model(cfg.model)))
   if not single and (shard or parallel.is_main_process()):
     _make_member_folders(group)
-  return loop.train_group(group, splits, mesh, choices, stop,
-                          process=jax.process_index() if shard else None,
-                          collective=not shard, logits=not single)
+  return loop.train_group(group, splits, mesh, choices, stop, loop.Part(
+      process=jax.process_index() if shard else None, collective=not shard, logits=not single))
 
 
 def _make_member_folders(group) -> None:
