@@ -188,6 +188,61 @@ def _process_options(process: int | None, directory: str) -> dict:
       barrier_sync_key_prefix=hashlib.sha256(directory.encode()).hexdigest()[:16])}
 
 
+# ---------------------------------------------------------------------------------------------
+# Opening: the directory made ready and the orbax manager
+
+
+def _report_unfinished(directory: str) -> None:
+  unfinished = sorted(glob.glob(os.path.join(glob.escape(directory), f'*{TMP_SUFFIX}*')))
+  if unfinished:
+    logging.warning('Ignoring %d unfinished checkpoint save(s) of an interrupted run, which '
+                    'are removed: %s', len(unfinished),
+                    ', '.join(os.path.basename(p) for p in unfinished))
+
+
+def _set_aside_unreadable_metrics(directory: str) -> None:
+  """Orbax reads every checkpoint's metric file on opening and fails on a rotten one. Such a
+  file is renamed; its checkpoint stays, restorable, though no longer a candidate for best."""
+  for path in glob.glob(os.path.join(glob.escape(directory), '*', 'metrics', 'metrics')):
+    try:
+      with open(path) as f:
+        json.load(f)
+    except (OSError, ValueError) as e:
+      logging.warning('Unreadable metrics file %s (%s); renamed to %s.damaged', path,
+                      _reason(e), os.path.basename(path))
+      os.replace(path, path + '.damaged')
+
+
+def _open_manager(directory: str, keep: int, read_only: bool,
+                  process: int | None) -> tuple[ocp.CheckpointManager, bool]:
+  """(the orbax manager, whether arrays are saved from the host): the latest `keep` kept, and
+  the best by validation accuracy."""
+  # Mid-epoch checkpoints carry no metrics: they rank below every evaluated one.
+  val_accuracy = lambda m: m.get('val_accuracy', -1.0)
+  policy = policies.AnyPreservationPolicy([
+      policies.LatestN(n=keep),
+      policies.BestN(get_metric_fn=val_accuracy, n=1, keep_checkpoints_without_metrics=False),
+  ])
+  by_one = _process_options(process, directory)
+  # Orbax writes only global arrays in a multi-process run: a member that one process trains
+  # alone, on its own devices, is saved as host arrays and put back on the devices restored.
+  if by_one and not read_only:  # orbax leaves creating it to a manager of one process
+    os.makedirs(directory, exist_ok=True)
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, best_fn=val_accuracy, best_mode='max',
+      create=not read_only and not by_one, read_only=read_only,
+      cleanup_tmp_directories=not read_only, **by_one)
+  try:
+    manager = ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta'))
+  except Exception as e:
+    raise UserError(f'cannot open checkpoints in {directory}: {_reason(e)}') from e
+  return manager, bool(by_one)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoints of one run: saved in the background, restored one step at a time
+
+
 class Checkpoints:
   """Thin wrapper over ocp.CheckpointManager for this package's state and metadata."""
 
@@ -204,49 +259,10 @@ class Checkpoints:
       logging.getLogger(name).addFilter(_ONE_LINE_ORBAX_ERRORS)
     _install_unraisablehook()
     if not read_only:
-      self._report_unfinished()
-      self._set_aside_unreadable_metrics()
-    # Mid-epoch checkpoints carry no metrics: they rank below every evaluated one.
-    val_accuracy = lambda m: m.get('val_accuracy', -1.0)
-    policy = policies.AnyPreservationPolicy([
-        policies.LatestN(n=keep),
-        policies.BestN(get_metric_fn=val_accuracy, n=1, keep_checkpoints_without_metrics=False),
-    ])
-    by_one = _process_options(process, self.directory)
-    # Orbax writes only global arrays in a multi-process run: a member that one process trains
-    # alone, on its own devices, is saved as host arrays and put back on the devices restored.
-    self.host_arrays = bool(by_one)
-    if by_one and not read_only:  # orbax leaves creating it to a manager of one process
-      os.makedirs(self.directory, exist_ok=True)
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, best_fn=val_accuracy, best_mode='max',
-        create=not read_only and not by_one, read_only=read_only,
-        cleanup_tmp_directories=not read_only, **by_one)
-    try:
-      self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                           item_names=('state', 'meta'))
-    except Exception as e:
-      raise UserError(f'cannot open checkpoints in {self.directory}: {_reason(e)}') from e
+      _report_unfinished(self.directory)
+      _set_aside_unreadable_metrics(self.directory)
+    self.manager, self.host_arrays = _open_manager(self.directory, keep, read_only, process)
     self._pending = None  # step of a save that may still be running in the background
-
-  def _report_unfinished(self) -> None:
-    unfinished = sorted(glob.glob(os.path.join(glob.escape(self.directory), f'*{TMP_SUFFIX}*')))
-    if unfinished:
-      logging.warning('Ignoring %d unfinished checkpoint save(s) of an interrupted run, which '
-                      'are removed: %s', len(unfinished),
-                      ', '.join(os.path.basename(p) for p in unfinished))
-
-  def _set_aside_unreadable_metrics(self) -> None:
-    """Orbax reads every checkpoint's metric file on opening and fails on a rotten one. Such a
-    file is renamed; its checkpoint stays, restorable, though no longer a candidate for best."""
-    for path in glob.glob(os.path.join(glob.escape(self.directory), '*', 'metrics', 'metrics')):
-      try:
-        with open(path) as f:
-          json.load(f)
-      except (OSError, ValueError) as e:
-        logging.warning('Unreadable metrics file %s (%s); renamed to %s.damaged', path,
-                        _reason(e), os.path.basename(path))
-        os.replace(path, path + '.damaged')
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -261,7 +277,6 @@ class Checkpoints:
               if (m := self.manager.metrics(s)) and 'val_accuracy' in m]
     return max(scored)[1] if scored else None
 
-  # -------------------------------------------------------------------------------------------
   # Saving
 
   def save(self, step: int, state, meta: dict, metrics: dict | None = None) -> None:
@@ -310,8 +325,7 @@ class Checkpoints:
       except Exception:  # already reported, or about to be, by the error that brought us here
         pass
 
-  # -------------------------------------------------------------------------------------------
-  # Restoring
+  # Restoring one step
 
   def read_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
@@ -330,87 +344,6 @@ class Checkpoints:
       raise DamagedCheckpoint('its arrays differ from the ones saved (SHA-256 mismatch)')
     return state, meta
 
-  def restore_newest(self, target, config_dict: dict, steps: list[int] | None = None):
-    """(state, meta, step) from the newest readable checkpoint, or (None, None, None) if none.
-
-    A damaged checkpoint is reported, skipped, and once an older one is restored moved aside;
-    a checkpoint of another config is an error.
-    """
-    steps = sorted(self.steps() if steps is None else steps, reverse=True)
-    damaged = []
-    with _quiet_failed_reads():
-      for step in steps:
-        try:
-          meta = self.read_meta(step)
-          self.check_compatible(meta, config_dict, step)
-          self.check_shapes(step, target)
-          state, meta = self.restore(step, target)
-        except CheckpointMismatch:
-          raise
-        except Exception as e:  # damaged: try an older checkpoint
-          damaged.append((step, _reason(e)))
-          logging.warning('Checkpoint %s/%d is damaged (%s); trying an older one',
-                          self.directory, step, damaged[-1][1])
-          continue
-        self._set_aside([s for s, _ in damaged])
-        return state, meta, step
-    if damaged:
-      errors = '; '.join(f'step {s}: {r}' for s, r in damaged)
-      raise UserError(f'no readable checkpoint in {self.directory} ({errors}); move the damaged '
-                      f'checkpoints away to start over, or use another --workdir')
-    return None, None, None
-
-  def check_newest_fits(self, config_dict: dict) -> None:
-    """A CheckpointMismatch if the newest readable record belongs to another config."""
-    for step in sorted(self.steps(), reverse=True):
-      try:
-        meta = self.read_meta(step)
-      except Exception:  # damaged: restore_newest reports it
-        continue
-      self.check_compatible(meta, config_dict, step)
-      return
-
-  def discard_after(self, step: int) -> None:
-    """Removes the checkpoints after `step`: the run resumes from `step` (the one its
-    population's members share) and will write them again, bit for bit the same."""
-    later = [s for s in self.steps() if s > step]
-    if not later or self.read_only:
-      return
-    logging.warning('Removing checkpoint(s) %s of %s: the run resumes from step %d, which every '
-                    'member has, and will write them again', later, self.directory, step)
-    for s in later:
-      self.manager.delete(s)
-    self.manager.reload()
-
-  def _set_aside(self, steps: list[int]) -> None:
-    """Moves damaged checkpoints out of the way of the steps the resumed run will save."""
-    if not steps or self.read_only:
-      return
-    aside = os.path.join(os.path.dirname(self.directory), workdir_lib.DAMAGED_CHECKPOINTS)
-    os.makedirs(aside, exist_ok=True)
-    for step in steps:
-      dest, n = os.path.join(aside, str(step)), 1
-      while os.path.exists(dest):
-        dest, n = os.path.join(aside, f'{step}.{n}'), n + 1
-      os.rename(os.path.join(self.directory, str(step)), dest)
-      logging.warning('Moved damaged checkpoint %d to %s', step, dest)
-    self.manager.reload()
-
-  def check_compatible(self, meta: dict, config_dict: dict, step: int) -> None:
-    saved, current = meta.get('resume_fields', {}), resume_fields(config_dict)
-    if (saved.get('ensemble_size') or 1) > 1:
-      raise CheckpointMismatch(
-          f'checkpoint {self.directory}/{step} holds a seed ensemble of '
-          f'{saved["ensemble_size"]} models stacked in one state, written by an earlier '
-          f'digitjax; ensembles are populations now, one folder per member: train it again in '
-          f'a new --workdir with --config.sweep.grid=\'seed=...\' --config.sweep.select=ensemble')
-    diffs = [f'{k}={saved[k]!r} in the checkpoint but {current[k]!r} in the config'
-             for k in configlib.RESUME_FIELDS if k in saved and saved[k] != current[k]]
-    if diffs:
-      raise CheckpointMismatch(f'checkpoint {self.directory}/{step} does not fit the config: '
-                               f'{"; ".join(diffs)}; use the checkpoint\'s settings or a new '
-                               f'--workdir')
-
   def check_shapes(self, step: int, target) -> None:
     """The saved arrays against `target`'s, by name: a model that changed is named, not traced."""
     saved = _shapes(ocp.StandardCheckpointHandler().metadata(
@@ -424,3 +357,98 @@ class Checkpoints:
             f'checkpoint {self.directory}/{step} does not fit the config: array {name} is '
             f'{state(saved)} in the checkpoint but {state(wanted)} in the model; use the '
             f'checkpoint\'s settings or a new --workdir')
+
+  def discard_after(self, step: int) -> None:
+    """Removes the checkpoints after `step`: the run resumes from `step` (the one its
+    population's members share) and will write them again, bit for bit the same."""
+    later = [s for s in self.steps() if s > step]
+    if not later or self.read_only:
+      return
+    logging.warning('Removing checkpoint(s) %s of %s: the run resumes from step %d, which every '
+                    'member has, and will write them again', later, self.directory, step)
+    for s in later:
+      self.manager.delete(s)
+    self.manager.reload()
+
+  def set_aside(self, steps: list[int]) -> None:
+    """Moves damaged checkpoints out of the way of the steps the resumed run will save."""
+    if not steps or self.read_only:
+      return
+    aside = os.path.join(os.path.dirname(self.directory), workdir_lib.DAMAGED_CHECKPOINTS)
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      dest, n = os.path.join(aside, str(step)), 1
+      while os.path.exists(dest):
+        dest, n = os.path.join(aside, f'{step}.{n}'), n + 1
+      os.rename(os.path.join(self.directory, str(step)), dest)
+      logging.warning('Moved damaged checkpoint %d to %s', step, dest)
+    self.manager.reload()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming: the newest checkpoint that fits the config, past damaged ones
+
+
+def restore_newest(checkpoints: Checkpoints, target, config_dict: dict,
+                   steps: list[int] | None = None):
+  """(state, meta, step) from the newest readable checkpoint, or (None, None, None) if none.
+
+  A damaged checkpoint is reported, skipped, and once an older one is restored moved aside;
+  a checkpoint of another config is an error.
+  """
+  steps = sorted(checkpoints.steps() if steps is None else steps, reverse=True)
+  damaged = []
+  with _quiet_failed_reads():
+    for step in steps:
+      try:
+        meta = checkpoints.read_meta(step)
+        check_compatible(meta, config_dict, f'{checkpoints.directory}/{step}')
+        checkpoints.check_shapes(step, target)
+        state, meta = checkpoints.restore(step, target)
+      except CheckpointMismatch:
+        raise
+      except Exception as e:  # damaged: try an older checkpoint
+        damaged.append((step, _reason(e)))
+        logging.warning('Checkpoint %s/%d is damaged (%s); trying an older one',
+                        checkpoints.directory, step, damaged[-1][1])
+        continue
+      checkpoints.set_aside([s for s, _ in damaged])
+      return state, meta, step
+  if damaged:
+    errors = '; '.join(f'step {s}: {r}' for s, r in damaged)
+    raise UserError(f'no readable checkpoint in {checkpoints.directory} ({errors}); move the '
+                    f'damaged checkpoints away to start over, or use another --workdir')
+  return None, None, None
+
+
+def check_newest_fits(checkpoints: Checkpoints, config_dict: dict) -> None:
+  """A CheckpointMismatch if the newest readable record belongs to another config."""
+  for step in sorted(checkpoints.steps(), reverse=True):
+    try:
+      meta = checkpoints.read_meta(step)
+    except Exception:  # damaged: restore_newest reports it
+      continue
+    check_compatible(meta, config_dict, f'{checkpoints.directory}/{step}')
+    return
+
+
+# ---------------------------------------------------------------------------------------------
+# Fit: a checkpoint's record and arrays against a config
+
+
+def check_compatible(meta: dict, config_dict: dict, where: str) -> None:
+  """A CheckpointMismatch naming the fields where checkpoint `where`'s record and the config
+  differ."""
+  saved, current = meta.get('resume_fields', {}), resume_fields(config_dict)
+  if (saved.get('ensemble_size') or 1) > 1:
+    raise CheckpointMismatch(
+        f'checkpoint {where} holds a seed ensemble of '
+        f'{saved["ensemble_size"]} models stacked in one state, written by an earlier '
+        f'digitjax; ensembles are populations now, one folder per member: train it again in '
+        f'a new --workdir with --config.sweep.grid=\'seed=...\' --config.sweep.select=ensemble')
+  diffs = [f'{k}={saved[k]!r} in the checkpoint but {current[k]!r} in the config'
+           for k in configlib.RESUME_FIELDS if k in saved and saved[k] != current[k]]
+  if diffs:
+    raise CheckpointMismatch(f'checkpoint {where} does not fit the config: '
+                             f'{"; ".join(diffs)}; use the checkpoint\'s settings or a new '
+                             f'--workdir')

@@ -260,7 +260,7 @@ def restore(config, files: workdir_lib.RunFiles, which: str, mode: str, mesh):
     saved = meta.get('resume_fields', {}) if isinstance(meta, dict) else {}
     fit = {k: v for k, v in saved.items()
            if k in configlib.FIT_FIELDS[mode] or k == 'ensemble_size'}
-    checkpoints.check_compatible({'resume_fields': fit}, config.to_dict(), step)
+    ckpt_lib.check_compatible({'resume_fields': fit}, config.to_dict(), where)
     target = abstract_state(config, mesh)
     checkpoints.check_shapes(step, target)
     try:

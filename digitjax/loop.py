@@ -260,7 +260,7 @@ def _restore_common(checkpoints, targets, config_dicts, active) -> tuple[list | 
   """
   for c, cfg, a in zip(checkpoints, config_dicts, active):
     if a:
-      c.check_newest_fits(cfg)
+      ckpt_lib.check_newest_fits(c, cfg)
   on_disk = [set(c.steps()) for c, a in zip(checkpoints, active) if a]
   if not on_disk or not any(on_disk):
     return None, [], 0
@@ -272,7 +272,7 @@ def _restore_common(checkpoints, targets, config_dicts, active) -> tuple[list | 
       if not a:
         states.append(None), metas.append(None), got.append(None)
         continue
-      state, meta, step = c.restore_newest(target, cfg, steps=candidates)
+      state, meta, step = ckpt_lib.restore_newest(c, target, cfg, steps=candidates)
       if state is None:
         return None, [], 0
       states.append(state), metas.append(meta), got.append(step)
