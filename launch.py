@@ -83,7 +83,8 @@ def parse_flags(argv):
     app.usage(shorthelp=True, writeto_stdout=True)
     sys.exit(0)
   if not any(a == '--config' or a.startswith('--config=') for a in argv[1:]):
-    argv = [argv[0], f'--config={STORED_CONFIG}', *argv[1:]]  # the workdir's own config
+    # The workdir's own config: ml_collections passes what follows the first ':' to get_config.
+    argv = [argv[0], f'--config={STORED_CONFIG}:{_workdir_argument(argv) or ""}', *argv[1:]]
   try:
     rest = FLAGS(argv)
     config = FLAGS['config'].value  # the file is loaded, and the overrides applied, here
@@ -105,6 +106,17 @@ def parse_flags(argv):
     fail(f'--workdir is {"empty" if FLAGS["workdir"].present else "required"} (e.g. python '
          f'launch.py --config=configs/default.py --workdir=runs/default)')
   return rest
+
+
+def _workdir_argument(argv) -> str | None:
+  """--workdir from the command line, before absl parses it (the stored config needs it)."""
+  args = argv[1:]
+  for i, arg in enumerate(args):
+    if arg.startswith('--workdir='):
+      return arg.split('=', 1)[1]
+    if arg == '--workdir' and i + 1 < len(args):
+      return args[i + 1]
+  return None
 
 
 def _config_path(argv) -> str:

@@ -40,7 +40,6 @@ class HostInput:
   def __init__(self, split, batch_size: int, mesh, step_fn):
     self.split, self.batch_size, self.mesh = split, batch_size, mesh
     self.sharding = parallel.batch_sharding(mesh)
-    self.steps_per_epoch = len(split['label']) // batch_size
     self.sync_every = 20  # steps the host may queue ahead of the device
     self._jitted = jax.jit(step_fn, donate_argnums=(0, 1))
     self._step = None

@@ -194,9 +194,6 @@ def draw_all(plots: str, splits, test_logits: np.ndarray, history: list[dict],
 # Populations
 
 
-POPULATION_FILES = ('population_curves.png', 'population_fields.png')
-
-
 def draw_population(plots: str, results: dict, histories: list[list[dict]],
                     fields: list[str]) -> list[str]:
   """A population's members side by side: validation accuracy per epoch for every member, and

@@ -1,7 +1,8 @@
 """The config file launch.py uses when --config is not given: the one the workdir was trained
 with (inference.stored_config), so eval, predict, report and export need only --workdir, and a
-run resumes from it too; `--config.field=value` overrides still apply on top. Fields added since
-the workdir was trained take the values that do what was done then (configlib.ADDED_FIELDS)."""
+run resumes from it too; `--config.field=value` overrides still apply on top. launch.py passes
+the workdir as the file's argument (--config=stored_config.py:WORKDIR). Fields added since the
+workdir was trained take the values that do what was done then (configlib.ADDED_FIELDS)."""
 import ml_collections
 
 from digitjax.errors import UserError
@@ -16,21 +17,10 @@ def _tuples(value):
   return value
 
 
-def _workdir_argument() -> str | None:
-  """--workdir from the command line (this file loads while absl still parses the flags)."""
-  import sys
-  args = sys.argv[1:]
-  for i, arg in enumerate(args):
-    if arg.startswith('--workdir='):
-      return arg.split('=', 1)[1]
-    if arg == '--workdir' and i + 1 < len(args):
-      return args[i + 1]
-  return None
-
-
-def get_config():
-  workdir = _workdir_argument()
-  if not (workdir or '').strip():
+def get_config(workdir: str = ''):
+  """The config `workdir` was trained with: launch.py passes the workdir through the config
+  file's argument (--config=stored_config.py:WORKDIR)."""
+  if not workdir.strip():
     raise UserError('--workdir is required (e.g. python launch.py --workdir=runs/default '
                     '--mode=eval)')
   return load(workdir)

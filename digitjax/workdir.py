@@ -305,9 +305,6 @@ class JsonLines:
     with open(self.path, 'a') as f:
       f.write(line)
 
-  def read(self) -> list[dict]:
-    return read_jsonl(self.path)
-
 
 def _keep_aside(path: str, raw: bytes) -> str | None:
   """Writes `raw` (what a damaged log held) to the first free `<path>.damaged[.N]`."""

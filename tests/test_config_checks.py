@@ -38,8 +38,7 @@ _DELETE = object()
 def _stored(tmp_path, monkeypatch, config, file='results.json'):
   """Loads the config launch.py would take from a workdir holding `config` in `file`."""
   (tmp_path / file).write_text(json.dumps({'config': config}))
-  monkeypatch.setattr('sys.argv', ['launch.py', f'--workdir={tmp_path}', '--mode=eval'])
-  loaded = stored_config.get_config()
+  loaded = stored_config.get_config(str(tmp_path))  # as launch.py passes --workdir
   configlib.validate(loaded)  # as every mode and train do first
   return loaded
 
