@@ -190,8 +190,9 @@ def main(argv):
       status = 0
     else:
       from digitjax import modes
-      status = modes.run(FLAGS.mode, FLAGS.config, FLAGS.workdir, FLAGS.checkpoint,
-                         FLAGS.split, input_paths(FLAGS.inputs), FLAGS.output, FLAGS.member)
+      status = modes.run(FLAGS.config, FLAGS.workdir, modes.Request(
+          FLAGS.mode, FLAGS.checkpoint, FLAGS.split, input_paths(FLAGS.inputs), FLAGS.output,
+          FLAGS.member))
   except UserError as e:
     fail(str(e))
   except signals.Interrupted as e:

@@ -308,51 +308,84 @@ class _OnnxGraph:
     return output
 
 
-def _member_nodes(graph: _OnnxGraph, module, variables: dict, prefix: str, x: str,
-                  size: tuple[int, int]) -> str:
-  """One `model.CNN`'s forward pass (inference) on NCHW `x`; returns its probabilities' name."""
-  collections = {name: _numpy_tree(variables.get(name, {})) for name in ('params', 'batch_stats')}
-  unknown = set(variables) - set(collections)
-  if unknown:
-    raise ValueError(f'{prefix}: unexpected variable collections {sorted(unknown)}')
-  used = set()
+class _Variables:
+  """A member's variables as its graph takes them, each use recorded: a variable the graph
+  leaves out is an error (the export does not know that architecture)."""
 
-  def take(collection, *keys):
-    used.add((collection,) + keys)
-    value = collections[collection]
+  def __init__(self, variables: dict, prefix: str):
+    self.prefix = prefix
+    self.collections = {name: _numpy_tree(variables.get(name, {}))
+                        for name in ('params', 'batch_stats')}
+    unknown = set(variables) - set(self.collections)
+    if unknown:
+      raise ValueError(f'{prefix}: unexpected variable collections {sorted(unknown)}')
+    self.used = set()
+
+  def take(self, collection, *keys):
+    self.used.add((collection,) + keys)
+    value = self.collections[collection]
     for key in keys:
       if key not in value:
-        raise ValueError(f'{prefix}: no {collection}/{"/".join(keys)} in the variables; is the '
-                         f'module a digitjax.model.CNN whose variables these are?')
+        raise ValueError(f'{self.prefix}: no {collection}/{"/".join(keys)} in the variables; '
+                         f'is the module a digitjax.model.CNN whose variables these are?')
       value = value[key]
     return value
 
-  def normalized(y, name):
-    if not module.batch_norm:
-      return y
-    return graph.node('BatchNormalization', [
-        y, graph.const(f'{prefix}.{name}.scale', take('params', name, 'scale')),
-        graph.const(f'{prefix}.{name}.bias', take('params', name, 'bias')),
-        graph.const(f'{prefix}.{name}.mean', take('batch_stats', name, 'mean')),
-        graph.const(f'{prefix}.{name}.var', take('batch_stats', name, 'var'))],
-        f'{prefix}.{name}', epsilon=BATCH_NORM_EPSILON)
+  def check_all_used(self) -> None:
+    unused = ['/'.join(path) for path in _leaf_paths(self.collections) if path not in self.used]
+    if unused:
+      raise ValueError(f'{self.prefix}: variables the ONNX graph does not use: {unused}; the '
+                       f'export does not know this architecture')
 
-  h, w = size
+
+def _member_nodes(graph: _OnnxGraph, module, variables: dict, prefix: str, x: str,
+                  size: tuple[int, int]) -> str:
+  """One `model.CNN`'s forward pass (inference) on NCHW `x`; returns its probabilities' name."""
+  v = _Variables(variables, prefix)
+  x, size = _conv_nodes(graph, module, v, x, size)
+  logits = _dense_nodes(graph, module, v, x, size)
+  v.check_all_used()
+  return graph.node('Softmax', [logits], f'{prefix}.probabilities', axis=-1)
+
+
+def _normalized(graph: _OnnxGraph, module, v: _Variables, y: str, name: str) -> str:
+  if not module.batch_norm:
+    return y
+  prefix, take = v.prefix, v.take
+  return graph.node('BatchNormalization', [
+      y, graph.const(f'{prefix}.{name}.scale', take('params', name, 'scale')),
+      graph.const(f'{prefix}.{name}.bias', take('params', name, 'bias')),
+      graph.const(f'{prefix}.{name}.mean', take('batch_stats', name, 'mean')),
+      graph.const(f'{prefix}.{name}.var', take('batch_stats', name, 'var'))],
+      f'{prefix}.{name}', epsilon=BATCH_NORM_EPSILON)
+
+
+def _conv_nodes(graph: _OnnxGraph, module, v: _Variables, x: str,
+                size: tuple[int, int]) -> tuple[str, tuple[int, int]]:
+  """The convolutions (and their normalizations and pools): the output's name and (h, w)."""
+  prefix, (h, w) = v.prefix, size
   for i in range(len(module.conv_features)):
     name = f'conv{i + 1}'
-    kernel_HWIO = take('params', name, 'kernel')
+    kernel_HWIO = v.take('params', name, 'kernel')
     inputs = [x, graph.const(f'{prefix}.{name}.kernel', kernel_HWIO.transpose(3, 2, 0, 1))]
     if not module.batch_norm:
-      inputs.append(graph.const(f'{prefix}.{name}.bias', take('params', name, 'bias')))
+      inputs.append(graph.const(f'{prefix}.{name}.bias', v.take('params', name, 'bias')))
     y = graph.node('Conv', inputs, f'{prefix}.{name}', kernel_shape=list(kernel_HWIO.shape[:2]),
                    pads=[0, 0, 0, 0], strides=[1, 1])
-    x = graph.node('Relu', [normalized(y, f'bn{i + 1}')], f'{prefix}.relu{i + 1}')
+    x = graph.node('Relu', [_normalized(graph, module, v, y, f'bn{i + 1}')],
+                   f'{prefix}.relu{i + 1}')
     h, w = h - kernel_HWIO.shape[0] + 1, w - kernel_HWIO.shape[1] + 1
     if i in module.pool_after:  # VALID: an odd last row or column is dropped, as in JAX
       x = graph.node('MaxPool', [x], f'{prefix}.pool{i + 1}', kernel_shape=[2, 2],
                      strides=[2, 2])
       h, w = h // 2, w // 2
+  return x, (h, w)
 
+
+def _dense_nodes(graph: _OnnxGraph, module, v: _Variables, x: str,
+                 size: tuple[int, int]) -> str:
+  """The dense layers on the convolutions' output `x` of `size`: the logits' name."""
+  prefix, take, (h, w) = v.prefix, v.take, size
   flat = graph.node('Flatten', [x], f'{prefix}.flatten', axis=1)  # (c, h, w) order
   dense1 = take('params', 'dense1', 'kernel')
   c = module.conv_features[-1]
@@ -364,18 +397,13 @@ def _member_nodes(graph: _OnnxGraph, module, variables: dict, prefix: str, x: st
   if not module.batch_norm:
     inputs.append(graph.const(f'{prefix}.dense1.bias', take('params', 'dense1', 'bias')))
   y = graph.node('Gemm', inputs, f'{prefix}.dense1')
-  y = graph.node('Relu', [normalized(y, f'bn{len(module.conv_features) + 1}')],
+  y = graph.node('Relu', [_normalized(graph, module, v, y,
+                                      f'bn{len(module.conv_features) + 1}')],
                  f'{prefix}.relu_dense1')
-  logits = graph.node('Gemm', [y, graph.const(f'{prefix}.dense2.kernel',
-                                               take('params', 'dense2', 'kernel')),
-                               graph.const(f'{prefix}.dense2.bias',
-                                           take('params', 'dense2', 'bias'))], f'{prefix}.logits')
-
-  unused = ['/'.join(path) for path in _leaf_paths(collections) if path not in used]
-  if unused:
-    raise ValueError(f'{prefix}: variables the ONNX graph does not use: {unused}; the export '
-                     f'does not know this architecture')
-  return graph.node('Softmax', [logits], f'{prefix}.probabilities', axis=-1)
+  return graph.node('Gemm', [y, graph.const(f'{prefix}.dense2.kernel',
+                                            take('params', 'dense2', 'kernel')),
+                             graph.const(f'{prefix}.dense2.bias',
+                                         take('params', 'dense2', 'bias'))], f'{prefix}.logits')
 
 
 def _numpy_tree(tree) -> dict:

@@ -382,26 +382,37 @@ def _write_export(export, members: list, target_dir: str, folder: str) -> None:
                     f'(or free space), or give another --output') from e
 
 
-def run(mode: str, config, workdir: str, checkpoint: str | None = None, split: str = 'test',
-        inputs: list[str] | None = None, output: str | None = None,
-        member: str | None = None) -> int:
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """What a mode other than train is asked (launch.py's flags): the mode, the checkpoint
+  (default: DEFAULT_CHECKPOINT's), eval's split, predict's inputs, predict's or export's output,
+  and a population's member."""
+  mode: str
+  checkpoint: str | None = None
+  split: str = 'test'
+  inputs: list[str] | None = None
+  output: str | None = None
+  member: str | None = None
+
+
+def run(config, workdir: str, request: Request) -> int:
   """Runs one of the modes other than train; returns the process's exit status."""
   with signals.recorded():
-    return _run(mode, config, workdir, checkpoint, split, inputs, output, member)
+    return _run(config, workdir, request)
 
 
-def _run(mode, config, workdir, checkpoint, split, inputs, output, member) -> int:
+def _run(config, workdir: str, r: Request) -> int:
   configlib.validate(config)
-  checkpoint = checkpoint or DEFAULT_CHECKPOINT[mode]
-  if mode == 'eval':
-    run_eval(config, workdir, checkpoint, split, member)
+  checkpoint = r.checkpoint or DEFAULT_CHECKPOINT.get(r.mode)
+  if r.mode == 'eval':
+    run_eval(config, workdir, checkpoint, r.split, r.member)
     return 0
-  if mode == 'predict':
-    return run_predict(config, workdir, inputs, output, checkpoint, member)
-  if mode == 'report':
-    run_report(config, workdir, checkpoint, member)
+  if r.mode == 'predict':
+    return run_predict(config, workdir, r.inputs, r.output, checkpoint, r.member)
+  if r.mode == 'report':
+    run_report(config, workdir, checkpoint, r.member)
     return 0
-  if mode == 'export':
-    run_export(config, workdir, output, checkpoint, member)
+  if r.mode == 'export':
+    run_export(config, workdir, r.output, checkpoint, r.member)
     return 0
-  raise UserError(f'--mode={mode!r} is unknown: use train, eval, predict, report or export')
+  raise UserError(f'--mode={r.mode!r} is unknown: use train, eval, predict, report or export')

@@ -38,3 +38,45 @@ def test_imports_point_down_only():
   upward = [f'{p.stem} imports {d}' for p in sorted(PACKAGE.glob('*.py')) if p.stem in RANK
             for d in sorted(imports_of(p)) if RANK[d] >= RANK[p.stem]]
   assert not upward, upward
+
+
+# Functions in digitjax/ hold at most MAX_LINES lines (their decorators and docstring included)
+# and MAX_PARAMETERS parameters (self and cls not counted), so that each can be read at once.
+MAX_LINES, MAX_PARAMETERS = 60, 6
+# The exceptions, each with its reason; the list should shrink, never grow.
+ALLOWED = {
+    # Numerical kernels whose shapes and layer settings are their parameters (the model's
+    # layer formulations, each tested against XLA's and benchmarked).
+    'model.im2col_conv': 'parameters',
+    'model.winograd_conv': 'parameters',
+    'model._im2col_covers': 'parameters',
+    # The jitted scan over a chunk of steps: its static arguments are its parameters.
+    'pipeline.scan_steps': 'parameters',
+}
+
+
+def function_sizes():
+  """(module.function, lines, parameters) of every function, nested ones included."""
+  for path in sorted(PACKAGE.glob('*.py')):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        a = node.args
+        names = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs]
+        names += [p.arg for p in (a.vararg, a.kwarg) if p is not None]
+        count = len([n for n in names if n not in ('self', 'cls')])
+        start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        yield f'{path.stem}.{node.name}', node.end_lineno - start + 1, count
+
+
+def test_functions_are_short_and_take_few_parameters():
+  too_big = {name: f'{lines} lines, {count} parameters'
+             for name, lines, count in function_sizes()
+             if (lines > MAX_LINES or count > MAX_PARAMETERS) and name not in ALLOWED}
+  assert not too_big, too_big
+
+
+def test_the_exceptions_are_still_needed():
+  sizes = {name: (lines, count) for name, lines, count in function_sizes()}
+  stale = [name for name in ALLOWED if name not in sizes
+           or (sizes[name][0] <= MAX_LINES and sizes[name][1] <= MAX_PARAMETERS)]
+  assert not stale, f'no longer exceptions: remove them from ALLOWED: {stale}'
