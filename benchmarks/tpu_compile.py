@@ -219,7 +219,7 @@ def abstract_carry(group: loop._Group):
 
 
 def compile_training(built: Built):
-  """The first feeder's program, compiled by the feeder's own `compile`, as loop._train does."""
+  """The first feeder's program, compiled by the feeder's own `compile`, as loop.start_training does."""
   g = built.group
   carry = abstract_carry(g)
   with compile_only_transfers():

@@ -8,6 +8,11 @@ size, steps, model, schedule kind...); each has its own config (seed, learning r
   very program its single run compiles (so each member is its single run, bit for bit);
 - 'vmap': one program for all, the states stacked along a member axis (sharded over the mesh's
   'members' axis), the numbers that differ between members passed as arrays (steps.Hyper).
+The loop is a handful of named steps over one run state (`Run`): `restore_or_init`,
+`start_training` (the programs compiled), `train_epoch` (`begin_epoch`, `train_span`, then the
+steps of `Run.after_epoch`: AFTER_EPOCH's check_divergence, stop_mid_epoch, evaluate_epoch,
+checkpoint_epoch, stop_after_epoch) until the last step, and `finish`. A search adds its own
+steps (exploit, refill) to `after_epoch`.
 Members are saved side by side at the same steps; a resumed group restores the newest step that
 every member can read, so a kill at any moment costs no member more than its last save.
 
@@ -59,6 +64,11 @@ class Member:
   overrides: dict        # field -> value
   config: Any            # the effective ConfigDict
   files: workdir_lib.RunFiles
+
+  @property
+  def label(self) -> str:
+    """'[name] ' before its lines, or nothing for the base config (no overrides)."""
+    return f'[{self.name}] ' if self.overrides else ''
 
 
 @dataclasses.dataclass
@@ -358,7 +368,7 @@ def _new_run(members, splits, mesh, choices, stop, part: Part) -> Run:
             else jax.process_index() == part.process)
   return Run(members, _Group(members, splits, mesh, choices, spe), splits, stop, part, spe,
              last_step, math.ceil(last_step / spe), writes,
-             named=len(members) > 1 or members[0].name != 'base', after_epoch=AFTER_EPOCH)
+             named=len(members) > 1 or bool(members[0].overrides), after_epoch=AFTER_EPOCH)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,7 +630,7 @@ def _report_done(run: Run, records: list[dict]) -> list[Outcome]:
     signals.reached('selecting')
   for m, r, state in zip(run.members, records, run.states):
     diverged = r.get('diverged_at_step') is not None
-    log(f'{"[" + m.name + "] " if m.name != "base" else ""}Already trained to step '
+    log(f'{m.label}Already trained to step '
         f'{r["checkpoint_step"]}; results from {m.files.results}: '
         + ('diverged' if diverged else
            f'test_accuracy {r["test_accuracy"]:.4f}, test_loss {r["test_loss"]:.4f}'))
@@ -825,6 +835,6 @@ def _results(run: Run, i: int, state, test: dict, last: dict) -> dict:
       'compile_seconds': run.compile_seconds,
       'start_to_first_step_seconds': run.first_step_seconds,
       'devices': parallel.data_size(run.evaluator.mesh), 'backend': jax.default_backend(),
-      **({'overrides': m.overrides} if m.name != 'base' else {}),
+      **({'overrides': m.overrides} if m.overrides else {}),  # a config without a sweep: none
       'config': m.config.to_dict(),
   }
