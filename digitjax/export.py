@@ -38,18 +38,16 @@ checkpoint: `modes.run_export` does, and writes the files under the names workdi
   outputs are the same. The first dense layer's kernel rows are reordered from JAX's (h, w, c)
   flattening to ONNX's (c, h, w). Dropout, an identity at inference, has no node.
 
-The folder holding both is replaced whole (`folder_replaced`): the new files are written into
-a sibling `<folder>.<pid>.tmp`, which takes the folder's place in one exchange of names, so the
-folder always holds one complete export, never files of two; a kill -9 leaves only that
-sibling, which the next export removes (`clean_leftovers`).
+The folder holding both is replaced whole (modes.py, with workdir.written_aside): the new files
+are written into a sibling `<folder>.<pid>.tmp`, which takes the folder's place in one exchange
+of names, so the folder always holds one complete export, never files of two; a kill -9 leaves
+only that sibling, which the next export removes (`clean_leftovers`).
 
 TensorFlow and onnx are imported by the functions that write each file, never by this module's
 import: the other modes do not load them.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import importlib.util
 import os
@@ -101,40 +99,6 @@ def probabilities_fn(members: Sequence[Member]) -> Callable:
 
 # What an export writes or moves aside, beside the folder: `<folder>.<pid>.tmp|old`.
 _ASIDE = re.compile(r'(?P<base>.+)\.(?P<pid>[0-9]+)\.(?P<kind>tmp|old)')
-_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
-
-
-@contextlib.contextmanager
-def folder_replaced(folder: str):
-  """Yields a new, empty folder beside `folder` to write into. When the block ends without an
-  error (or signal) it takes `folder`'s place: in one atomic exchange of the two names where the
-  file system offers one (Linux renameat2), else in two renames (a kill between them leaves the
-  old folder as `<folder>.<pid>.old`, which `clean_leftovers` puts back); the old folder is then
-  removed. Otherwise the new folder is removed and `folder` is left as it was."""
-  tmp = f'{folder}.{os.getpid()}.tmp'
-  _remove(tmp)
-  os.makedirs(tmp)
-  try:
-    yield tmp
-    if not os.path.lexists(folder):
-      os.rename(tmp, folder)
-      return
-    if not _exchange(tmp, folder):
-      old = f'{folder}.{os.getpid()}.old'
-      _remove(old)
-      os.rename(folder, old)
-      try:
-        os.rename(tmp, folder)
-      except BaseException:
-        os.rename(old, folder)
-        raise
-      tmp = old
-  except BaseException:
-    with contextlib.suppress(OSError):
-      _remove(tmp)
-    raise
-  with contextlib.suppress(OSError):  # the new folder is in place: the old one is a leftover
-    _remove(tmp)
 
 
 def clean_leftovers(folder: str) -> list[str]:
@@ -171,21 +135,6 @@ def _alive(pid: int) -> bool:
   except PermissionError:  # another user's live process
     return True
   return True
-
-
-def _exchange(a: str, b: str) -> bool:
-  """Swaps the names of `a` and `b` atomically (Linux renameat2 RENAME_EXCHANGE); False where
-  the system or the file system cannot."""
-  try:
-    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-  except (OSError, AttributeError):
-    return False
-  if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-    return True
-  code = ctypes.get_errno()
-  if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-    return False
-  raise OSError(code, os.strerror(code), b)
 
 
 def _remove(path: str) -> None:

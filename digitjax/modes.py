@@ -330,7 +330,7 @@ def run_export(config, workdir: str, output: str | None = None, checkpoint: str 
   `<folder>/model.onnx` (ONNX), one float32 function: uint8 images 'images' (N, 28, 28) ->
   'probabilities' (N, classes), the members' mean for a population's selection (export.py).
   The folder is `output`, or workdir/export. Both files are written into a sibling folder that
-  then replaces it whole (export.folder_replaced): a signal, an error or a kill leaves the
+  then replaces it whole (workdir.written_aside): a signal, an error or a kill leaves the
   previous export complete, never files of two. Returns the paths written, one line printed
   for each."""
   from digitjax import export  # its TensorFlow and onnx are imported when the files are written
@@ -370,7 +370,8 @@ def _write_export(export, members: list, target_dir: str, folder: str) -> None:
     for line in export.clean_leftovers(target_dir):
       logging.warning('%s', line)
     os.makedirs(os.path.dirname(target_dir), exist_ok=True)
-    with export.folder_replaced(target_dir) as new:
+    with workdir_lib.written_aside(target_dir) as new:
+      os.makedirs(new)
       export.export_savedmodel(members, os.path.join(new, workdir_lib.EXPORT_SAVEDMODEL))
       signals.reached('exporting')
       signals.check(f'while exporting; {kept()}')

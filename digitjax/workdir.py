@@ -33,6 +33,7 @@ second run refuse to start. Inside the claim, OS errors that mean "the disk refu
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import fcntl
@@ -141,15 +142,20 @@ def written_aside(path: str):
   """Yields a path beside `path` to write a file or a folder to; when the block ends without an
   error it is renamed to `path`, replacing what was there, else it is removed.
 
-  A file is replaced in one rename. A folder cannot be renamed over a non-empty one: the old is
-  renamed aside first and removed after the new one is in place, so `path` is missing only
-  between two renames, and a kill there leaves the old folder as `<path>.<pid>.old`.
+  A file is replaced in one rename. A folder cannot be renamed over a non-empty one: the two
+  names are exchanged in one step where the file system can (Linux renameat2), and the old
+  folder removed; elsewhere the old is renamed aside first and removed after the new one is in
+  place, so `path` is missing only between two renames, and a kill there leaves the old folder
+  as `<path>.<pid>.old`.
   """
   tmp = aside(path)
   _remove(tmp)
   try:
     yield tmp
-    if os.path.isdir(tmp) and os.path.isdir(path):
+    if os.path.isdir(tmp) and os.path.isdir(path) and _exchange(tmp, path):
+      with contextlib.suppress(OSError):  # tmp holds the old folder now
+        _remove(tmp)
+    elif os.path.isdir(tmp) and os.path.isdir(path):
       old = f'{path}.{os.getpid()}.old'
       _remove(old)
       os.rename(path, old)
@@ -166,6 +172,24 @@ def written_aside(path: str):
     with contextlib.suppress(OSError):
       _remove(tmp)
     raise
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Swaps the names of `a` and `b` atomically (Linux renameat2 RENAME_EXCHANGE); False where
+  the system or the file system cannot."""
+  try:
+    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+  except (OSError, AttributeError):
+    return False
+  if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    return True
+  code = ctypes.get_errno()
+  if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+    return False
+  raise OSError(code, os.strerror(code), b)
 
 
 def _remove(path: str) -> None:

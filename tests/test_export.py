@@ -250,12 +250,14 @@ def test_the_export_folder_is_replaced_whole_and_dead_exports_leftovers_are_clea
   folder = tmp_path / 'export'
   folder.mkdir()
   (folder / 'model.onnx').write_text('old')
-  with export.folder_replaced(str(folder)) as new:
+  with workdir_lib.written_aside(str(folder)) as new:
+    os.makedirs(new)
     (pathlib.Path(new) / 'model.onnx').write_text('new')
     assert (folder / 'model.onnx').read_text() == 'old'  # nothing is seen before the swap
   assert os.listdir(tmp_path) == ['export'] and (folder / 'model.onnx').read_text() == 'new'
   with pytest.raises(KeyboardInterrupt):
-    with export.folder_replaced(str(folder)) as new:
+    with workdir_lib.written_aside(str(folder)) as new:
+      os.makedirs(new)
       (pathlib.Path(new) / 'model.onnx').write_text('newer')
       raise KeyboardInterrupt  # a signal while writing
   assert os.listdir(tmp_path) == ['export'] and (folder / 'model.onnx').read_text() == 'new'
