@@ -93,6 +93,26 @@ def get_config():
   #                                      (checkpoints) or open files exceed what this machine
   #                                      has; without it such a population is refused at once
 
+  # A population that searches (README "Search"): 'pbt' or 'halving' train config.search.size
+  # slots as one group, their numbers (the space) changed between compiled calls.
+  config.search = ml_collections.ConfigDict()
+  config.search.kind = 'grid'          # 'grid' (config.sweep as declared) | 'pbt' (population-
+  #                                      based training) | 'halving' (successive halving, ASHA's
+  #                                      rule, culled slots refilled with new proposals)
+  config.search.space = ''             # the searched numbers, e.g. 'learning_rate=loguniform(
+  #                                      1e-3,0.3); momentum=uniform(0.8,0.99)'
+  config.search.size = 8               # slots trained at once (slot i starts with seed + i)
+  config.search.ready_steps = 0        # pbt: steps between exploits; halving: the first rung
+  config.search.metric = 'val_loss'    # fitness on validation: 'val_loss' | 'val_accuracy'
+  config.search.sampler = 'tpe'        # optuna's sampler of new proposals: 'tpe' | 'random'
+  config.search.quantile = 0.25        # pbt: the bottom fraction copies from the top fraction
+  config.search.resample_probability = 0.25  # pbt: a number resampled from its prior, else
+  config.search.perturb = (0.8, 1.2)   # ... multiplied by one of these (within its bounds)
+  config.search.eta = 3                # halving: the best 1/eta of a rung go on
+  config.search.schedule = ''          # a single run's numbers by step, as a pbt search writes
+  #                                      them (found_config.py): '0: learning_rate=0.01; 1200:
+  #                                      learning_rate=0.012'
+
   # Input and speed (these change how fast, not what is computed)
   config.input_pipeline = 'auto'       # 'device' (on device, lax.scan) | 'tfds' (per-step host batches) | 'auto' (= 'device')
   config.chunk_steps = 100             # steps per compiled scan call with the 'device' input

@@ -48,14 +48,18 @@ MEMBER_NUMERIC_FIELDS = ('seed', 'learning_rate', 'momentum', 'weight_decay', 'w
 # Fields every member of a population shares: the data (members are compared and combined
 # example by example), where the run lives, and the population itself.
 SHARED_FIELDS = ('dataset', 'validation_fraction', 'data.', 'distributed.',
-                 'compilation_cache_dir', 'sweep.', 'eval_batch_size', 'plots',
+                 'compilation_cache_dir', 'sweep.', 'search.', 'eval_batch_size', 'plots',
                  'log_every_steps')
 
 # Fields added after workdirs were trained, with the values that do what was done before them:
 # a workdir's stored config that lacks one gets it (stored_config.py).
 ADDED_FIELDS = {'model.dtype': 'float32', 'model.kernel_sizes': (),
                 'model.conv_init': 'he_uniform', 'optimizer': 'sgd', 'adam_b1': 0.9,
-                'adam_b2': 0.999, 'sweep.allow_large': False}
+                'adam_b2': 0.999, 'sweep.allow_large': False,
+                'search': {'kind': 'grid', 'space': '', 'size': 8, 'ready_steps': 0,
+                           'metric': 'val_loss', 'sampler': 'tpe', 'quantile': 0.25,
+                           'resample_probability': 0.25, 'perturb': (0.8, 1.2), 'eta': 3,
+                           'schedule': ''}}
 # A field added to configs/default.py must be added here too: stored_config.py refuses a stored
 # config without one of default.py's fields as damaged (naming the file and the field).
 

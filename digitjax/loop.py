@@ -132,8 +132,9 @@ def epoch_line(prefix: str, epoch: int, num_epochs: int, seconds: float, record:
 class _Group:
   """The members' states and compiled steps, one program each ('map') or one for all ('vmap')."""
 
-  def __init__(self, members, splits, mesh, choices, steps_per_epoch):
+  def __init__(self, members, splits, mesh, choices, steps_per_epoch, searched=()):
     self.members, self.mesh, self.choices = members, mesh, choices
+    self.searched = tuple(searched)  # Hyper fields passed as arrays whatever their values
     # The group's devices all on 'data': where a member's own state lives to be evaluated and
     # saved (a vmapped group's mesh spreads members over 'members'; evaluating one member on it
     # would have every member slice compute the whole batch: 4x the work on v5e 2x2).
@@ -213,10 +214,9 @@ class _Group:
     single run's is all Python numbers: the program it always compiled to).
     """
     varying = [f for f in steps.Hyper._fields
-               if len({getattr(h, f) for h in self.hypers}) > 1]
+               if f in self.searched or len({getattr(h, f) for h in self.hypers}) > 1]
     if self.vmapped:
-      numbers = {f: jnp.asarray([getattr(h, f) for h in self.hypers], jnp.float32)
-                 for f in varying}
+      self.passed = varying
       template, spec = self.hypers[0], self.specs[0]
 
       def member_step(state, sums, batch, values):
@@ -226,18 +226,44 @@ class _Group:
                                                                          values)
       feed = pipeline.DeviceInput(self.arrays, batch_size, self.mesh, step_fn, chunk_steps,
                                   members=len(self.members))
-      return [(feed, jax.device_put(numbers, parallel.member_sharding(self.mesh)))]
-    passed = [f for f in varying if f in steps.exact_numbers(self.specs[0])]
+      return self.with_numbers([feed])
+    exact = steps.exact_numbers(self.specs[0])
+    self.passed = [f for f in varying if f in exact or f in self.searched]
     programs, feeds = {}, []
     for spec, hp in zip(self.specs, self.hypers):
-      key = (spec, hp._replace(**{f: None for f in passed}))
+      key = (spec, hp._replace(**{f: None for f in self.passed}))
       if key not in programs:
         step_fn = functools.partial(_step_with_numbers, hp=hp, spec=spec)
         programs[key] = self._input(step_fn, batch_size, chunk_steps)
-      numbers = {f: jax.device_put(np.float32(getattr(hp, f)), parallel.replicated(self.mesh))
-                 for f in passed}
-      feeds.append((programs[key], numbers))
-    return feeds
+      feeds.append(programs[key])
+    return self.with_numbers(feeds)
+
+  def with_numbers(self, feeds: list) -> list[tuple]:
+    """(feed, numbers) pairs: the passed numbers of the members' current hypers."""
+    if self.vmapped:
+      numbers = {f: jnp.asarray([getattr(h, f) for h in self.hypers], jnp.float32)
+                 for f in self.passed}
+      return [(feeds[0], jax.device_put(numbers, parallel.member_sharding(self.mesh)))]
+    return [(feed, {f: jax.device_put(np.float32(getattr(hp, f)), parallel.replicated(self.mesh))
+                    for f in self.passed}) for feed, hp in zip(feeds, self.hypers)]
+
+  def member_state(self, carry, i: int):
+    return carry[i] if not self.vmapped else jax.tree.map(lambda x: x[i], carry)
+
+  def with_member_state(self, carry, i: int, state):
+    """The carry with member i's state replaced by a copy of `state` (a member's own arrays:
+    the step donates them)."""
+    if not self.vmapped:
+      carry = list(carry)
+      carry[i] = jax.tree.map(jnp.copy, state)
+      return carry
+    carry = jax.tree.map(lambda c, x: c.at[i].set(x), carry, state)
+    return jax.device_put(carry, parallel.member_sharding(self.mesh))
+
+  def fresh_state(self, key):
+    """A new member's initial state from `key` (the group's structure)."""
+    init = jax.jit(functools.partial(steps.init_state, self.specs[0], self.hypers[0]))
+    return jax.device_put(init(key), parallel.replicated(self.flat))
 
   def _input(self, step_fn, batch_size, chunk_steps):
     if self.device_input:
@@ -297,6 +323,40 @@ def _restore_common(checkpoints, targets, config_dicts, active) -> tuple[list | 
 # The run state
 
 
+class Extension:
+  """What a search adds to a group's loop (search_steps.py); this base adds nothing (a run, a
+  grid). Its hooks, each a function of the run state:
+  - `searched`: the Hyper fields passed to the step as arrays, so they change without
+    recompiling;
+  - `restored(run, metas)`: after restore or init (metas: the checkpoints' records, or None);
+  - `next_boundary(run)`: the next step after run.step where `at_boundary` runs, or None;
+  - `at_boundary(run)`: the search's step there (states and numbers may change), before the
+    checkpoint saved at that step;
+  - `meta(run)`: what every member's checkpoint records of the search (to resume it);
+  - `results(run, i)`: what member i's results.json records of it."""
+  searched: tuple = ()
+  handles_divergence = False  # True: a diverged member is the search's to replace
+
+  def restored(self, run: 'Run', metas: list | None) -> None:
+    pass
+
+  def next_boundary(self, run: 'Run') -> int | None:
+    """The first boundary after run.step."""
+    return None
+
+  def at_boundary(self, run: 'Run') -> None:
+    pass
+
+  def meta(self, run: 'Run') -> dict:
+    return {}
+
+  def results(self, run: 'Run', i: int) -> dict:
+    return {}
+
+  def finish(self, run: 'Run') -> None:
+    """At the end of training, before the members are tested."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Part:
   """How a group takes part in its population. `process`: the one process that trains these
@@ -307,6 +367,7 @@ class Part:
   process: int | None = None
   collective: bool = True
   logits: bool = True
+  extension: Extension = Extension()
 
 
 @dataclasses.dataclass
@@ -319,7 +380,11 @@ class _Epoch:
   progress: metrics_lib.Progress
   logged: list
   runs: list
+  perms: Any = None
   train: list | None = None
+
+  def last_step(self, spe: int) -> int:
+    return self.index * spe + self.end
 
 
 @dataclasses.dataclass
@@ -355,6 +420,12 @@ class Run:
   epoch: _Epoch | None = None
   compile_seconds: float = 0.0
   first_step_seconds: float | None = None
+  saved_step: int | None = None    # the step of the last save (a step is saved once)
+  span_boundary: int | None = None  # the search's boundary the current span runs to
+
+  @property
+  def ext(self) -> Extension:
+    return self.part.extension
 
   def prefix(self, member: Member) -> str:
     return f'[{member.name}] ' if self.named else ''
@@ -366,7 +437,8 @@ def _new_run(members, splits, mesh, choices, stop, part: Part) -> Run:
   last_step = configlib.total_steps(cfg.num_epochs, spe)
   writes = (parallel.is_main_process() if part.process is None
             else jax.process_index() == part.process)
-  return Run(members, _Group(members, splits, mesh, choices, spe), splits, stop, part, spe,
+  group = _Group(members, splits, mesh, choices, spe, part.extension.searched)
+  return Run(members, group, splits, stop, part, spe,
              last_step, math.ceil(last_step / spe), writes,
              named=len(members) > 1 or bool(members[0].overrides), after_epoch=AFTER_EPOCH)
 
@@ -416,6 +488,8 @@ def restore_or_init(run: Run) -> None:
     _start_over(run, fresh)
   else:
     _resume(run, [r if r is not None else f for r, f in zip(restored, fresh)], metas, step)
+  run.saved_step = step if restored is not None else None
+  run.ext.restored(run, metas if restored is not None else None)
   signals.check('while restoring the checkpoints; nothing was lost')
 
 
@@ -458,9 +532,18 @@ def start_training(run: Run) -> None:
 
 
 def train_epoch(run: Run) -> None:
-  """One epoch (or what is left of it), then the epoch's end steps."""
+  """One epoch (or what is left of it) in spans that end at the search's boundaries, each
+  followed by the search's step and a checkpoint; then the epoch's end steps."""
   begin_epoch(run)
-  train_span(run)
+  while True:
+    train_span(run)
+    if run.step >= run.epoch.last_step(run.spe):
+      break
+    if run.step == run.span_boundary:
+      boundary_mid_epoch(run)
+    if run.stop.received:
+      break
+    start_span(run)
   for end_step in run.after_epoch:
     end_step(run)
 
@@ -471,23 +554,40 @@ def begin_epoch(run: Run) -> None:
   end = min(run.spe, run.last_step - epoch * run.spe)
   progress = metrics_lib.Progress(end, f'Epoch {epoch + 1}/{run.num_epochs}')
   run.sums = run.group.empty_sums()
-  first = run.step % run.spe
+  run.epoch = _Epoch(epoch, end, progress, [None] * len(run.members), [], perms)
+  start_span(run)
+
+
+def start_span(run: Run) -> None:
+  """Every member's chunk iterator from the run's step to the epoch's end or the search's next
+  boundary, with the members' current numbers."""
+  epoch, first = run.epoch, run.step % run.spe
+  end = epoch.end
+  boundary = run.span_boundary = run.ext.next_boundary(run)
+  if boundary is not None and boundary < epoch.last_step(run.spe):
+    end = boundary - epoch.index * run.spe
   if run.group.vmapped:
     feed, numbers = run.inputs[0]
-    runs = [feed.run(run.carry, run.sums, perms, first, end, numbers)]
+    epoch.runs = [feed.run(run.carry, run.sums, epoch.perms, first, end, numbers)]
   else:
-    runs = [feed.run(state, s, perm, first, end, numbers)
-            for (feed, numbers), state, s, perm in zip(run.inputs, run.carry, run.sums, perms)]
-  run.epoch = _Epoch(epoch, end, progress, [None] * len(run.members), runs)
+    epoch.runs = [feed.run(state, s, perm, first, end, numbers) for (feed, numbers), state, s, perm
+                  in zip(run.inputs, run.carry, run.sums, epoch.perms)]
 
 
 def train_span(run: Run) -> None:
-  """Chunk after chunk to the epoch's end, or until a signal; the epoch's training figures."""
+  """Chunk after chunk to the span's end, or until a signal; the epoch's training figures."""
   while _train_chunk(run):
     if run.stop.agreed(run.part.collective):
       break
   run.epoch.progress.clear()
   run.epoch.train = run.group.read_sums(run.sums)
+
+
+def boundary_mid_epoch(run: Run) -> None:
+  """The search's step at a boundary inside an epoch, then a checkpoint there."""
+  run.records = None
+  run.ext.at_boundary(run)
+  save(run, epoch_done=False)
 
 
 def _train_chunk(run: Run) -> bool:
@@ -517,6 +617,8 @@ def _train_chunk(run: Run) -> bool:
 def check_divergence(run: Run) -> None:
   """Marks the members whose training diverged this epoch (they stop, the others go on); a
   run's non-finite loss is an error."""
+  if run.ext.handles_divergence:
+    return
   for i, t in enumerate(run.epoch.train):
     found = None if i in run.diverged else _divergence(
         t, run.step, run.members[i].config.model.num_classes)
@@ -535,8 +637,9 @@ def check_divergence(run: Run) -> None:
 
 def stop_mid_epoch(run: Run) -> None:
   """A signal before the epoch's last step: a checkpoint, no evaluation, and the run stops."""
-  if run.stop.received and run.step < run.epoch.index * run.spe + run.epoch.end:
-    save(run, epoch_done=False)
+  if run.stop.received and run.step < run.epoch.last_step(run.spe):
+    if run.saved_step != run.step:  # a boundary's checkpoint may have saved it already
+      save(run, epoch_done=False)
     _stop_now(run)
 
 
@@ -558,6 +661,23 @@ def evaluate_epoch(run: Run) -> None:
     run.writers[i].write(run.step, run.records[i])
 
 
+def validation(run: Run) -> list[dict | None]:
+  """Each member's validation figures at the run's step ({'loss': ..., 'accuracy': ...}; None
+  for a diverged member): the epoch's records where the step ends an epoch, else evaluated."""
+  if run.records is not None and run.step == run.epoch.last_step(run.spe):
+    return [None if r is None else {'loss': r['val_loss'], 'accuracy': r['val_accuracy']}
+            for r in run.records]
+  member_states = run.group.states(run.carry)
+  return [None if i in run.diverged else run.evaluator.evaluate(member_states[i], run.splits.val)
+          for i in range(len(run.members))]
+
+
+def search_at_epoch_end(run: Run) -> None:
+  """The search's step where a boundary falls on the epoch's end (after its evaluation)."""
+  if run.span_boundary == run.step:
+    run.ext.at_boundary(run)
+
+
 def checkpoint_epoch(run: Run) -> None:
   save(run, epoch_done=True)
   run.clocks.epoch = [0.0] * len(run.members)
@@ -568,8 +688,8 @@ def stop_after_epoch(run: Run) -> None:
     _stop_now(run)
 
 
-AFTER_EPOCH = (check_divergence, stop_mid_epoch, evaluate_epoch, checkpoint_epoch,
-               stop_after_epoch)
+AFTER_EPOCH = (check_divergence, stop_mid_epoch, evaluate_epoch, search_at_epoch_end,
+               checkpoint_epoch, stop_after_epoch)
 
 
 def save(run: Run, epoch_done: bool) -> None:
@@ -583,9 +703,10 @@ def save(run: Run, epoch_done: bool) -> None:
             'train_seconds': run.clocks.total[i],
             'epoch_seconds': 0.0 if epoch_done else run.clocks.epoch[i],
             'resume_fields': ckpt_lib.resume_fields(m.config.to_dict()),
-            'config': m.config.to_dict()}
+            'config': m.config.to_dict(), **run.ext.meta(run)}
     c.save(run.step, member_states[i], meta,
            {'val_accuracy': record['val_accuracy']} if epoch_done and record else None)
+  run.saved_step = run.step
   signals.reached('saving', run.step)  # the saves run in orbax's threads meanwhile
 
 
@@ -786,6 +907,7 @@ def finish(run: Run) -> list[Outcome]:
   minutes)."""
   for c in run.checkpoints:
     c.wait()  # a failed last save is an error before results.json points at it
+  run.ext.finish(run)
   outcomes = []
   member_states = run.group.states(run.carry)
   signals.reached('testing', run.step)
@@ -836,5 +958,5 @@ def _results(run: Run, i: int, state, test: dict, last: dict) -> dict:
       'start_to_first_step_seconds': run.first_step_seconds,
       'devices': parallel.data_size(run.evaluator.mesh), 'backend': jax.default_backend(),
       **({'overrides': m.overrides} if m.overrides else {}),  # a config without a sweep: none
-      'config': m.config.to_dict(),
+      'config': m.config.to_dict(), **run.ext.results(run, i),
   }

@@ -42,7 +42,7 @@ import jax
 import numpy as np
 
 from digitjax import configlib, data, inference, loop, metrics as metrics_lib
-from digitjax import model as model_lib, parallel, signals, steps
+from digitjax import model as model_lib, parallel, search, search_steps, signals, steps
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
 from digitjax.metrics import log
@@ -364,10 +364,20 @@ def train(config, workdir: str) -> dict:
   delivered model's figures and one record per member under 'members'
   (`pandas.DataFrame(results['members'])` tabulates them).
   """
-  check_cost(config, workdir, override_sets(config))  # before any member is built
-  members = members_of(config, workdir)  # every member is checked before any work
+  space = search.check_config(config)
+  searching = config.search.kind != 'grid'
+  if searching and (config.sweep.grid.strip() or config.sweep.members):
+    raise UserError(f'config.search.kind={config.search.kind!r} searches one group of '
+                    f'config.search.size slots; config.sweep.grid and config.sweep.members '
+                    f'must be empty (search each structure in its own --workdir)')
+  check_cost(config, workdir, [{'seed': i} for i in range(config.search.size)] if searching
+             else override_sets(config))  # before any member is built
+  # every member is checked before any work
+  members = (search_steps.slot_members(config, workdir, space) if searching
+             else members_of(config, workdir))
+  extension = search_steps.extension(config, workdir, space)
   with signals.recorded(), workdir_lib.claim(workdir, exclusive=parallel.is_main_process()):
-    return workdir_lib.as_json(_train(config, workdir, members))
+    return workdir_lib.as_json(_train(config, workdir, members, extension))
 
 
 def _check_not_old_variants(workdir: str) -> None:
@@ -378,7 +388,7 @@ def _check_not_old_variants(workdir: str) -> None:
                     f'): train again in a new --workdir')
 
 
-def _train(config, workdir, members) -> dict:
+def _train(config, workdir, members, extension) -> dict:
   parallel.check_cpu_layout(config.distributed.allow_several_cpu_devices)
   _check_not_old_variants(workdir)
   single = len(members) == 1 and members[0].name == 'base'
@@ -396,7 +406,9 @@ def _train(config, workdir, members) -> dict:
   splits = data.load_splits(config)
   _check_sizes(config, members, splits)
   processes = jax.process_count()
-  shard = processes > 1 and not single
+  # A search's slots exchange states at its boundaries: they train together on every process
+  # (data parallel) rather than dealt out to processes.
+  shard = processes > 1 and not single and not isinstance(extension, search_steps.Search)
   mine = [m for m in members if not shard or m.index % processes == jax.process_index()]
   batch_sizes = {m.config.batch_size for m in members}
   n_train = len(splits.train['label'])
@@ -416,7 +428,7 @@ def _train(config, workdir, members) -> dict:
       if not single:
         log(f'Group {g + 1}/{len(groups)}: {len(group)} member(s): '
             f'{", ".join(m.name for m in group)}')
-      outcomes += _train_group(group, splits, stop, shard, single)
+      outcomes += _train_group(group, splits, stop, shard, single, extension)
   seconds = time.perf_counter() - start
   if single:
     outcome = outcomes[0]
@@ -433,7 +445,8 @@ def _train(config, workdir, members) -> dict:
   return summarize(config, workdir, outcomes, splits, seconds)
 
 
-def _train_group(group, splits, stop, shard: bool, single: bool) -> list[loop.Outcome]:
+def _train_group(group, splits, stop, shard: bool, single: bool,
+                 extension: loop.Extension) -> list[loop.Outcome]:
   cfg = group[0].config
   mesh = parallel.make_mesh(local=shard)
   parallel.check_divisible('batch_size', cfg.batch_size, mesh)
@@ -446,7 +459,8 @@ def _train_group(group, splits, stop, shard: bool, single: bool) -> list[loop.Ou
   if not single and (shard or parallel.is_main_process()):
     _make_member_folders(group)
   return loop.train_group(group, splits, mesh, choices, stop, loop.Part(
-      process=jax.process_index() if shard else None, collective=not shard, logits=not single))
+      process=jax.process_index() if shard else None, collective=not shard, logits=not single,
+      extension=extension))
 
 
 def _make_member_folders(group) -> None:

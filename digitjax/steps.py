@@ -69,6 +69,13 @@ class Hyper(NamedTuple):
   dropout_rate: Any
 
 
+# The config field of each Hyper number (a search changes these between compiled calls).
+HYPER_OF_FIELD = {'learning_rate': 'learning_rate', 'momentum': 'momentum',
+                  'weight_decay': 'weight_decay', 'onecycle_pct_start': 'onecycle_pct_start',
+                  'augment.rotation': 'rotation', 'augment.zoom': 'zoom', 'augment.shift': 'shift',
+                  'model.dropout_rate': 'dropout_rate'}
+
+
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
   """The structure of a training step (hashable: a static argument of jit)."""

@@ -9,9 +9,10 @@ LAYERS = [
     ('errors', 'signals', 'augment', 'images', 'report', 'export'),
     ('configlib', 'workdir', 'parallel'),
     ('metrics', 'checkpoint', 'model'),
-    ('data', 'steps'),
+    ('data', 'steps', 'search'),
     ('pipeline', 'inference'),
     ('loop', 'stored_config'),
+    ('search_steps',),
     ('population',),
     ('modes',),
 ]
