@@ -575,18 +575,24 @@ def _gather(outcomes, members, splits) -> list[loop.Outcome]:
 # Selection and results
 
 
-def select(outcomes: list[loop.Outcome], how: str) -> list[int]:
-  """Indices of the members the population delivers, chosen on validation accuracy only."""
+def select(outcomes: list[loop.Outcome], how: str, metric: str = 'val_accuracy') -> list[int]:
+  """Indices of the members the population delivers, chosen on validation only: on `metric`
+  (a search's fitness, config.search.metric; a grid's validation accuracy)."""
   valid = [i for i, o in enumerate(outcomes) if o.test_logits is not None]
   if not valid:
     raise UserError('every member of the population diverged (non-finite loss); lower '
                     'config.learning_rate')
   if how == 'ensemble':
     return valid
-  score = lambda i: outcomes[i].results.get('val_accuracy')
-  ranked = sorted(valid, key=lambda i: (-(score(i) if score(i) is not None else -1), i))
+  score = lambda i: search.fitness(outcomes[i].results, metric)  # lower is better
+  ranked = sorted(valid, key=lambda i: (score(i), i))
   top = SELECT_RE.match(how).group(2)
   return ranked[:int(top) if top else 1]
+
+
+def selection_metric(config) -> str:
+  """What a population's members are ranked by: a search's fitness, or validation accuracy."""
+  return config.search.metric if config.search.kind != 'grid' else 'val_accuracy'
 
 
 def selection_note(outcomes: list[loop.Outcome], how: str, chosen: list[int]) -> str | None:
@@ -619,7 +625,7 @@ def _member_record(o: loop.Outcome, selected: bool) -> dict:
 def summarize(config, workdir: str, outcomes: list[loop.Outcome], splits,
               train_seconds: float | None = None) -> dict:
   """The population's results.json, population.csv, console table and pictures."""
-  chosen = select(outcomes, config.sweep.select)
+  chosen = select(outcomes, config.sweep.select, selection_metric(config))
   val = inference.classification_metrics(
       inference.combine_logits([outcomes[i].val_logits for i in chosen]), splits.val['label'])
   test_logits = inference.combine_logits([outcomes[i].test_logits for i in chosen])
@@ -637,6 +643,7 @@ def summarize(config, workdir: str, outcomes: list[loop.Outcome], splits,
       **inference.member_summary('val', member_metrics('val')),
       'train_seconds': train_seconds if train_seconds is not None else sum(
           o.results.get('train_seconds') or 0.0 for o in outcomes),
+      'cost': _cost(outcomes, train_seconds),
       'members': [_member_record(o, i in chosen) for i, o in enumerate(outcomes)],
       'devices': jax.device_count(), 'processes': jax.process_count(),
       'backend': jax.default_backend(), 'config': config.to_dict(),
@@ -647,8 +654,16 @@ def summarize(config, workdir: str, outcomes: list[loop.Outcome], splits,
   log(table(results))
   if note:
     log(f'Note: {note}')
+  log(f'Cost: {results["cost"]["member_steps"]:,} member-steps, '
+      f'{results["cost"]["device_seconds"]:.1f} device-seconds')
   if parallel.is_main_process():
     files = workdir_lib.RunFiles.of(workdir)
+    if config.search.kind != 'grid':
+      found = search_steps.write_found_config(workdir, results['members'][chosen[0]],
+                                              outcomes[chosen[0]].results, config.search.kind)
+      results['found_config'] = os.path.relpath(found, workdir)
+      log(f'The delivered member\'s numbers as a single run: python launch.py --config={found} '
+          f'--workdir=NEW_WORKDIR')
     workdir_lib.write_json_atomic(files.results, results)
     write_csv(files.path(workdir_lib.POPULATION_CSV), results, swept_fields(config))
     if config.plots:
@@ -659,6 +674,16 @@ def summarize(config, workdir: str, outcomes: list[loop.Outcome], splits,
       report.draw_all(files.plots, splits, test_logits, _curves_of(outcomes, chosen),
                       data.first_images(config, splits))
   return results
+
+
+def _cost(outcomes, train_seconds: float | None) -> dict:
+  """What the population spent: every member's training steps (a diverged member's to its
+  divergence; a search's slots all of theirs), and its seconds times the devices it held."""
+  steps_of = lambda r: r.get('diverged_at_step') or r.get('checkpoint_step') or 0
+  seconds = train_seconds if train_seconds is not None else sum(
+      o.results.get('train_seconds') or 0.0 for o in outcomes)
+  return {'member_steps': sum(steps_of(o.results) for o in outcomes),
+          'device_seconds': seconds * jax.device_count()}
 
 
 def _curves_of(outcomes, chosen) -> list[dict]:

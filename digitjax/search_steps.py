@@ -231,7 +231,9 @@ class Search(loop.Extension):
     while trial is not None:
       chain.append(trial)
       trial = None if trial.parent is None else self.state.trials[trial.parent]
-    return [(t.start_step, t.params) for t in reversed(chain)]
+    # A halving refill starts from fresh parameters at its own start: its steps count from it.
+    start = chain[-1].start_step
+    return [(t.start_step - start, t.params) for t in reversed(chain)]
 
   def results(self, run, i: int) -> dict:
     return {'search': {'kind': self.kind, 'trial': self.state.current[i],
@@ -311,3 +313,42 @@ def extension(config, workdir: str, space) -> loop.Extension:
   if config.search.schedule:
     return Schedule(search.parse_schedule(config.search.schedule))
   return loop.Extension()
+
+
+# ---------------------------------------------------------------------------------------------
+# What a search delivers, as a run of its own
+
+_FOUND = '''"""The numbers the {kind} search in this folder delivered ({name}, trial {trial}), as one model
+trained from scratch as a single run, to reuse and check the schedule it found:
+  python launch.py --config={path} --workdir=NEW_WORKDIR
+This folder's config (config.json), with the search replaced by the schedule (the PBT member's
+weights were copied between slots on the way: a run from scratch follows its numbers, not its
+weights)."""
+import os
+
+from digitjax import stored_config
+
+SCHEDULE = {schedule!r}
+SEED = {seed!r}
+SPLIT_SEED = {split_seed!r}  # the search's validation holdout
+
+
+def get_config():
+  config = stored_config.load(os.path.dirname(os.path.abspath(__file__)))
+  config.search.kind, config.search.space, config.search.schedule = 'grid', '', SCHEDULE
+  config.seed, config.data.split_seed = SEED, SPLIT_SEED
+  return config
+'''
+
+
+def write_found_config(workdir: str, member: dict, results: dict, kind: str) -> str:
+  """found_config.py: the delivered member's (`member`: its population record, `results`: its
+  results.json) schedule as a config file; returns its path."""
+  path = os.path.join(workdir, FOUND_CONFIG)
+  found = results['search']
+  text = _FOUND.format(kind=kind, name=member['name'], trial=found['trial'], path=path,
+                       schedule=found['schedule'], seed=results['config']['seed'],
+                       split_seed=results['config']['data']['split_seed'])
+  with workdir_lib.written_aside(path) as tmp, open(tmp, 'w') as f:
+    f.write(text)
+  return path
