@@ -140,3 +140,66 @@ class Progress:
     if self.active:
       sys.stdout.write('\r' + ' ' * 100 + '\r')
       sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard's HParams dashboard
+
+HPARAMS_SUFFIX = '.hparams'  # the event files write_hparams writes (and replaces) end so
+
+
+def _hparams_writer(logdir: str):
+  """A tensorboardX writer of one event file in exactly `logdir` (no timestamped subfolder),
+  after removing the event files an earlier write_hparams left there."""
+  from tensorboardX import FileWriter
+  os.makedirs(logdir, exist_ok=True)
+  for name in os.listdir(logdir):
+    if 'tfevents' in name and name.endswith(HPARAMS_SUFFIX):
+      os.unlink(os.path.join(logdir, name))
+  return FileWriter(logdir, filename_suffix=HPARAMS_SUFFIX)
+
+
+def _finite_number(value) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def write_hparams(root: str, space_fields: list[str], runs: list[dict],
+                  metric_tags: list[str]) -> None:
+  """Files for TensorBoard's HParams dashboard (`tensorboard --logdir ROOT`), one row per run.
+
+  `root` gets the experiment (the hparams `space_fields` and the metrics `metric_tags`);
+  each run {'name': 'slot0', 'hparams': {field: value}, 'metrics': {tag: [(step, value)]}}
+  gets the folder root/<name> holding its session (its values of the fields, a missing one
+  left out; the session ended) and its scalars under metric_tags (other tags, and None or
+  non-finite values, left out). Every event file written here ends in HPARAMS_SUFFIX and
+  replaces the one an earlier call wrote in the same folder, so calling again with more
+  steps rewrites the rows instead of doubling them; other files are left alone. Names are
+  used as given: one path component each (workdir.safe_name makes one).
+  """
+  from tensorboardX import summary
+  names = [run['name'] for run in runs]
+  bad = [n for n in names if not n or os.sep in n or n in ('.', '..')]
+  if bad or len(set(names)) != len(names):
+    raise ValueError(f'run names must be distinct single path components, got {names}')
+  example = {f: next((r['hparams'][f] for r in runs if r['hparams'].get(f) is not None), 0.0)
+             for f in space_fields}
+  experiment, _, _ = summary.hparams(example, {tag: 0.0 for tag in metric_tags})
+  writer = _hparams_writer(root)
+  try:
+    writer.add_summary(experiment)
+  finally:
+    writer.close()
+  for run in runs:
+    values = {f: run['hparams'][f] for f in space_fields if run['hparams'].get(f) is not None}
+    _, start, end = summary.hparams(values, {})
+    writer = _hparams_writer(os.path.join(root, run['name']))
+    try:
+      writer.add_summary(start)
+      for tag in metric_tags:
+        for step, value in run['metrics'].get(tag, []):
+          if _finite_number(value):
+            writer.add_summary(summary.scalar(tag, float(value)), int(step))
+      writer.add_summary(end)
+    finally:
+      writer.close()

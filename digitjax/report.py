@@ -9,14 +9,18 @@ import os
 
 import jax
 import numpy as np
+from matplotlib import colormaps, patheffects
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import PowerNorm
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize, PowerNorm
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 PLOT_FILES = ('samples.png', 'class_counts.png', 'curves.png', 'confusion_matrix.png',
               'predictions.png', 'mistakes.png')
 SPLIT_COLORS = {'train': '#4c72b0', 'val': '#dd8452', 'test': '#55a868'}
 DPI = 100
+SEARCH_CMAP = 'RdYlGn_r'  # draw_search's fitness colours: green the best (lowest), red the worst
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -271,3 +275,184 @@ def draw_fields(members: list[dict], fields: list[str], path: str) -> str:
                (f'\n(mean, and min-max over seeds {", ".join(map(str, seeds))})'
                 if len(seeds) > 1 else ''), fontsize=11)
   return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Searches
+
+
+def _search_timelines(lineage: list[dict]) -> tuple[list[str], dict[int, list[tuple]]]:
+  """The searched fields (in order of appearance) and each slot's numbers over steps:
+  slot -> [(step, params)], the last record of a step winning (an exploit's copy, then its
+  explore)."""
+  fields, slots = [], {}
+  step_of = lambda r: r['step'] if _numeric([r.get('step')]) else 0
+  for r in sorted(lineage, key=step_of):  # stable: file order within a step
+    if r.get('event') not in ('start', 'exploit', 'explore', 'refill') or 'slot' not in r:
+      continue
+    params = r.get('new') or {}
+    fields += [f for f in params if f not in fields]
+    points = slots.setdefault(r['slot'], [])
+    if points and points[-1][0] == step_of(r):
+      points.pop()
+    points.append((step_of(r), params))
+  return fields, dict(sorted(slots.items()))
+
+
+def _search_interval(lineage: list[dict]) -> int:
+  """The usual distance between two search steps (the lines run on past the last one)."""
+  steps = sorted({r['step'] for r in lineage if isinstance(r.get('step'), int)})
+  gaps = np.diff(steps)
+  return int(np.median(gaps)) if len(gaps) else 1
+
+
+def _search_scores(lineage: list[dict], field: str) -> list[tuple]:
+  """(step, value of field, fitness or None, marker) of every scored moment: an exploit's
+  clone before the copy ('o') and its donor ('o'), a culled member ('x')."""
+  points = []
+  for r in lineage:
+    step = r.get('step')
+    if r.get('event') == 'exploit':
+      points.append((step, (r.get('old') or {}).get(field), r.get('score'), 'o'))
+      points.append((step, (r.get('new') or {}).get(field), r.get('parent_score'), 'o'))
+    elif r.get('event') == 'cull':
+      points.append((step, (r.get('old') or {}).get(field), r.get('score'), 'x'))
+  return [p for p in points if _numeric([p[1]])]
+
+
+def _search_copies(lineage: list[dict], field: str) -> list[tuple]:
+  """(step, donor's value, clone's value after its explore) of every exploit."""
+  explored = {(r.get('step'), r.get('slot')): r.get('new') or {} for r in lineage
+              if r.get('event') == 'explore'}
+  copies = []
+  for r in lineage:
+    if r.get('event') == 'exploit':
+      donor = (r.get('new') or {}).get(field)
+      clone = explored.get((r.get('step'), r.get('slot')), r.get('new') or {}).get(field)
+      if _numeric([donor, clone]):
+        copies.append((r['step'], donor, clone))
+  return copies
+
+
+def _draw_scored(ax, points: list[tuple], marker: str, norm, size: float) -> None:
+  """Scored moments (step, value, fitness, marker) coloured by fitness, an x outlined so that
+  the pale middle colours show on white; those without one (a diverged member) in black, a
+  circle left hollow."""
+  finite = lambda f: _numeric([f]) and np.isfinite(f)
+  scored = [(s, v, f) for s, v, f, _ in points if finite(f) and norm is not None]
+  diverged = [(s, v) for s, v, f, _ in points if not finite(f) or norm is None]
+  circle = marker == 'o'
+  if scored:
+    s, v, f = zip(*scored)
+    drawn = ax.scatter(s, v, c=f, cmap=SEARCH_CMAP, norm=norm, marker=marker,
+                       s=size if circle else 1.8 * size, linewidths=0.5 if circle else 2,
+                       edgecolors='0.2' if circle else None, zorder=4)
+    if not circle:
+      drawn.set_path_effects([patheffects.withStroke(linewidth=3.2, foreground='0.15')])
+  if diverged:
+    s, v = zip(*diverged)
+    if circle:
+      ax.scatter(s, v, marker=marker, s=size * 1.1, facecolors='none', edgecolors='black',
+                 linewidths=1.2, zorder=4)
+    else:
+      ax.scatter(s, v, marker=marker, s=1.8 * size, c='black', linewidths=2, zorder=4)
+
+
+def _draw_search_field(ax, field: str, lineage: list[dict], slots: dict, end: int,
+                       norm) -> None:
+  """One searched field's panel: each slot's value as a step line, copies as dashed arrows
+  from the donor's value to the clone's, scored moments coloured by fitness, culls as x,
+  refills as triangles."""
+  palette = colormaps['tab20']
+  colors = [palette(2 * i % 20 + i // 10 % 2) for i in range(len(slots))]  # dark shades first
+  for color, (slot, points) in zip(colors, slots.items()):
+    xs = [s for s, p in points if _numeric([p.get(field)])]
+    ys = [p[field] for s, p in points if _numeric([p.get(field)])]
+    if xs:
+      ax.step(xs + [end], ys + ys[-1:], where='post', color=color, alpha=0.55, linewidth=1.2,
+              label=f'slot {slot}')
+  for step, donor, clone in _search_copies(lineage, field):
+    ax.annotate('', xy=(step, clone), xytext=(step, donor),
+                arrowprops=dict(arrowstyle='->', linestyle='--', color='0.25', linewidth=0.9,
+                                shrinkA=0, shrinkB=2))
+  refills = [(r['step'], r['new'][field]) for r in lineage if r.get('event') == 'refill'
+             and _numeric([(r.get('new') or {}).get(field)])]
+  if refills:
+    ax.scatter(*zip(*refills), marker='>', s=30, facecolors='none', edgecolors='0.2',
+               linewidths=0.9, zorder=3)
+  for marker in ('o', 'x'):
+    _draw_scored(ax, [p for p in _search_scores(lineage, field) if p[3] == marker], marker,
+                 norm, 36 if len(slots) <= 12 else 22)
+  values = [p[field] for points in slots.values() for _, p in points if _numeric([p.get(field)])]
+  if values and min(values) > 0 and ('learning_rate' in field or max(values) / min(values) > 10):
+    ax.set_yscale('log')
+  ax.set_ylabel(field)
+  ax.grid(alpha=0.3)
+
+
+def _search_legend(fig: Figure, slots: dict, kind: str) -> None:
+  """What the marks mean, and which line is which slot (up to 16 slots; beyond, the lines
+  only show the spread)."""
+  handles = []
+  if kind == 'pbt':
+    handles.append(Line2D([], [], color='0.25', linestyle='--', label='copy: donor → clone '
+                          '(explored)'))
+    handles.append(Line2D([], [], marker='o', color='0.5', linestyle='', markeredgecolor='0.2',
+                          label='fitness of clone (before) and donor'))
+  else:
+    handles.append(Line2D([], [], marker='x', color='0.5', linestyle='', markeredgewidth=2,
+                          label='cull (its fitness)'))
+    handles.append(Line2D([], [], marker='>', color='0.2', linestyle='', markerfacecolor='none',
+                          label='refill (new proposal)'))
+  handles.append(Line2D([], [], marker='o' if kind == 'pbt' else 'x', color='black',
+                        linestyle='', markerfacecolor='none', markeredgewidth=1.5,
+                        label='diverged (no fitness)'))
+  if len(slots) <= 16:
+    handles += [line for line in fig.axes[0].get_lines() if line.get_label().startswith('slot')]
+  else:
+    handles.append(Line2D([], [], color='0.5', label=f'one line per slot ({len(slots)})'))
+  fig.legend(handles=handles, loc='outside right upper', fontsize=8,
+             ncol=2 if len(handles) > 14 else 1)
+
+
+def draw_search(path: str, lineage: list[dict], metric: str) -> None:
+  """A population's search as one picture (lineage.jsonl's records): for each searched field,
+  each slot's value over steps (a step line per slot, changing at every exploit, explore and
+  refill); pbt's copies as dashed arrows from the donor's value to the clone's after its
+  explore; the moments the lineage scores (an exploit's clone and donor, a cull) coloured by
+  fitness (`metric`'s, lower better: val_loss, or val_accuracy negated); culls as x, refills
+  as triangles, diverged members (a null fitness) in black."""
+  fields, slots = _search_timelines(lineage)
+  steps = [r['step'] for r in lineage if _numeric([r.get('step')])]
+  end = max(steps, default=0) + _search_interval(lineage)
+  kind = 'pbt' if any(r.get('event') == 'exploit' for r in lineage) else (
+      'halving' if any(r.get('event') in ('cull', 'refill') for r in lineage) else 'search')
+  fitness = [f for r in lineage for f in (r.get('score'), r.get('parent_score'))
+             if _numeric([f]) and np.isfinite(f)]
+  norm = None
+  if fitness:
+    low, high = min(fitness), max(fitness)
+    pad = 0 if high > low else max(abs(low) * 0.01, 1e-3)
+    norm = Normalize(low - pad, high + pad)
+  rows = max(1, len(fields))
+  fig = _figure(12, 1.4 + rows * (3.2 if rows <= 3 else 2.2))
+  axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
+  for ax, field in zip(axes, fields):
+    _draw_search_field(ax, field, lineage, slots, end, norm)
+  if not fields:
+    axes[0].text(0.5, 0.5, 'no search event recorded', ha='center', va='center',
+                 transform=axes[0].transAxes)
+  axes[-1].set_xlabel('step')
+  if norm is not None:
+    shown = metric if metric != 'val_accuracy' else '−val_accuracy'
+    bar = fig.colorbar(ScalarMappable(norm, SEARCH_CMAP), ax=list(axes), shrink=0.8,
+                       location='left', pad=0.02)
+    bar.set_label(f'fitness = {shown} (lower is better, best at the top)')
+    bar.ax.invert_yaxis()
+  _search_legend(fig, slots, kind)
+  copies = sum(r.get('event') == 'exploit' for r in lineage)
+  culls = sum(r.get('event') == 'cull' for r in lineage)
+  fig.suptitle(f'{kind} search: {len(slots)} slots, ' +
+               (f'{copies} copies' if kind == 'pbt' else f'{culls} culls and refills') +
+               f' (search steps up to step {max(steps, default=0):,})', fontsize=12)
+  _save(fig, path)
