@@ -253,11 +253,12 @@ class _Group:
   def with_member_state(self, carry, i: int, state):
     """The carry with member i's state replaced by a copy of `state` (a member's own arrays:
     the step donates them)."""
+    placed = jax.device_put(state, parallel.replicated(self.flat))  # on every process too
     if not self.vmapped:
       carry = list(carry)
-      carry[i] = jax.tree.map(jnp.copy, state)
+      carry[i] = _copied(placed)
       return carry
-    carry = jax.tree.map(lambda c, x: c.at[i].set(x), carry, state)
+    carry = jax.jit(lambda c, x: jax.tree.map(lambda a, b: a.at[i].set(b), c, x))(carry, placed)
     return jax.device_put(carry, parallel.member_sharding(self.mesh))
 
   def fresh_state(self, key):
@@ -277,6 +278,12 @@ class _Group:
   def learning_rate(self, i: int, step: int) -> float:
     lr = steps.learning_rate_schedule(self.specs[i], self.hypers[i])
     return float(lr(step)) if callable(lr) else float(lr)
+
+
+@jax.jit
+def _copied(tree):
+  """A copy of `tree`'s arrays in new buffers (a member's state is donated to its step)."""
+  return jax.tree.map(jnp.copy, tree)
 
 
 def _step_with_numbers(state, sums, batch, numbers, hp, spec):
@@ -706,6 +713,8 @@ def save(run: Run, epoch_done: bool) -> None:
             'config': m.config.to_dict(), **run.ext.meta(run)}
     c.save(run.step, member_states[i], meta,
            {'val_accuracy': record['val_accuracy']} if epoch_done and record else None)
+    if run.part.process is None and jax.process_count() > 1 and len(run.members) > 1:
+      c.wait()  # orbax's barriers between processes: one member's save at a time
   run.saved_step = run.step
   signals.reached('saving', run.step)  # the saves run in orbax's threads meanwhile
 

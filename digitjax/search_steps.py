@@ -129,7 +129,7 @@ class Search(loop.Extension):
     state = self.state
     state.generation += 1
     for slot, trial in enumerate(state.current):
-      state.trials[trial].intermediate[run.step] = _score(scores[slot])
+      state.trials[trial].intermediate[run.step] = scores[slot]
     events = (self._pbt(run, scores) if self.kind == 'pbt' else self._halving(run, scores))
     run.inputs = run.group.with_numbers([feed for feed, _ in run.inputs])
     if run.writes:
@@ -143,7 +143,7 @@ class Search(loop.Extension):
 
   def _end_trial(self, slot: int, step: int, score: float, how: str = 'complete') -> None:
     trial = self.state.trials[self.state.current[slot]]
-    trial.end_step, trial.value, trial.state = step, _score(score), how
+    trial.end_step, trial.value, trial.state = step, score, how
 
   def _begin_trial(self, slot: int, step: int, params: dict, parent: int | None) -> search.Trial:
     trial = search.Trial(len(self.state.trials), slot, params, step, parent=parent)
@@ -186,8 +186,7 @@ class Search(loop.Extension):
     culled = sorted(set(culled) | {i for i, v in enumerate(scores) if not math.isfinite(v)})
     if not culled:
       return []
-    finished = [t for t in state.trials if t.value is not None]
-    proposals = search.propose(self.space, finished, len(culled), self.config.seed,
+    proposals = search.propose(self.space, state.trials, len(culled), self.config.seed,
                                state.generation, s.sampler)
     events = []
     for slot, params in zip(culled, proposals):
@@ -216,10 +215,29 @@ class Search(loop.Extension):
     for slot, trial in enumerate(self.state.current):
       t = self.state.trials[trial]
       if t.state == 'running':
-        t.intermediate[run.step] = _score(scores[slot])
+        t.intermediate[run.step] = scores[slot]
         self._end_trial(slot, run.step, scores[slot])
     if run.writes:
       self.write_study()
+      self.write_records(run)
+
+  def write_records(self, run) -> None:
+    """The search for people: plots/search.png (the lineage as a picture) and TensorBoard's
+    HParams view (tensorboard/search/: one run per trial, its fitness over steps)."""
+    from digitjax import metrics as metrics_lib
+    files = workdir_lib.RunFiles.of(os.path.dirname(self.lineage))
+    metric = self.config.search.metric
+    if self.config.plots:
+      from digitjax import report  # matplotlib is imported only when pictures are drawn
+      os.makedirs(files.plots, exist_ok=True)
+      report.draw_search(os.path.join(files.plots, 'search.png'),
+                         search.read_lineage(self.lineage), metric)
+    natural = (lambda v: v) if metric == 'val_loss' else (lambda v: -v)
+    runs = [{'name': f'trial{t.number}', 'hparams': t.params,
+             'metrics': {metric: [(step, natural(v)) for step, v in t.intermediate.items()
+                                  if math.isfinite(v)]}} for t in self.state.trials]
+    metrics_lib.write_hparams(os.path.join(files.tensorboard, 'search'),
+                              [d.field for d in self.space], runs, [metric])
 
   def write_study(self) -> None:
     search.write_study(self.study, 'digitjax', self.space, self.state.trials,

@@ -235,3 +235,26 @@ def test_only_process_0_writes_the_workdirs_files(data, tmp_path, processes):
   assert writes, 'process 1 took no part in saving the checkpoints'
   assert [w for w in writes if f'"{workdir}/checkpoints/' not in w] == []
   assert [w for w in writes if 'process_1' not in w] == []  # orbax's files of process 1 only
+
+
+def test_a_search_over_two_processes_decides_as_one_process(data, tmp_path, launch):
+  # A search's slots train together, data parallel over both processes: each process scores
+  # every slot on the whole validation split, so both rank the same scores and make the same
+  # copies; process 0 writes the lineage. The decisions are one process's.
+  idx_dir, tfds_dir = data
+  args = lambda w: base_args(
+      idx_dir, tfds_dir, w, '--config.num_epochs=1', '--config.data.max_train_examples=800',
+      '--config.learning_rate=0.02', '--config.search.kind=pbt', '--config.search.size=4',
+      '--config.search.space=learning_rate=loguniform(0.003,0.3);momentum=uniform(0.5,0.95)',
+      '--config.search.ready_steps=10')
+  ok(launch(args(tmp_path / 'one')))
+  two = ok(launch(args(tmp_path / 'two'), count=2))
+  assert 'Search step' in two[0].stdout and 'Search step' not in two[1].stdout
+  lineage = lambda w: [json.loads(l) for l in open(tmp_path / w / 'lineage.jsonl')]
+  one_events, two_events = lineage('one'), lineage('two')
+  assert any(e['event'] == 'exploit' for e in one_events)
+  decision = lambda e: (e['step'], e['event'], e['slot'], e.get('parent_slot'), e['trial'])
+  assert [decision(e) for e in one_events] == [decision(e) for e in two_events]
+  for x, y in zip(one_events, two_events):
+    if x.get('score') is not None:
+      assert abs(x['score'] - y['score']) < 1e-3
