@@ -28,7 +28,7 @@ import os
 
 import jax
 
-from digitjax import loop, search, steps
+from digitjax import loop, search, signals, steps
 from digitjax import workdir as workdir_lib
 
 LINEAGE = 'lineage.jsonl'
@@ -132,6 +132,7 @@ class Search(loop.Extension):
       state.trials[trial].intermediate[run.step] = scores[slot]
     events = (self._pbt(run, scores) if self.kind == 'pbt' else self._halving(run, scores))
     run.inputs = run.group.with_numbers([feed for feed, _ in run.inputs])
+    signals.reached('searching', run.step)
     if run.writes:
       search.append_lineage(self.lineage, events)
       self.write_study()

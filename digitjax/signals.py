@@ -133,6 +133,8 @@ PHASES = {
     'step': 'at the first chunk boundary at or past step N (step:N)',
     'evaluating': 'before an epoch\'s validation',
     'saving': 'while an epoch\'s checkpoint is being written',
+    'searching': "a search's step: its states and numbers changed, before lineage.jsonl and "
+                 'the checkpoint record them',
     'testing': 'before the final evaluation on the test split',
     'selecting': "before a population evaluates its members' logits",
     'plotting': 'before the pictures are drawn',
