@@ -39,7 +39,9 @@ def get_config():
   config.model.batch_norm = False            # BatchNorm after each conv and dense1 (they lose
   #                                            their biases; running statistics for evaluation)
   config.model.conv_impl = 'auto'            # 'lax' | 'im2col' | 'winograd' | 'mixed' | 'auto'
-  #                                            (mixed on CPU), or one per layer: 'lax,winograd,im2col'
+  #                                            (on CPU im2col with the device input, mixed with
+  #                                            tfds's; lax elsewhere; evaluation lax), or one
+  #                                            per layer: 'lax,winograd,im2col'
   config.model.pool_impl = 'auto'            # 'lax' | 'reshape' | 'auto' (reshape on CPU)
   config.model.dtype = 'float32'             # computation: 'float32' | 'bfloat16' (activations
   #                                            and products in bfloat16; parameters, optimizer

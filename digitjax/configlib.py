@@ -1,5 +1,8 @@
 """The config's meaning: its checks, the one dotted-path helper, the fields a checkpoint must
-share with a config, and every 'auto' choice, resolved in one place (`resolve`).
+share with a config, and what its 'auto' values mean: on a backend and device layout
+(`resolve`), for the validation holdout (`split_seed`: -1 = seed) and the compilation cache
+(`compilation_cache_dir`). distributed.mode's 'auto' alone is decided in parallel.py: it reads
+the cluster's environment, before JAX starts and before the config is validated.
 
 Nothing here imports the rest of digitjax (only errors), so every layer may use it.
 """
