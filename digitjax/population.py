@@ -69,7 +69,8 @@ def _state_bytes(config, structural: dict) -> int:
   try:
     for key, value in structural.items():
       configlib.set_field(cfg, key, value)
-    configlib.validate(cfg)
+    if structural:  # the base config itself is checked already
+      configlib.validate(cfg)
   except UserError:
     return 0
   spec = steps.spec(cfg, model_lib.build_model(cfg.model), 1)
@@ -141,7 +142,7 @@ def check_cost(config, workdir: str, overrides: list[dict]) -> None:
   the workdir's filesystem, open files), before any data is read or any folder made; config.
   sweep.allow_large=True goes ahead anyway."""
   if len(overrides) <= 1 or config.sweep.get('allow_large', False):
-    return
+    return  # one member is the run asked for: there is no population to size
   cost, have = estimate_cost(config, overrides), machine()
   where, free = _free_disk(workdir)
   beyond = []
@@ -260,7 +261,7 @@ def _train_group(group, splits, stop, part: loop.Part) -> list[Outcome]:
   parallel.check_divisible('batch_size', cfg.batch_size, mesh)
   choices = configlib.resolve(cfg, data_devices=parallel.data_size(mesh),
                               group_size=len(group))
-  if choices.execution == 'vmap' and len(group) > 1:
+  if choices.execution == 'vmap':  # never for a group of one (configlib.resolve)
     mesh = parallel.make_mesh(local=local, members=_member_axis(len(group), mesh))
     parallel.check_divisible('batch_size', cfg.batch_size, mesh)
   log(model_lib.summary_table(model_lib.build_model(cfg.model)))
