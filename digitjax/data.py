@@ -98,7 +98,8 @@ def read_idx_head(path: str, expect_ndim: int, n: int) -> np.ndarray:
       count, size = min(n, dims[0]), int(np.prod(dims[1:]))
       body = f.read(count * size)
   except (OSError, EOFError, zlib.error) as e:
-    raise UserError(f'{path}: not a readable gzip file ({e}); replace it with an intact copy') from e
+    raise UserError(f'{path}: not a readable gzip file ({e}); replace it with an intact '
+                    f'copy') from e
   if len(body) < count * size:
     raise UserError(f'{path}: truncated: header says {dims}; replace it with an intact copy')
   return np.frombuffer(body, np.uint8).reshape((count,) + dims[1:])
