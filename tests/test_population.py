@@ -233,6 +233,29 @@ def test_diverged_members_stop_alone_and_are_reported(map_population, idx_dir, t
   assert printed[nan['name']].endswith('diverged at step 1 (non-finite loss)')
 
 
+def test_the_config_is_checked_and_its_sweep_parsed_once_per_path(map_population, monkeypatch):
+  # Each fact once: training (here of a population already trained: it only reports) and a mode
+  # check the base config once, each member's own config once, and parse the sweep once.
+  from digitjax import configlib, modes
+  config, workdir, results = map_population
+  calls = {}
+
+  def counted(module, name):
+    original = getattr(module, name)
+
+    def count(*args, **kwargs):
+      calls[name] = calls.get(name, 0) + 1
+      return original(*args, **kwargs)
+    monkeypatch.setattr(module, name, count)
+  counted(configlib, 'validate')
+  counted(members_lib, 'parse_grid')
+  assert digitjax.train(config, str(workdir)) == results
+  assert calls == {'validate': 1 + 4, 'parse_grid': 1}
+  calls.clear()
+  assert modes.run(config, str(workdir), modes.Request('eval', 'latest')) == 0
+  assert calls == {'validate': 1 + 4, 'parse_grid': 1}
+
+
 def test_another_population_in_the_same_workdir_is_refused(map_population, idx_dir, tfds_dir):
   config, workdir, _ = map_population
   other = _sweep(idx_dir, tfds_dir, 'learning_rate=0.05,0.0; seed=0,1')
