@@ -34,7 +34,6 @@ def get_config():
   #                                            the tutorial's) | 'torch' (PyTorch's Conv2d
   #                                            default: uniform in +-1/sqrt(fan_in))
   config.model.dense_features = 100          # width of the hidden dense layer
-  config.model.num_classes = 10              # output classes
   config.model.dropout_rate = 0.0            # dropout before the dense layers (0 = none)
   config.model.batch_norm = False            # BatchNorm after each conv and dense1 (they lose
   #                                            their biases; running statistics for evaluation)

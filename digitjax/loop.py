@@ -493,7 +493,7 @@ def check_divergence(run: Run) -> None:
   run's non-finite loss is an error."""
   for i, t in enumerate(run.epoch.train):
     found = None if i in run.diverged else _divergence(
-        t, run.step, run.members[i].config.model.num_classes)
+        t, run.step, configlib.DATASET_LABELS[run.members[i].config.dataset])
     if found is None:
       continue
     if not run.named:

@@ -21,7 +21,7 @@ import sys
 import jax
 import numpy as np
 
-from digitjax import data, inference, members as members_lib, metrics as metrics_lib
+from digitjax import configlib, data, inference, members as members_lib, metrics as metrics_lib
 from digitjax import model as model_lib, parallel, signals
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
@@ -147,8 +147,8 @@ def run_eval(config, workdir: str, checkpoint: str = 'best', split: str = 'test'
   logits = inference.combine_logits(member_logits)
   metrics = inference.classification_metrics(logits, examples['label'])
   per_member = [inference.classification_metrics(l, examples['label']) for l in member_logits]
-  per_class = inference.per_class_accuracy(logits, examples['label'],
-                                           goal.members[0].config.model.num_classes)
+  per_class = inference.per_class_accuracy(
+      logits, examples['label'], configlib.DATASET_LABELS[goal.members[0].config.dataset])
   result = {'split': split, 'checkpoint': checkpoint, 'checkpoint_step': restored.step,
             'epoch': restored.epochs[0] if len(restored.epochs) == 1 else None,
             **({'members': [m.name for m in goal.members]} if goal.population else {}),
@@ -237,7 +237,7 @@ def run_predict(config, workdir: str, inputs: list[str], output: str | None = No
   goal = target(config, workdir, member)
   restored = Restored(goal, checkpoint, 'predict')
   read = images.read_inputs(inputs)
-  probabilities = np.zeros((0, goal.members[0].config.model.num_classes))
+  probabilities = np.zeros((0, configlib.DATASET_LABELS[goal.members[0].config.dataset]))
   if len(read.images):
     # An ensemble's confidence is its mean softmax probability: combine_logits is its log.
     probabilities = inference.probabilities(inference.combine_logits(
@@ -353,7 +353,7 @@ def run_export(config, workdir: str, output: str | None = None, checkpoint: str 
   if not parallel.is_main_process():  # every process restores; one writes
     return []
   what = (f'checkpoint step {restored.step} ({checkpoint}){goal.what}: uint8 images (N, 28, 28) '
-          f'-> probabilities (N, {goal.members[0].config.model.num_classes})')
+          f'-> probabilities (N, {configlib.DATASET_LABELS[goal.members[0].config.dataset]})')
   _write_export(export, members, os.path.realpath(folder), folder)
   written = [os.path.join(folder, name) for name in _EXPORTED]
   for path, kind in zip(written, ('TensorFlow SavedModel', 'ONNX model')):

@@ -87,7 +87,8 @@ def estimate_cost(config, overrides: list[dict]) -> Cost:
   if config.data.max_train_examples:
     n_train = min(n_train, config.data.max_train_examples)
   n_val = int(round(n_train * config.validation_fraction))
-  logits = (n_val + n_test) * config.model.num_classes * 4  # float32, kept for the selection
+  classes = configlib.DATASET_LABELS[config.dataset]
+  logits = (n_val + n_test) * classes * 4  # float32, kept for the selection
   structures: dict[str, list] = {}  # structural overrides -> [members, state bytes]
   for i, chosen in enumerate(overrides):
     if i % 1000 == 0:
@@ -355,7 +356,8 @@ def _gather(outcomes, members, splits) -> list[Outcome]:
   from jax.experimental import multihost_utils
   parallel.barrier('digitjax:population-trained')
   per = -(-len(members) // jax.process_count())
-  shape = lambda split: (per, len(split['label']), members[0].config.model.num_classes)
+  classes = configlib.DATASET_LABELS[members[0].config.dataset]
+  shape = lambda split: (per, len(split['label']), classes)
   gathered = {}
   for name, split in (('val', splits.val), ('test', splits.test)):
     mine = np.zeros(shape(split), np.float32)

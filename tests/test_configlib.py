@@ -110,6 +110,16 @@ def test_a_fraction_of_an_epoch_is_valid(config):
   configlib.validate(config)
 
 
+def test_the_models_classes_are_the_datasets_labels(config):
+  # model.num_classes went: on every supported dataset it could only be 10, the model's output.
+  from digitjax import model as model_lib
+  assert set(configlib.DATASET_LABELS.values()) == {model_lib.CNN.num_classes}
+  assert configlib.DATASET_LABELS[config.dataset] == 10
+  with pytest.raises(UserError, match=r"config.model.num_classes was removed: the classes are "
+                                      r"config.dataset's"):
+    configlib.set_field(config, 'model.num_classes', 10)
+
+
 def test_unknown_and_removed_fields_name_the_fix(config):
   with pytest.raises(UserError, match=r"config.learnig_rate is not a config field; did you "
                                       r"mean 'learning_rate'\?"):
