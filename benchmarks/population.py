@@ -62,13 +62,13 @@ def main():
   sys.path.insert(0, ROOT)
   sys.path.insert(0, os.path.join(ROOT, 'configs'))
   import importlib
-  from digitjax import data as data_lib, population
+  from digitjax import data as data_lib, members as members_lib
   data_lib.prepare('mnist', args.data_dir, data)  # one-off preparation, not timed
   config = importlib.import_module(os.path.splitext(os.path.basename(args.config))[0]).get_config()
   if args.grid is not None:
     config.sweep.grid = args.grid
     common.append(f'--config.sweep.grid={args.grid}')
-  members = population.members_of(config, '/unused')
+  members = members_lib.members_of(config, '/unused')
   figures = {'members': [m.name for m in members], 'repeats': []}
 
   def populations(root, r):
@@ -89,7 +89,7 @@ def main():
   def singles(root, r):
     out = []
     for i, m in enumerate(members):
-      single = [f'--config.{k}={population.format_value(v)}' for k, v in m.overrides.items()]
+      single = [f'--config.{k}={members_lib.format_value(v)}' for k, v in m.overrides.items()]
       wall, res = job(data, args.data_dir, args.config,
                       [c for c in common if not c.startswith('--config.sweep.grid=')] + single +
                       ['--config.sweep.grid=', f'--config.data.split_seed={config.seed}'],

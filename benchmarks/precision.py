@@ -24,7 +24,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from digitjax import configlib, data, inference, loop, parallel, pipeline, population, steps  # noqa: E402
+from digitjax import configlib, data, inference, loop, members, parallel, pipeline, steps  # noqa: E402
 from digitjax import model as model_lib  # noqa: E402
 
 TRAIN_IMAGES = 54000
@@ -37,7 +37,7 @@ def load_config(path, overrides):
   spec.loader.exec_module(module)
   config = module.get_config()
   for item in overrides:
-    for key, value in population.parse_overrides(item, '--override').items():
+    for key, value in members.parse_overrides(item, '--override').items():
       configlib.set_field(config, key, value)
   configlib.validate(config)
   return config

@@ -17,7 +17,7 @@ The programs are the ones a run builds, by the run's own code, on the topology's
   the run's own feeder (`pipeline.DeviceInput`: jitted lax.scan of `chunk_steps` steps of
   steps.train_and_accumulate over the device-resident 54,000-image split; state and sums
   donated), compiled by its own `compile(carry, sums, numbers)`. The group's members come from
-  `population.members_of` (a sweep 'seed=0,1,2,3' for the K=4 group: one vmapped program,
+  `members.members_of` (a sweep 'seed=0,1,2,3' for the K=4 group: one vmapped program,
   states stacked along a member axis sharded over 'members').
   The only stand-in: a compile-only device holds no data, so while the group is built every
   `jax.device_put` onto the topology's devices (pipeline.place's training split, the group's
@@ -75,7 +75,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'configs'))
 from digitjax import configlib, data, inference, loop, parallel, pipeline  # noqa: E402
-from digitjax import population, steps  # noqa: E402
+from digitjax import members as members_lib, population, steps  # noqa: E402
 
 N_TRAIN = 54000  # MNIST's 60,000 training images less the default 10% validation holdout
 N_VAL = 6000
@@ -177,8 +177,8 @@ def build(config, devices, choices: dict | None = None, backend: str = 'tpu',
   Mesh and choices as population._train_group makes them (its 6 lines, with `backend` and
   `devices` passed); `choices` replaces some resolved choices (e.g. {'conv_impl': 'im2col'}).
   """
-  members = population.members_of(config, '/unused')
-  groups = population.groups_of(members)
+  members = members_lib.members_of(config, '/unused')
+  groups = members_lib.groups_of(members)
   if len(groups) != 1:
     raise ValueError(f'the sweep makes {len(groups)} groups; give members of one group')
   group = groups[0]

@@ -34,12 +34,13 @@ def get_config():
   #                                            the tutorial's) | 'torch' (PyTorch's Conv2d
   #                                            default: uniform in +-1/sqrt(fan_in))
   config.model.dense_features = 100          # width of the hidden dense layer
-  config.model.num_classes = 10              # output classes
   config.model.dropout_rate = 0.0            # dropout before the dense layers (0 = none)
   config.model.batch_norm = False            # BatchNorm after each conv and dense1 (they lose
   #                                            their biases; running statistics for evaluation)
   config.model.conv_impl = 'auto'            # 'lax' | 'im2col' | 'winograd' | 'mixed' | 'auto'
-  #                                            (mixed on CPU), or one per layer: 'lax,winograd,im2col'
+  #                                            (on CPU im2col with the device input, mixed with
+  #                                            tfds's; lax elsewhere; evaluation lax), or one
+  #                                            per layer: 'lax,winograd,im2col'
   config.model.pool_impl = 'auto'            # 'lax' | 'reshape' | 'auto' (reshape on CPU)
   config.model.dtype = 'float32'             # computation: 'float32' | 'bfloat16' (activations
   #                                            and products in bfloat16; parameters, optimizer

@@ -1,5 +1,8 @@
 """The config's meaning: its checks, the one dotted-path helper, the fields a checkpoint must
-share with a config, and every 'auto' choice, resolved in one place (`resolve`).
+share with a config, and what its 'auto' values mean: on a backend and device layout
+(`resolve`), for the validation holdout (`split_seed`: -1 = seed) and the compilation cache
+(`compilation_cache_dir`). distributed.mode's 'auto' alone is decided in parallel.py: it reads
+the cluster's environment, before JAX starts and before the config is validated.
 
 Nothing here imports the rest of digitjax (only errors), so every layer may use it.
 """
@@ -17,7 +20,8 @@ CONV_IMPLS = ('lax', 'im2col', 'winograd', 'mixed')
 SCHEDULES = ('constant', 'cosine', 'onecycle')
 OPTIMIZERS = ('sgd', 'adam')
 DTYPES = ('float32', 'bfloat16')
-DATASET_LABELS = {'mnist': 10, 'fashion_mnist': 10}  # the classes a model must output
+DATASET_LABELS = {'mnist': 10, 'fashion_mnist': 10}  # the classes a model outputs (model.CNN's
+#                                                       10 is every dataset's: test_configlib)
 # parallel.py checks these before it joins a cluster (launch.py joins before validating): the
 # same tuples there, pinned equal by tests/test_config_checks.py.
 DISTRIBUTED_MODES = ('auto', 'on', 'off')
@@ -29,7 +33,7 @@ _SECTIONS_READ = ('model', 'data', 'augment', 'plateau', 'sweep', 'distributed')
 # The fields a checkpoint must share with the config that resumes it (the batch size shapes the
 # example order, the model the arrays, the data fields which examples are trained on).
 MODEL_FIELDS = ('model.conv_features', 'model.kernel_sizes', 'model.pool_after',
-                'model.dense_features', 'model.num_classes', 'model.batch_norm')
+                'model.dense_features', 'model.batch_norm')
 SPLIT_FIELDS = ('dataset', 'seed', 'validation_fraction', 'data.max_train_examples',
                 'data.split_seed')
 # model.dtype is not one of them: it changes the arithmetic, not the arrays (the parameters and
@@ -69,11 +73,26 @@ REMOVED_FIELDS = {
                      "--config.sweep.select=ensemble",
     'ensemble_variants': "ensembles of variants are populations now: --config.sweep.members="
                          "\"('', 'model.batch_norm=True')\" --config.sweep.select=ensemble",
+    'model.num_classes': "the classes are config.dataset's (configlib.DATASET_LABELS: 10 for "
+                         "mnist and fashion_mnist); leave it out",
 }
 
 
 # ---------------------------------------------------------------------------------------------
 # Dotted paths
+
+
+def without_removed_fields(record: dict) -> dict:
+  """A stored config (a plain dict) without the fields REMOVED_FIELDS names (a workdir trained
+  before they went holds them)."""
+  for dotted in REMOVED_FIELDS:
+    *parents, leaf = dotted.split('.')
+    target = record
+    for part in parents:
+      target = target.get(part) if isinstance(target, dict) else None
+    if isinstance(target, dict):
+      target.pop(leaf, None)
+  return record
 
 
 def with_added_fields(record: dict) -> dict:
@@ -310,9 +329,6 @@ def _model_checks(c) -> list:
       ('model.pool_after', lambda v: isinstance(v, (tuple, list)) and all(_int(i) for i in v),
        'a list of conv layer indices (0-based)'),
       ('model.dense_features', lambda v: _int(v) and v > 0, 'positive'),
-      ('model.num_classes', lambda v: _int(v) and v == DATASET_LABELS[c.dataset],
-       f'{DATASET_LABELS.get(c.dataset)}, the number of labels of config.dataset='
-       f'{c.dataset!r}'),
       ('model.dropout_rate', _in_unit, 'in [0, 1)'),
       ('model.conv_impl', lambda v: isinstance(v, str) and _conv_impl_ok(m),
        "'auto', 'lax', 'im2col', 'winograd' or 'mixed', or one of lax/im2col/winograd per conv "

@@ -81,6 +81,30 @@ def read_idx(path: str, expect_ndim: int, sha256: str | None = None) -> np.ndarr
   return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
 
 
+def read_idx_head(path: str, expect_ndim: int, n: int) -> np.ndarray:
+  """The first `n` items of an IDX ubyte file (gzipped or not), read from its start only: the
+  whole file was checked (read_idx) when the dataset was prepared from it."""
+  try:
+    with open(path, 'rb') as f:
+      gzipped = f.read(2) == b'\x1f\x8b'
+    with (gzip.open if gzipped else open)(path, 'rb') as f:
+      header = f.read(4 + 4 * expect_ndim)
+      if len(header) < 4 + 4 * expect_ndim or header[:3] != b'\0\0\x08' or (
+          header[3] != expect_ndim):
+        raise UserError(f'{path}: not an IDX file of unsigned bytes with {expect_ndim} '
+                        f'dimension(s) (magic {header[:4].hex() or "missing"}); replace it with '
+                        f'an intact copy')
+      dims = tuple(int(d) for d in np.frombuffer(header[4:], '>u4'))
+      count, size = min(n, dims[0]), int(np.prod(dims[1:]))
+      body = f.read(count * size)
+  except (OSError, EOFError, zlib.error) as e:
+    raise UserError(f'{path}: not a readable gzip file ({e}); replace it with an intact '
+                    f'copy') from e
+  if len(body) < count * size:
+    raise UserError(f'{path}: truncated: header says {dims}; replace it with an intact copy')
+  return np.frombuffer(body, np.uint8).reshape((count,) + dims[1:])
+
+
 def read_idx_split(manual_dir: str, split: str, dataset: str,
                    verify_checksums: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Images (N,28,28,1) uint8 and labels (N,) of one split from validated IDX files."""
@@ -268,6 +292,7 @@ class Splits:
   train: dict[str, np.ndarray]
   val: dict[str, np.ndarray]
   test: dict[str, np.ndarray]
+  firsts: dict | None = None  # the images the pictures show first (first_images), when asked
 
   def counts(self) -> dict[str, list[int]]:
     return {name: np.bincount(split['label'], minlength=NUM_CLASSES).tolist()
@@ -283,9 +308,10 @@ def holdout_indices(n: int, fraction: float, seed: int, max_examples: int = 0):
   return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def load_splits(config) -> Splits:
+def load_splits(config, firsts: bool = False) -> Splits:
   """Train/val/test arrays for config.dataset: tfds-prepared, validation held out by the seed
-  configlib.split_seed gives (a population's members share the holdout of its base seed)."""
+  configlib.split_seed gives (a population's members share the holdout of its base seed);
+  with `firsts`, the images the pictures show first as well (first_images)."""
   from digitjax import parallel
   d = config.data
   args = (config.dataset, d.data_dir or None, d.manual_dir or None, d.verify_checksums)
@@ -300,23 +326,30 @@ def load_splits(config) -> Splits:
   train_idx, val_idx = holdout_indices(len(full_train['label']), config.validation_fraction,
                                        split_seed(config), d.max_train_examples)
   take = lambda split, idx: {k: v[idx] for k, v in split.items()}
-  return Splits(take(full_train, train_idx), take(full_train, val_idx), test)
+  splits = Splits(take(full_train, train_idx), take(full_train, val_idx), test)
+  if firsts:
+    splits.firsts = first_images(d.manual_dir, splits)
+  return splits
 
 
-def first_images(config, splits: Splits, n: int = 9) -> dict[str, dict[str, np.ndarray]]:
+def first_images(manual_dir: str, splits: Splits, n: int = 9) -> dict[str, dict[str, np.ndarray]]:
   """The first `n` images of MNIST's own order, as the tutorial shows them (training 5 0 4 1 9
   2 1 3 1, test 7 2 1 0 4 1 4 9 5): tfds stores its examples shuffled, so they come from the
-  IDX files in data.manual_dir; the test ones carry their `index` in splits.test (found by their
-  pixels) for the predictions drawn on them. Without manual_dir, the first of tfds's order."""
-  d = config.data
-  if not d.manual_dir:
+  start of the IDX files in `manual_dir` (the rest is never read again); the test ones carry
+  their `index` in splits.test (found by their pixels) for the predictions drawn on them.
+  Without manual_dir, the first of tfds's order."""
+  if not manual_dir:
     return {'train': {k: v[:n] for k, v in splits.train.items()},
             'test': {**{k: v[:n] for k, v in splits.test.items()},
                      'index': np.arange(min(n, len(splits.test['label'])))}}
+  if not os.path.isdir(manual_dir):
+    raise UserError(f'data.manual_dir={manual_dir}: no such directory; point it at the folder '
+                    f'holding the four IDX .gz files')
   firsts = {}
-  for split in ('train', 'test'):
-    images, labels = read_idx_split(d.manual_dir, split, config.dataset, False)
-    firsts[split] = {'image': images[:n], 'label': labels[:n].astype(np.int32)}
+  for split, (image_stem, label_stem) in IDX_STEMS.items():
+    images = read_idx_head(_find_idx(manual_dir, image_stem), 3, n)
+    labels = read_idx_head(_find_idx(manual_dir, label_stem), 1, n)
+    firsts[split] = {'image': images[..., None], 'label': labels.astype(np.int32)}
   where = {splits.test['image'][i].tobytes(): i for i in range(len(splits.test['label']))}
   index = np.array([where.get(image.tobytes(), -1) for image in firsts['test']['image']])
   firsts['test']['index'] = index

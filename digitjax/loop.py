@@ -41,6 +41,7 @@ from digitjax import checkpoint as ckpt_lib, configlib, data, inference, metrics
 from digitjax import model as model_lib, parallel, pipeline, signals, steps
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
+from digitjax.members import Member, Outcome
 from digitjax.metrics import log
 
 
@@ -54,33 +55,6 @@ class Preempted(signals.Interrupted):
   def __init__(self, signal_name: str, step: int):
     super().__init__(signal_name, f'at step {step}', saved=True)
     self.step = step
-
-
-@dataclasses.dataclass
-class Member:
-  """One model of a population: the base config plus `overrides`."""
-  index: int
-  name: str              # its overrides as text ('learning_rate=0.01,seed=0'), or 'base'
-  overrides: dict        # field -> value
-  config: Any            # the effective ConfigDict
-  files: workdir_lib.RunFiles
-
-  @property
-  def label(self) -> str:
-    """'[name] ' before its lines, or nothing for the base config (no overrides)."""
-    return f'[{self.name}] ' if self.overrides else ''
-
-
-@dataclasses.dataclass
-class Outcome:
-  """How a member's training ended: its results.json record and, for the population's
-  selection, its logits on the validation and test splits."""
-  member: Member
-  results: dict
-  history: list[dict]
-  val_logits: np.ndarray | None = None
-  test_logits: np.ndarray | None = None
-  state: Any = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,7 +602,7 @@ def check_divergence(run: Run) -> None:
     return
   for i, t in enumerate(run.epoch.train):
     found = None if i in run.diverged else _divergence(
-        t, run.step, run.members[i].config.model.num_classes)
+        t, run.step, configlib.DATASET_LABELS[run.members[i].config.dataset])
     if found is None:
       continue
     if not run.named:

@@ -435,7 +435,6 @@ def build_model(model_config, conv_impl: str = 'lax', pool_impl: str = 'lax') ->
              kernel_sizes=tuple(model_config.kernel_sizes),
              pool_after=tuple(model_config.pool_after),
              dense_features=model_config.dense_features,
-             num_classes=model_config.num_classes,
              dropout_rate=model_config.dropout_rate,
              batch_norm=model_config.batch_norm,
              dtype=jnp.dtype(model_config.dtype), conv_init=model_config.conv_init,

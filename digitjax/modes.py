@@ -21,11 +21,11 @@ import sys
 import jax
 import numpy as np
 
-from digitjax import configlib, data, inference, loop, metrics as metrics_lib, parallel, signals
-from digitjax import model as model_lib
-from digitjax import population as population_lib
+from digitjax import configlib, data, inference, members as members_lib, metrics as metrics_lib
+from digitjax import model as model_lib, parallel, signals
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
+from digitjax.members import Member, Outcome
 from digitjax.metrics import log
 
 # --split value -> the Splits field and the metric prefix results.json uses for it.
@@ -37,23 +37,25 @@ DEFAULT_CHECKPOINT = {'eval': 'best', 'predict': 'best', 'report': 'latest', 'ex
 @dataclasses.dataclass
 class Target:
   """What a mode uses: `members` (their mean probabilities), and where its files go."""
-  members: list[loop.Member]
+  members: list[Member]
   files: workdir_lib.RunFiles
-  population: list[loop.Member] | None = None  # all members, when the target is a selection
-  results: dict | None = None                  # the population's results.json
+  population: list[Member] | None = None  # all members, when the target is a selection
+  results: dict | None = None             # the population's results.json
 
   @property
   def what(self) -> str:
     if self.population is None:
-      return '' if self.members[0].name == 'base' else f' of member {self.members[0].name}'
+      return '' if self.members[0].is_base else f' of member {self.members[0].name}'
     return (f' of the population\'s selection (select={self.results.get("select")}: '
             f'{len(self.members)} of {len(self.population)} members)')
 
 
-def target(config, workdir: str, member: str | None = None) -> Target:
-  """The run, member or population selection that `workdir` and `member` name."""
-  members = population_lib.members_of(config, workdir)
-  if len(members) == 1 and members[0].name == 'base':
+def target(config, workdir: str, member: str | None = None,
+           members: list[Member] | None = None) -> Target:
+  """The run, member or population selection that `workdir` and `member` name (`members`:
+  members.members_of(config, workdir), when the caller has them already)."""
+  members = members_lib.members_of(config, workdir) if members is None else members
+  if members[0].alone:
     if member is not None:
       raise UserError(f'--member={member}: {workdir} was trained without config.sweep, so it '
                       f'has no members; leave --member out')
@@ -81,9 +83,9 @@ def target(config, workdir: str, member: str | None = None) -> Target:
   return Target(chosen, files, members, results)
 
 
-def reselected(results: dict, how: str, members: list[loop.Member], path: str) -> dict:
+def reselected(results: dict, how: str, members: list[Member], path: str) -> dict:
   """The population's results with `how` choosing what it delivers, as training chooses
-  (population.select: on each member's validation accuracy, diverged members never), from the
+  (members.select: on each member's validation accuracy, diverged members never), from the
   members' records in results.json; 'selected' and each member's 'selected' follow."""
   records = {r.get('name'): r for r in results.get('members') or [] if isinstance(r, dict)}
   missing = [m.name for m in members if m.name not in records]
@@ -92,11 +94,11 @@ def reselected(results: dict, how: str, members: list[loop.Member], path: str) -
                     f'choose among the members; train the population to the end again (the '
                     f'same --mode=train command), or pick one member with --member=INDEX')
   trained = lambda r: r.get('diverged_at_step') is None and r.get('test_accuracy') is not None
-  outcomes = [loop.Outcome(m, records[m.name], [],
-                           test_logits=np.zeros(0) if trained(records[m.name]) else None)
+  outcomes = [Outcome(m, records[m.name], [],
+                      test_logits=np.zeros(0) if trained(records[m.name]) else None)
               for m in members]  # only whether a member has logits matters to the choice
-  chosen = population_lib.select(outcomes, how)
-  note = population_lib.selection_note(outcomes, how, chosen)
+  chosen = members_lib.select(outcomes, how, members_lib.selection_metric(members[0].config))
+  note = members_lib.selection_note(outcomes, how, chosen)
   if note:
     log(note)
   names = [members[i].name for i in chosen]
@@ -145,8 +147,8 @@ def run_eval(config, workdir: str, checkpoint: str = 'best', split: str = 'test'
   logits = inference.combine_logits(member_logits)
   metrics = inference.classification_metrics(logits, examples['label'])
   per_member = [inference.classification_metrics(l, examples['label']) for l in member_logits]
-  per_class = inference.per_class_accuracy(logits, examples['label'],
-                                           goal.members[0].config.model.num_classes)
+  per_class = inference.per_class_accuracy(
+      logits, examples['label'], configlib.DATASET_LABELS[goal.members[0].config.dataset])
   result = {'split': split, 'checkpoint': checkpoint, 'checkpoint_step': restored.step,
             'epoch': restored.epochs[0] if len(restored.epochs) == 1 else None,
             **({'members': [m.name for m in goal.members]} if goal.population else {}),
@@ -235,7 +237,7 @@ def run_predict(config, workdir: str, inputs: list[str], output: str | None = No
   goal = target(config, workdir, member)
   restored = Restored(goal, checkpoint, 'predict')
   read = images.read_inputs(inputs)
-  probabilities = np.zeros((0, goal.members[0].config.model.num_classes))
+  probabilities = np.zeros((0, configlib.DATASET_LABELS[goal.members[0].config.dataset]))
   if len(read.images):
     # An ensemble's confidence is its mean softmax probability: combine_logits is its log.
     probabilities = inference.probabilities(inference.combine_logits(
@@ -256,20 +258,19 @@ def run_report(config, workdir: str, checkpoint: str = 'latest',
   """Redraws the pictures from checkpoints and metrics.jsonl, without training."""
   goal = target(config, workdir, member)
   restored = Restored(goal, checkpoint, 'report')
-  splits = data.load_splits(goal.members[0].config)
+  splits = data.load_splits(goal.members[0].config, firsts=True)
   test_logits = inference.combine_logits(restored.member_logits(splits.test['image']))
   if not parallel.is_main_process():  # all processes evaluate; process 0 draws, as in training
     return []
   from digitjax import report  # matplotlib is imported only when pictures are drawn
   # The learning curves of the first member, as training drew them (the delivered one's).
   paths = report.draw_all(goal.files.plots, splits, test_logits,
-                          metrics_lib.read_history(goal.members[0].files),
-                          data.first_images(goal.members[0].config, splits))
+                          metrics_lib.read_history(goal.members[0].files))
   if goal.population is not None:
     paths += report.draw_population(
         goal.files.plots, goal.results, [metrics_lib.read_history(m.files)
                                          for m in goal.population],
-        population_lib.swept_fields(config))
+        members_lib.swept_fields(goal.population))
   log(f'Drew {len(paths)} pictures of checkpoint step {restored.step} ({checkpoint})'
       f'{goal.what} into {goal.files.plots}: {", ".join(os.path.basename(p) for p in paths)}')
   return paths
@@ -283,7 +284,8 @@ def export_folder(workdir: str, output: str | None) -> str:
   return output or os.path.join(workdir, workdir_lib.EXPORT)
 
 
-def check_export_output(folder: str, output: str | None, config, workdir: str) -> None:
+def check_export_output(folder: str, output: str | None, members: list[Member],
+                        workdir: str) -> None:
   """Refuses, before any work, an --output export must not write to: an existing file, a
   folder inside checkpoints (the workdir's or a member's), or a folder holding anything export
   did not write (export replaces the folder whole)."""
@@ -293,8 +295,7 @@ def check_export_output(folder: str, output: str | None, config, workdir: str) -
     raise UserError(f'{given} is an existing file; export writes a folder '
                     f'({workdir_lib.EXPORT_SAVEDMODEL}/ and {workdir_lib.EXPORT_ONNX}): give a '
                     f'folder path')
-  runs = [workdir_lib.RunFiles.of(workdir)] + [
-      m.files for m in population_lib.members_of(config, workdir)]
+  runs = [workdir_lib.RunFiles.of(workdir)] + [m.files for m in members]
   for files in runs:
     for name in (workdir_lib.CHECKPOINTS, workdir_lib.DAMAGED_CHECKPOINTS):
       protected = os.path.realpath(files.path(name))
@@ -340,8 +341,9 @@ def run_export(config, workdir: str, output: str | None = None, checkpoint: str 
                     f'{"is" if len(missing) == 1 else "are"} not installed; pip install -e '
                     f'\'.[export]\'')
   folder = export_folder(workdir, output)
-  check_export_output(folder, output, config, workdir)
-  goal = target(config, workdir, member)
+  declared = members_lib.members_of(config, workdir)
+  check_export_output(folder, output, declared, workdir)
+  goal = target(config, workdir, member, declared)
   restored = Restored(goal, checkpoint, 'export')
   members = [(model_lib.build_model(m.config.model), jax.device_get(state.variables()))
              for m, state in zip(goal.members, restored.states)]
@@ -351,7 +353,7 @@ def run_export(config, workdir: str, output: str | None = None, checkpoint: str 
   if not parallel.is_main_process():  # every process restores; one writes
     return []
   what = (f'checkpoint step {restored.step} ({checkpoint}){goal.what}: uint8 images (N, 28, 28) '
-          f'-> probabilities (N, {goal.members[0].config.model.num_classes})')
+          f'-> probabilities (N, {configlib.DATASET_LABELS[goal.members[0].config.dataset]})')
   _write_export(export, members, os.path.realpath(folder), folder)
   written = [os.path.join(folder, name) for name in _EXPORTED]
   for path, kind in zip(written, ('TensorFlow SavedModel', 'ONNX model')):
@@ -403,7 +405,7 @@ def run(config, workdir: str, request: Request) -> int:
 
 
 def _run(config, workdir: str, r: Request) -> int:
-  configlib.validate(config)
+  # The config is checked where its members are found (members.override_sets), once.
   checkpoint = r.checkpoint or DEFAULT_CHECKPOINT.get(r.mode)
   if r.mode == 'eval':
     run_eval(config, workdir, checkpoint, r.split, r.member)

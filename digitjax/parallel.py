@@ -59,6 +59,8 @@ def distributed_arguments(dist, environ) -> dict | None:
   _check_fields(dist)
   managed = [m for m in MANAGED_CLUSTERS if m in environ]
   address = dist.coordinator_address or environ.get('JAX_COORDINATOR_ADDRESS', '')
+  # 'auto' is resolved here, not in configlib.resolve: it depends on the environment and must
+  # be known before JAX starts (launch.py joins the cluster before anything else).
   if dist.mode == 'off' or (dist.mode == 'auto' and not (address or managed)):
     return None
   for marker in managed:

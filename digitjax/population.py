@@ -1,14 +1,8 @@
-"""Experiments as populations: members (the base config plus overrides), trained in groups,
+"""Experiments as populations: the members config.sweep declares (members.py), trained in groups,
 compared side by side, and one delivered model chosen on validation.
 
-config.sweep declares the members (configs/default.py documents the syntax):
-- `grid`: 'field=v1,v2,...; field=v1,...' -> every combination, in the order written;
-- `members`: override sets, each 'field=value; field=value' ('' = the config as it is);
-  with a grid, each set is combined with every grid point;
-- `select`: what the population delivers: 'best' (by validation accuracy), 'ensemble' (the mean
-  probabilities of all members) or 'top<k>' (of the k best by validation accuracy).
-Members share the data and its validation holdout (that of the base config's seed). A config
-without a sweep is a population of one: its run is exactly a single run, in the workdir itself.
+A config without a sweep is a population of one member, the config itself: its run is exactly a
+single run, in the workdir itself (members.Member.alone), with a run's files and lines.
 
 Members that differ only in numbers (configlib.MEMBER_NUMERIC_FIELDS: seed, learning rate,
 momentum, weight decay, warmup, augmentation ranges, dropout rate) form one group, trained
@@ -24,16 +18,13 @@ line, one this machine cannot hold; config.sweep.allow_large=True goes ahead any
 """
 from __future__ import annotations
 
-import ast
 import csv
 import dataclasses
 import functools
 import io
-import itertools
 import json
 import math
 import os
-import re
 import resource
 import shutil
 import time
@@ -41,196 +32,13 @@ import time
 import jax
 import numpy as np
 
-from digitjax import configlib, data, inference, loop, metrics as metrics_lib
-from digitjax import model as model_lib, parallel, search, search_steps, signals, steps
+from digitjax import configlib, data, inference, loop, members as members_lib
+from digitjax import metrics as metrics_lib, model as model_lib, parallel, search
+from digitjax import search_steps, signals, steps
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
+from digitjax.members import Member, Outcome
 from digitjax.metrics import log
-
-
-# ---------------------------------------------------------------------------------------------
-# The sweep's syntax
-
-
-def _split_top(text: str, sep: str) -> list[str]:
-  """`text` split at each `sep` outside brackets and quotes."""
-  parts, depth, quote, current = [], 0, None, []
-  for ch in text:
-    if quote:
-      quote = None if ch == quote else quote
-    elif ch in '\'"':
-      quote = ch
-    elif ch in '([{':
-      depth += 1
-    elif ch in ')]}':
-      depth -= 1
-    elif ch == sep and depth == 0:
-      parts.append(''.join(current))
-      current = []
-      continue
-    current.append(ch)
-  parts.append(''.join(current))
-  return parts
-
-
-def _literal(text: str):
-  """A Python literal (0.01, True, (32, 64, 64), 'cosine'), or a bare word as a string."""
-  text = text.strip()
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-
-
-def parse_overrides(text: str, where: str) -> dict:
-  """'a=1; b.c=(1, 2)' -> {'a': 1, 'b.c': (1, 2)}."""
-  overrides = {}
-  for item in filter(str.strip, _split_top(text, ';')):
-    key, sep, value = item.partition('=')
-    key = key.strip()
-    if not sep or not key or not value.strip():
-      raise UserError(f"{where}: {item.strip()!r} is not field=value (e.g. "
-                      f"'model.batch_norm=True'; several separated by ';')")
-    if key in overrides:
-      raise UserError(f'{where}: {key} is set twice')
-    overrides[key] = _literal(value)
-  return overrides
-
-
-def parse_grid(text: str) -> list[tuple[str, list]]:
-  """'learning_rate=0.01,0.1; seed=0,1' -> [('learning_rate', [0.01, 0.1]), ('seed', [0, 1])]."""
-  axes = []
-  for item in filter(str.strip, _split_top(text, ';')):
-    key, sep, values = item.partition('=')
-    key = key.strip()
-    values = [v for v in _split_top(values, ',') if v.strip()]
-    if not sep or not key or not values:
-      raise UserError(f"config.sweep.grid: {item.strip()!r} is not field=v1,v2,... (e.g. "
-                      f"'learning_rate=0.003,0.01,0.03,0.1; seed=0,1,2')")
-    if key in (k for k, _ in axes):
-      raise UserError(f'config.sweep.grid: {key} is swept twice')
-    values = [_literal(v) for v in values]
-    if len({json.dumps(v, default=str) for v in values}) < len(values):
-      raise UserError(f'config.sweep.grid: {key} lists a value twice ({values})')
-    axes.append((key, values))
-  return axes
-
-
-def format_value(value) -> str:
-  if isinstance(value, (tuple, list)):
-    return '(' + ','.join(format_value(v) for v in value) + ')'
-  return str(value)
-
-
-def member_name(overrides: dict) -> str:
-  return ','.join(f'{k}={format_value(v)}' for k, v in overrides.items()) or 'base'
-
-
-SELECT_RE = re.compile(r'^(best|ensemble|top([1-9][0-9]*))$')
-
-
-# ---------------------------------------------------------------------------------------------
-# Members
-
-
-def override_sets(config) -> list[dict]:
-  """Each member's overrides, in order, from the sweep's syntax alone (nothing is built)."""
-  configlib.validate(config)
-  select = config.sweep.select
-  if not SELECT_RE.match(select):
-    raise UserError(f"config.sweep.select={select!r} is invalid: it must be 'best', "
-                    f"'ensemble' or 'top<k>' (e.g. 'top3')")
-  if isinstance(config.sweep.members, str) or not all(
-      isinstance(m, str) for m in config.sweep.members):
-    raise UserError(f'config.sweep.members={config.sweep.members!r} is invalid: it must be a '
-                    f"tuple of override strings, e.g. ('', 'model.batch_norm=True')")
-  sets = [parse_overrides(text, f'config.sweep.members[{i}]')
-          for i, text in enumerate(config.sweep.members)] or [{}]
-  grid = parse_grid(config.sweep.grid)
-  combos = list(itertools.product(*[[(k, v) for v in values] for k, values in grid]))
-  overrides = []
-  for chosen in sets:
-    for combo in combos:
-      both = set(chosen) & {k for k, _ in combo}
-      if both:
-        raise UserError(f'config.sweep: {sorted(both)[0]} is set both by config.sweep.members '
-                        f'and by config.sweep.grid; set it in one of them')
-      overrides.append({**chosen, **dict(combo)})
-  return overrides
-
-
-def members_of(config, workdir: str) -> list[loop.Member]:
-  """The members `config` declares, each validated; a UserError names the first bad one."""
-  overrides = override_sets(config)
-  if len(overrides) == 1 and not overrides[0]:
-    return [loop.Member(0, 'base', {}, config, workdir_lib.RunFiles.of(workdir))]
-  base_split_seed = configlib.split_seed(config)
-  members, seen = [], {}
-  for i, chosen in enumerate(overrides):
-    signals.check("while checking the population's members; nothing was written")
-    name = member_name(chosen)
-    where = f'config.sweep member {i} ({name})'
-    member = config.copy_and_resolve_references()
-    member.sweep.grid, member.sweep.members = '', ()
-    for key, value in chosen.items():
-      if configlib.matches(key, configlib.SHARED_FIELDS):
-        raise UserError(f'{where}: {key} is shared by every member (they are compared and '
-                        f'combined on the same data); set it for the whole population')
-      try:
-        configlib.set_field(member, key, value)
-      except UserError as e:
-        raise UserError(f'{where}: {e}') from None
-    member.data.split_seed = base_split_seed  # members share the base config's holdout
-    try:
-      configlib.validate(member)
-    except UserError as e:
-      raise UserError(f'{where}: {e}') from None
-    key = json.dumps(member.to_dict(), sort_keys=True, default=str)
-    if key in seen:
-      raise UserError(f'{where} is the same config as member {seen[key]}; remove one of them')
-    seen[key] = i
-    members.append(loop.Member(i, name, chosen, member,
-                               workdir_lib.member_files(workdir, i, name)))
-  _check_select(config, len(members))
-  return members
-
-
-def _check_select(config, size: int) -> None:
-  top = SELECT_RE.match(config.sweep.select).group(2)
-  if top and int(top) > size:
-    raise UserError(f'config.sweep.select={config.sweep.select!r} asks for more members than '
-                    f'the population has ({size})')
-  if size > 1 and config.sweep.select != 'ensemble' and config.validation_fraction == 0:
-    raise UserError(f"config.sweep.select={config.sweep.select!r} chooses by validation "
-                    f"accuracy, and config.validation_fraction=0 leaves no validation split; "
-                    f"hold some out, or use select='ensemble'")
-
-
-def group_key(config) -> str:
-  """What members of one group share: everything but the per-member numbers (and of those,
-  whether weight decay and a constant schedule's warmup are there at all: they change the
-  optimizer state's tree)."""
-  fields = config.to_dict()
-  for name in configlib.MEMBER_NUMERIC_FIELDS:
-    *parents, leaf = name.split('.')
-    target = fields
-    for p in parents:
-      target = target[p]
-    target.pop(leaf)
-  fields['_weight_decay'] = config.weight_decay > 0
-  fields['_warmup'] = config.warmup_epochs > 0
-  for name in ('checkpoint_keep', 'log_every_steps'):
-    fields.pop(name)
-  return json.dumps(fields, sort_keys=True, default=str)
-
-
-def groups_of(members: list[loop.Member]) -> list[list[loop.Member]]:
-  """Members that can share a program, in the order of their first member."""
-  groups: dict[str, list] = {}
-  for m in members:
-    groups.setdefault(group_key(m.config), []).append(m)
-  return list(groups.values())
-
 
 # ---------------------------------------------------------------------------------------------
 # Cost: what a population needs, estimated from its config before any work
@@ -262,7 +70,8 @@ def _state_bytes(config, structural: dict) -> int:
   try:
     for key, value in structural.items():
       configlib.set_field(cfg, key, value)
-    configlib.validate(cfg)
+    if structural:  # the base config itself is checked already
+      configlib.validate(cfg)
   except UserError:
     return 0
   spec = steps.spec(cfg, model_lib.build_model(cfg.model), 1)
@@ -279,7 +88,8 @@ def estimate_cost(config, overrides: list[dict]) -> Cost:
   if config.data.max_train_examples:
     n_train = min(n_train, config.data.max_train_examples)
   n_val = int(round(n_train * config.validation_fraction))
-  logits = (n_val + n_test) * config.model.num_classes * 4  # float32, kept for the selection
+  classes = configlib.DATASET_LABELS[config.dataset]
+  logits = (n_val + n_test) * classes * 4  # float32, kept for the selection
   structures: dict[str, list] = {}  # structural overrides -> [members, state bytes]
   for i, chosen in enumerate(overrides):
     if i % 1000 == 0:
@@ -334,7 +144,7 @@ def check_cost(config, workdir: str, overrides: list[dict]) -> None:
   the workdir's filesystem, open files), before any data is read or any folder made; config.
   sweep.allow_large=True goes ahead anyway."""
   if len(overrides) <= 1 or config.sweep.get('allow_large', False):
-    return
+    return  # one member is the run asked for: there is no population to size
   cost, have = estimate_cost(config, overrides), machine()
   where, free = _free_disk(workdir)
   beyond = []
@@ -364,17 +174,17 @@ def train(config, workdir: str) -> dict:
   delivered model's figures and one record per member under 'members'
   (`pandas.DataFrame(results['members'])` tabulates them).
   """
+  overrides = members_lib.override_sets(config)  # the config checked, its sweep parsed: once
   space = search.check_config(config)
   searching = config.search.kind != 'grid'
-  if searching and (config.sweep.grid.strip() or config.sweep.members):
+  if searching and overrides != [{}]:
     raise UserError(f'config.search.kind={config.search.kind!r} searches one group of '
                     f'config.search.size slots; config.sweep.grid and config.sweep.members '
                     f'must be empty (search each structure in its own --workdir)')
   check_cost(config, workdir, [{'seed': i} for i in range(config.search.size)] if searching
-             else override_sets(config))  # before any member is built
-  # every member is checked before any work
-  members = (search_steps.slot_members(config, workdir, space) if searching
-             else members_of(config, workdir))
+             else overrides)  # before any member is built
+  members = (search_steps.slot_members(config, workdir, space) if searching else
+             members_lib.members_of(config, workdir, overrides))  # all checked before any work
   extension = search_steps.extension(config, workdir, space)
   with signals.recorded(), workdir_lib.claim(workdir, exclusive=parallel.is_main_process()):
     return workdir_lib.as_json(_train(config, workdir, members, extension))
@@ -388,56 +198,39 @@ def _check_not_old_variants(workdir: str) -> None:
                     f'): train again in a new --workdir')
 
 
-def _train(config, workdir, members, extension) -> dict:
+def _train(config, workdir, members, extension: loop.Extension) -> dict:
   parallel.check_cpu_layout(config.distributed.allow_several_cpu_devices)
   _check_not_old_variants(workdir)
-  single = len(members) == 1 and members[0].name == 'base'
-  files = workdir_lib.RunFiles.of(workdir)
-  if single:
-    record = workdir_lib.read_json(files.config, 'population config')
-    if record and len(record.get('members', [])) > 1:
-      raise UserError(f'--workdir={workdir} holds a population of {len(record["members"])} '
-                      f'members; give its config.sweep, or use a new --workdir')
-  else:
-    _check_same_members(workdir, members)
-    done = _finished_population(files, config, members)
-    if done is not None:
-      return done
-  splits = data.load_splits(config)
-  _check_sizes(config, members, splits)
-  processes = jax.process_count()
-  # A search's slots exchange states at its boundaries: they train together on every process
-  # (data parallel) rather than dealt out to processes.
-  shard = processes > 1 and not single and not isinstance(extension, search_steps.Search)
-  mine = [m for m in members if not shard or m.index % processes == jax.process_index()]
-  batch_sizes = {m.config.batch_size for m in members}
+  done = _check_workdir(workdir, config, members)
+  if done is not None:
+    return done
+  splits = data.load_splits(config, firsts=config.plots)  # the pictures' first images too
+  _check_sizes(members, splits)
+  # With several processes, a population's members are dealt out to them (a run alone is data
+  # parallel, and a search's slots, which exchange states, too); a run alone reports as a run
+  # does (no validation logits, its state kept).
+  shard = (jax.process_count() > 1 and not members[0].alone
+           and not isinstance(extension, search_steps.Search))
+  part = loop.Part(process=jax.process_index() if shard else None, collective=not shard,
+                   logits=not members[0].alone, extension=extension)
   n_train = len(splits.train['label'])
   log(f'{config.dataset}: {n_train} train, {len(splits.val["label"])} validation, '
       f'{len(splits.test["label"])} test examples'
       + (f'; {n_train // config.batch_size} steps of {config.batch_size} per epoch'
-         if len(batch_sizes) == 1 else ''))
+         if len({m.config.batch_size for m in members}) == 1 else ''))
   if shard:
-    log(f'{len(members)} members over {processes} processes: each trains its own')
-  if not single and parallel.is_main_process():
-    workdir_lib.write_json_atomic(files.config, _config_record(config, members))
-  outcomes = []
+    log(f'{len(members)} members over {jax.process_count()} processes: each trains its own')
+  mine = [m for m in members if not shard or m.index % jax.process_count() == part.process]
+  _make_folders(config, workdir, members, mine, shard)
   start = time.perf_counter()
-  with loop.StopSignals() as stop:
-    groups = groups_of(mine)
-    for g, group in enumerate(groups):
-      if not single:
-        log(f'Group {g + 1}/{len(groups)}: {len(group)} member(s): '
-            f'{", ".join(m.name for m in group)}')
-      outcomes += _train_group(group, splits, stop, shard, single, extension)
+  outcomes = _train_groups(mine, splits, part)
   seconds = time.perf_counter() - start
-  if single:
-    outcome = outcomes[0]
-    if config.plots and parallel.is_main_process() and outcome.test_logits is not None:
-      signals.reached('plotting')
-      from digitjax import report  # matplotlib is imported only when pictures are drawn
-      report.draw_all(files.plots, splits, outcome.test_logits,
-                      metrics_lib.read_history(files), data.first_images(config, splits))
-    return outcome.results
+  if members[0].alone:  # its results.json is the run's own, written by the loop
+    report = _pictures(config.plots, outcomes, [0])
+    if report:
+      report.draw_all(members[0].files.plots, splits, outcomes[0].test_logits,
+                      outcomes[0].history)
+    return outcomes[0].results
   if shard:
     outcomes = _gather(outcomes, members, splits)
     if not parallel.is_main_process():
@@ -445,30 +238,47 @@ def _train(config, workdir, members, extension) -> dict:
   return summarize(config, workdir, outcomes, splits, seconds)
 
 
-def _train_group(group, splits, stop, shard: bool, single: bool,
-                 extension: loop.Extension) -> list[loop.Outcome]:
+def _make_folders(config, workdir: str, members, mine, shard: bool) -> None:
+  """The population's config.json (process 0), and the folder and config.json of each member
+  `mine` (each process its own when they are dealt out, else process 0 all); a run alone has
+  its workdir. A signal stops between two members."""
+  if members[0].alone:
+    return
+  if parallel.is_main_process():
+    workdir_lib.write_json_atomic(workdir_lib.RunFiles.of(workdir).config,
+                                  _config_record(config, members))
+  if shard or parallel.is_main_process():
+    for m in mine:
+      signals.check("while making the members' folders; the folders made so far are complete")
+      os.makedirs(m.files.dir, exist_ok=True)
+      workdir_lib.write_json_atomic(m.files.config, _config_record(m.config, [m]))
+
+
+def _train_groups(mine, splits, part: loop.Part) -> list[Outcome]:
+  """Each group of this process's members trained in turn."""
+  outcomes = []
+  with loop.StopSignals() as stop:
+    groups = members_lib.groups_of(mine)
+    for g, group in enumerate(groups):
+      if not group[0].alone:
+        log(f'Group {g + 1}/{len(groups)}: {len(group)} member(s): '
+            f'{", ".join(m.name for m in group)}')
+      outcomes += _train_group(group, splits, stop, part)
+  return outcomes
+
+
+def _train_group(group, splits, stop, part: loop.Part) -> list[Outcome]:
   cfg = group[0].config
-  mesh = parallel.make_mesh(local=shard)
+  local = part.process is not None  # a process of its own: its own devices only
+  mesh = parallel.make_mesh(local=local)
   parallel.check_divisible('batch_size', cfg.batch_size, mesh)
   choices = configlib.resolve(cfg, data_devices=parallel.data_size(mesh),
                               group_size=len(group))
-  if choices.execution == 'vmap' and len(group) > 1:
-    mesh = parallel.make_mesh(local=shard, members=_member_axis(len(group), mesh))
+  if choices.execution == 'vmap':  # never for a group of one (configlib.resolve)
+    mesh = parallel.make_mesh(local=local, members=_member_axis(len(group), mesh))
     parallel.check_divisible('batch_size', cfg.batch_size, mesh)
   log(model_lib.summary_table(model_lib.build_model(cfg.model)))
-  if not single and (shard or parallel.is_main_process()):
-    _make_member_folders(group)
-  return loop.train_group(group, splits, mesh, choices, stop, loop.Part(
-      process=jax.process_index() if shard else None, collective=not shard, logits=not single,
-      extension=extension))
-
-
-def _make_member_folders(group) -> None:
-  """Each member's folder and config.json; a signal stops between two members."""
-  for m in group:
-    signals.check("while making the members' folders; the folders made so far are complete")
-    os.makedirs(m.files.dir, exist_ok=True)
-    workdir_lib.write_json_atomic(m.files.config, _config_record(m.config, [m]))
+  return loop.train_group(group, splits, mesh, choices, stop, part)
 
 
 def _member_axis(group_size: int, mesh) -> int:
@@ -476,16 +286,15 @@ def _member_axis(group_size: int, mesh) -> int:
   return math.gcd(group_size, mesh.devices.size)
 
 
-def _check_sizes(config, members, splits) -> None:
+def _check_sizes(members, splits) -> None:
   n_train = len(splits.train['label'])
   for m in members:
     spe = n_train // m.config.batch_size
-    where = '' if m.name == 'base' else f'config.sweep member {m.index} ({m.name}): '
     if spe == 0:
-      raise UserError(f'{where}batch_size={m.config.batch_size} exceeds the {n_train} '
+      raise UserError(f'{m.where}batch_size={m.config.batch_size} exceeds the {n_train} '
                       f'training examples; lower config.batch_size')
     if configlib.total_steps(m.config.num_epochs, spe) < 1:
-      raise UserError(f'{where}num_epochs={m.config.num_epochs} is less than one step of '
+      raise UserError(f'{m.where}num_epochs={m.config.num_epochs} is less than one step of '
                       f'{m.config.batch_size} examples ({spe} steps per epoch); raise '
                       f'config.num_epochs')
 
@@ -496,17 +305,23 @@ def _config_record(config, members) -> dict:
                       for m in members]}
 
 
-def _check_same_members(workdir: str, members) -> None:
-  """A workdir that holds another population is an error, never a mix of two."""
-  record = workdir_lib.read_json(workdir_lib.RunFiles.of(workdir).config, 'population config')
-  if record is None:
-    if os.path.isdir(os.path.join(workdir, workdir_lib.CHECKPOINTS)):
-      raise UserError(f'--workdir={workdir} holds a single run (trained without config.sweep); '
-                      f'train the population in a new --workdir')
-    return
-  saved = [m.get('name') for m in record.get('members', [])]
+def _check_workdir(workdir: str, config, members) -> dict | None:
+  """A workdir that holds another run or population is an error, never a mix of two. Returns
+  the results of a population trained to the end with this sweep, printed; None if there is
+  more to do (a run alone: the loop reports its own results)."""
+  files = workdir_lib.RunFiles.of(workdir)
+  record = workdir_lib.read_json(files.config, 'population config')
+  saved = None if record is None else [m.get('name') for m in record.get('members', [])]
+  if members[0].alone:  # a run alone writes no population record
+    if saved is not None and len(saved) > 1:
+      raise UserError(f'--workdir={workdir} holds a population of {len(saved)} members; give '
+                      f'its config.sweep, or use a new --workdir')
+    return None
+  if saved is None and os.path.isdir(files.checkpoints):
+    raise UserError(f'--workdir={workdir} holds a single run (trained without config.sweep); '
+                    f'train the population in a new --workdir')
   names = [m.name for m in members]
-  if saved != names:
+  if saved is not None and saved != names:
     differ = next((i for i, (a, b) in enumerate(zip(saved, names)) if a != b),
                   min(len(saved), len(names)))
     was = saved[differ] if differ < len(saved) else 'absent'
@@ -514,6 +329,7 @@ def _check_same_members(workdir: str, members) -> None:
     raise UserError(f'--workdir={workdir} holds another population ({len(saved)} members; '
                     f'member {differ} was {was}, now {now}); use a new --workdir, or the '
                     f'config it was trained with')
+  return _finished_population(files, config, members)
 
 
 def _finished_population(files, config, members) -> dict | None:
@@ -545,13 +361,15 @@ def _sweep_record(sweep) -> dict | None:
       sweep, dict) else sweep
 
 
-def _gather(outcomes, members, splits) -> list[loop.Outcome]:
-  """Every member's outcome on every process: results from the shared workdir, logits by one
-  all-gather (the only communication between the processes of a sharded population)."""
+def _gather(outcomes, members, splits) -> list[Outcome]:
+  """Every member's outcome on every process: results from the shared workdir (the learning
+  curves of this process's own members from their outcomes), logits by one all-gather (the only
+  communication between the processes of a sharded population)."""
   from jax.experimental import multihost_utils
   parallel.barrier('digitjax:population-trained')
   per = -(-len(members) // jax.process_count())
-  shape = lambda split: (per, len(split['label']), members[0].config.model.num_classes)
+  classes = configlib.DATASET_LABELS[members[0].config.dataset]
+  shape = lambda split: (per, len(split['label']), classes)
   gathered = {}
   for name, split in (('val', splits.val), ('test', splits.test)):
     mine = np.zeros(shape(split), np.float32)
@@ -560,55 +378,25 @@ def _gather(outcomes, members, splits) -> list[loop.Outcome]:
       if logits is not None and logits.size:
         mine[k] = logits
     gathered[name] = np.asarray(multihost_utils.process_allgather(mine))  # (P, per, N, C)
+  histories = {o.member.index: o.history for o in outcomes}  # this process's members'
   result = []
   for m in members:
     p, k = m.index % jax.process_count(), m.index // jax.process_count()
     r = workdir_lib.read_results(m.files.results) or {}
+    history = histories.get(m.index)
+    if history is None:  # trained by another process: its records are in the shared workdir
+      history = metrics_lib.read_history(m.files)
     diverged = r.get('diverged_at_step') is not None
-    result.append(loop.Outcome(m, r, metrics_lib.read_history(m.files),
-                               None if diverged else gathered['val'][p, k],
-                               None if diverged else gathered['test'][p, k]))
+    result.append(Outcome(m, r, history, None if diverged else gathered['val'][p, k],
+                          None if diverged else gathered['test'][p, k]))
   return result
 
 
 # ---------------------------------------------------------------------------------------------
-# Selection and results
+# Results
 
 
-def select(outcomes: list[loop.Outcome], how: str, metric: str = 'val_accuracy') -> list[int]:
-  """Indices of the members the population delivers, chosen on validation only: on `metric`
-  (a search's fitness, config.search.metric; a grid's validation accuracy)."""
-  valid = [i for i, o in enumerate(outcomes) if o.test_logits is not None]
-  if not valid:
-    raise UserError('every member of the population diverged (non-finite loss); lower '
-                    'config.learning_rate')
-  if how == 'ensemble':
-    return valid
-  score = lambda i: search.fitness(outcomes[i].results, metric)  # lower is better
-  ranked = sorted(valid, key=lambda i: (score(i), i))
-  top = SELECT_RE.match(how).group(2)
-  return ranked[:int(top) if top else 1]
-
-
-def selection_metric(config) -> str:
-  """What a population's members are ranked by: a search's fitness, or validation accuracy."""
-  return config.search.metric if config.search.kind != 'grid' else 'val_accuracy'
-
-
-def selection_note(outcomes: list[loop.Outcome], how: str, chosen: list[int]) -> str | None:
-  """What the delivered model lacks because members diverged (None: nothing): 'top3' with two
-  of the three best diverged delivers one; 'ensemble' leaves the diverged out."""
-  lost = [o.member.name for o in outcomes if o.test_logits is None]
-  top = SELECT_RE.match(how).group(2)
-  asked = len(outcomes) if how == 'ensemble' else int(top) if top else 1
-  if not lost or len(chosen) >= asked:
-    return None
-  return (f'select={how} asked for {asked} members; {len(lost)} diverged '
-          f'({", ".join(lost)}), so the delivered model combines {len(chosen)}: '
-          f'{", ".join(outcomes[i].member.name for i in chosen)}')
-
-
-def _member_record(o: loop.Outcome, selected: bool) -> dict:
+def _member_record(o: Outcome, selected: bool) -> dict:
   r, m = o.results, o.member
   best = max((h['val_accuracy'] for h in o.history
               if isinstance(h.get('val_accuracy'), float)), default=None)
@@ -622,15 +410,16 @@ def _member_record(o: loop.Outcome, selected: bool) -> dict:
           'diverged_reason': r.get('diverged_reason'), 'selected': selected}
 
 
-def summarize(config, workdir: str, outcomes: list[loop.Outcome], splits,
+def summarize(config, workdir: str, outcomes: list[Outcome], splits,
               train_seconds: float | None = None) -> dict:
   """The population's results.json, population.csv, console table and pictures."""
-  chosen = select(outcomes, config.sweep.select, selection_metric(config))
+  chosen = members_lib.select(outcomes, config.sweep.select,
+                              members_lib.selection_metric(config))
   val = inference.classification_metrics(
       inference.combine_logits([outcomes[i].val_logits for i in chosen]), splits.val['label'])
   test_logits = inference.combine_logits([outcomes[i].test_logits for i in chosen])
   test = inference.classification_metrics(test_logits, splits.test['label'])
-  note = selection_note(outcomes, config.sweep.select, chosen)
+  note = members_lib.selection_note(outcomes, config.sweep.select, chosen)
   ok = [o for o in outcomes if o.test_logits is not None]
   member_metrics = lambda split: [{'accuracy': o.results[f'{split}_accuracy'],
                                    'loss': o.results[f'{split}_loss']} for o in ok]
@@ -658,21 +447,16 @@ def summarize(config, workdir: str, outcomes: list[loop.Outcome], splits,
       f'{results["cost"]["device_seconds"]:.1f} device-seconds')
   if parallel.is_main_process():
     files = workdir_lib.RunFiles.of(workdir)
+    fields = members_lib.swept_fields([o.member for o in outcomes])
     if config.search.kind != 'grid':
-      found = search_steps.write_found_config(workdir, results['members'][chosen[0]],
-                                              outcomes[chosen[0]].results, config.search.kind)
-      results['found_config'] = os.path.relpath(found, workdir)
-      log(f'The delivered member\'s numbers as a single run: python launch.py --config={found} '
-          f'--workdir=NEW_WORKDIR')
+      _write_found_config(workdir, results, outcomes[chosen[0]], config.search.kind)
     workdir_lib.write_json_atomic(files.results, results)
-    write_csv(files.path(workdir_lib.POPULATION_CSV), results, swept_fields(config))
-    if config.plots:
-      signals.reached('plotting')
-      from digitjax import report  # matplotlib is imported only when pictures are drawn
-      report.draw_population(files.plots, results, [o.history for o in outcomes],
-                             swept_fields(config))
-      report.draw_all(files.plots, splits, test_logits, _curves_of(outcomes, chosen),
-                      data.first_images(config, splits))
+    write_csv(files.path(workdir_lib.POPULATION_CSV), results, fields)
+    report = _pictures(config.plots, outcomes, chosen)
+    if report:
+      report.draw_population(files.plots, results, [o.history for o in outcomes], fields)
+      # curves.png: the learning curves of the delivered member (the first chosen).
+      report.draw_all(files.plots, splits, test_logits, outcomes[chosen[0]].history)
   return results
 
 
@@ -686,18 +470,25 @@ def _cost(outcomes, train_seconds: float | None) -> dict:
           'device_seconds': seconds * jax.device_count()}
 
 
-def _curves_of(outcomes, chosen) -> list[dict]:
-  """The learning curves drawn in curves.png: the delivered member's (the first chosen)."""
-  return outcomes[chosen[0]].history
+def _write_found_config(workdir: str, results: dict, delivered: Outcome, kind: str) -> None:
+  """found_config.py: the delivered member's numbers as a single run (named in results)."""
+  record = next(m for m in results['members'] if m['name'] == delivered.member.name)
+  found = search_steps.write_found_config(workdir, record, delivered.results, kind)
+  results['found_config'] = os.path.relpath(found, workdir)
+  log(f"The delivered member's numbers as a single run: python launch.py --config={found} "
+      f'--workdir=NEW_WORKDIR')
 
 
-def swept_fields(config) -> list[str]:
-  """The fields the population varies, in the order they are declared."""
-  fields = []
-  for text in config.sweep.members:
-    fields += [k for k in parse_overrides(text, 'config.sweep.members') if k not in fields]
-  fields += [k for k, _ in parse_grid(config.sweep.grid) if k not in fields]
-  return fields
+def _pictures(plots: bool, outcomes: list[Outcome], chosen: list[int]):
+  """report.py (matplotlib is imported only when pictures are drawn), if this process draws
+  the pictures of the members `chosen`: process 0, with config.plots, of members that have
+  test logits (a run found already trained has none, and its pictures are there); else None."""
+  if not (plots and parallel.is_main_process()) or any(
+      outcomes[i].test_logits is None for i in chosen):
+    return None
+  signals.reached('plotting')
+  from digitjax import report
+  return report
 
 
 def write_csv(path: str, results: dict, fields: list[str]) -> None:
@@ -708,7 +499,7 @@ def write_csv(path: str, results: dict, fields: list[str]) -> None:
   writer = csv.writer(buffer, lineterminator='\n')
   writer.writerow(columns)
   for m in results['members']:
-    row = {**m, **{f: format_value(m['overrides'].get(f, '')) for f in fields}}
+    row = {**m, **{f: members_lib.format_value(m['overrides'].get(f, '')) for f in fields}}
     writer.writerow(['' if row.get(c) is None else row.get(c) for c in columns])
   with workdir_lib.written_aside(path) as tmp, open(tmp, 'w') as f:
     f.write(buffer.getvalue())

@@ -170,14 +170,15 @@ def draw_mistakes(test: dict, probabilities: np.ndarray, path: str, count: int =
   return _save(fig, path)
 
 
-def draw_all(plots: str, splits, test_logits: np.ndarray, history: list[dict],
-             firsts: dict | None = None) -> list[str]:
-  """All of a run's pictures in the folder `plots`; returns their paths. `firsts`: the images
-  the tutorial shows first (data.first_images); default, the splits' first."""
+def draw_all(plots: str, splits, test_logits: np.ndarray, history: list[dict]) -> list[str]:
+  """All of a run's pictures in the folder `plots`; returns their paths. The samples are the
+  images the tutorial shows first (splits.firsts, data.first_images); without them, the
+  splits' first."""
   os.makedirs(plots, exist_ok=True)
   path = lambda name: os.path.join(plots, name)
   probabilities = np.asarray(jax.nn.softmax(test_logits.astype(np.float32), axis=-1))
   predictions = probabilities.argmax(-1)
+  firsts = splits.firsts
   if firsts is None:
     firsts = {'train': splits.train,
               'test': {**splits.test, 'index': np.arange(min(9, len(predictions)))}}

@@ -305,23 +305,15 @@ class Schedule(loop.Extension):
 
 
 def slot_members(config, workdir: str, space) -> list[loop.Member]:
-  """The search's slots: the base config with the first proposals, slot i with seed + i
-  (its initial parameters and example order); they share the base config's holdout."""
-  from digitjax import configlib
-  size = config.search.size
-  firsts = search.initial_params(space, size, config.seed, config.search.sampler)
-  members = []
-  for i, params in enumerate(firsts):
-    member = config.copy_and_resolve_references()
-    member.seed = config.seed + i
+  """The search's slots (members.search_slots) with the first proposals."""
+  from digitjax import configlib, members as members_lib
+  slots = members_lib.search_slots(config, workdir)
+  firsts = search.initial_params(space, len(slots), config.seed, config.search.sampler)
+  for slot, params in zip(slots, firsts):
     for key, value in params.items():
-      configlib.set_field(member, key, value)
-    member.data.split_seed = configlib.split_seed(config)
-    configlib.validate(member)
-    name = f'slot{i}'
-    members.append(loop.Member(i, name, {'seed': member.seed}, member,
-                               workdir_lib.member_files(workdir, i, name)))
-  return members
+      configlib.set_field(slot.config, key, value)
+    configlib.validate(slot.config)
+  return slots
 
 
 def extension(config, workdir: str, space) -> loop.Extension:

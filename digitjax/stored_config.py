@@ -2,7 +2,8 @@
 with (inference.stored_config), so eval, predict, report and export need only --workdir, and a
 run resumes from it too; `--config.field=value` overrides still apply on top. launch.py passes
 the workdir as the file's argument (--config=stored_config.py:WORKDIR). Fields added since the
-workdir was trained take the values that do what was done then (configlib.ADDED_FIELDS)."""
+workdir was trained take the values that do what was done then (configlib.ADDED_FIELDS); fields
+removed since are left out (configlib.REMOVED_FIELDS)."""
 import ml_collections
 
 from digitjax.errors import UserError
@@ -41,7 +42,7 @@ def load(workdir: str) -> ml_collections.ConfigDict:
     kind = type(record).__name__
     raise UserError(f"{path}: its 'config' is {record!r:.60} ({'an' if kind[0] in 'aeiou' else 'a'}"
                     f" {kind}), not an object; {fix}")
-  record = configlib.with_added_fields(_tuples(record))
+  record = configlib.with_added_fields(configlib.without_removed_fields(_tuples(record)))
   reference = _reference()
   problem = reference and configlib.stored_mismatch(record, reference)
   if problem:

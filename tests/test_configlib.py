@@ -13,32 +13,32 @@ CONFIG_FILES = sorted(p.stem for p in (ROOT / 'configs').glob('*.py') if p.stem 
 
 @pytest.mark.parametrize('name', CONFIG_FILES)
 def test_every_config_file_loads_and_validates(name):
-  from digitjax import population
+  from digitjax import members as members_lib
   # As a module of the configs package: a bare 'speedrun' could be benchmarks/speedrun.py.
   config = importlib.import_module(f'configs.{name}').get_config()
   configlib.validate(config)
-  members = population.members_of(config, '/nonexistent')  # every member checked, nothing made
+  members = members_lib.members_of(config, '/nonexistent')  # every member checked, nothing made
   assert members
   assert not pathlib.Path('/nonexistent').exists()
 
 
 def test_the_config_files_are_what_their_docstrings_say():
   import default, ensemble, sweep
-  from digitjax import population
+  from digitjax import members as members_lib
   base = default.get_config()
   assert (base.batch_size, base.num_epochs, base.learning_rate, base.momentum) == (32, 10, 0.01,
                                                                                      0.9)
-  members = population.members_of(sweep.get_config(), '/w')
+  members = members_lib.members_of(sweep.get_config(), '/w')
   assert [m.name for m in members][:4] == ['learning_rate=0.003,seed=0',
                                            'learning_rate=0.003,seed=1',
                                            'learning_rate=0.003,seed=2',
                                            'learning_rate=0.01,seed=0']
-  assert len(members) == 12 and len(population.groups_of(members)) == 1
-  members = population.members_of(ensemble.get_config(), '/w')
+  assert len(members) == 12 and len(members_lib.groups_of(members)) == 1
+  members = members_lib.members_of(ensemble.get_config(), '/w')
   assert [m.config.model.batch_norm for m in members] == [False] * 3 + [True] * 3
   assert [m.config.seed for m in members] == [0, 1, 2] * 2
   assert {m.config.data.split_seed for m in members} == {0}  # one holdout for all
-  assert len(population.groups_of(members)) == 2
+  assert len(members_lib.groups_of(members)) == 2
 
 
 @pytest.mark.parametrize('field, value, message', [
@@ -83,12 +83,12 @@ def test_nesterov_is_sgds(config):
 def test_the_dtype_is_structure_but_not_a_checkpoints_field(config):
   # bfloat16 changes the arithmetic, not the arrays: a checkpoint restores under either dtype
   # (tests/test_train.py), while members that differ in it cannot share one program.
-  from digitjax import population
+  from digitjax import members as members_lib
   assert 'model.dtype' not in configlib.RESUME_FIELDS + configlib.MEMBER_NUMERIC_FIELDS
   assert 'model.kernel_sizes' in configlib.MODEL_FIELDS
   config.sweep.grid = "model.dtype='float32','bfloat16'; seed=0,1"
-  members = population.members_of(config, '/w')
-  assert [[m.name for m in g] for g in population.groups_of(members)] == [
+  members = members_lib.members_of(config, '/w')
+  assert [[m.name for m in g] for g in members_lib.groups_of(members)] == [
       ['model.dtype=float32,seed=0', 'model.dtype=float32,seed=1'],
       ['model.dtype=bfloat16,seed=0', 'model.dtype=bfloat16,seed=1']]
 
@@ -108,6 +108,16 @@ def test_a_stored_config_from_before_a_field_gets_what_was_done_then(config):
 def test_a_fraction_of_an_epoch_is_valid(config):
   config.num_epochs = 0.2
   configlib.validate(config)
+
+
+def test_the_models_classes_are_the_datasets_labels(config):
+  # model.num_classes went: on every supported dataset it could only be 10, the model's output.
+  from digitjax import model as model_lib
+  assert set(configlib.DATASET_LABELS.values()) == {model_lib.CNN.num_classes}
+  assert configlib.DATASET_LABELS[config.dataset] == 10
+  with pytest.raises(UserError, match=r"config.model.num_classes was removed: the classes are "
+                                      r"config.dataset's"):
+    configlib.set_field(config, 'model.num_classes', 10)
 
 
 def test_unknown_and_removed_fields_name_the_fix(config):

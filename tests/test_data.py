@@ -163,3 +163,30 @@ def test_decoded_cache_matches_tfds_and_follows_the_files(tmp_path):
   cache.write_bytes(b'garbage')
   np.testing.assert_array_equal(data.read_split(builder, 'train')['label'], first['label'])
   assert cache.stat().st_size > 1000
+
+
+def test_the_first_images_come_with_the_data_from_the_start_of_the_idx_files(config, tmp_path):
+  # The pictures' first images (the IDX files' own order, which tfds shuffles) are read with
+  # the data, once, from the start of the files only: a file cut after them still gives them.
+  splits = data.load_splits(config, firsts=True)
+  assert data.load_splits(config).firsts is None  # only when asked (eval draws nothing)
+  for split in ('train', 'test'):
+    images, labels = data.read_idx_split(config.data.manual_dir, split, 'mnist', False)
+    assert np.array_equal(splits.firsts[split]['image'], images[:9])
+    assert splits.firsts[split]['label'].tolist() == labels[:9].tolist()
+  index = splits.firsts['test']['index']
+  assert np.array_equal(splits.test['image'][index], splits.firsts['test']['image'])
+  with gzip.open(f'{config.data.manual_dir}/train-images-idx3-ubyte.gz', 'rb') as f:
+    head = f.read(16 + 9 * 28 * 28)
+  cut = tmp_path / 'cut.gz'
+  cut.write_bytes(gzip.compress(head + b'\0' * 100))  # the rest of the file is cut off
+  assert np.array_equal(data.read_idx_head(str(cut), 3, 9)[..., None],
+                        splits.firsts['train']['image'])
+
+
+def test_real_mnists_first_images_are_the_tutorials(mnist_dir):
+  splits = data.Splits({}, {}, {'image': np.zeros((0, 28, 28, 1), np.uint8),
+                               'label': np.zeros(0, np.int32)})
+  firsts = data.first_images(str(mnist_dir), splits)
+  assert firsts['train']['label'].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1]
+  assert firsts['test']['label'].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5]

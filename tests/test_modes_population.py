@@ -11,7 +11,7 @@ from PIL import Image
 
 import digitjax
 from conftest import small_config
-from digitjax import configlib, data, inference, metrics, modes, population
+from digitjax import configlib, data, inference, members as members_lib, metrics, modes
 from digitjax.errors import UserError
 
 
@@ -34,7 +34,7 @@ def _with(config, **fields):
 def _member_logits(config, workdir, images, checkpoint):
   """Each member's logits of `images`, restored one member at a time (--member)."""
   return [modes.Restored(modes.target(config, workdir, str(i)), checkpoint, 'eval')
-          .member_logits(images)[0] for i in range(len(population.members_of(config, workdir)))]
+          .member_logits(images)[0] for i in range(len(members_lib.members_of(config, workdir)))]
 
 
 def _mean_probabilities(member_logits):
@@ -134,9 +134,8 @@ def _pixels(path):
 def _expected_pictures(config, folder, test_logits, member_files):
   """The pictures run_report draws for these logits, drawn here into `folder`."""
   from digitjax import report
-  splits = data.load_splits(config)
-  report.draw_all(str(folder), splits, test_logits, metrics.read_history(member_files),
-                  data.first_images(config, splits))
+  splits = data.load_splits(config, firsts=True)
+  report.draw_all(str(folder), splits, test_logits, metrics.read_history(member_files))
   return folder
 
 
@@ -145,7 +144,7 @@ def test_report_draws_the_delivered_ensemble_or_one_member(pop, tmp_path, what):
   config, workdir, results = pop
   test = data.load_splits(config).test
   logits = _member_logits(config, workdir, test['image'], 'latest')
-  members = population.members_of(config, workdir)
+  members = members_lib.members_of(config, workdir)
   if what == 'ensemble':
     given = _with(config, sweep__select='ensemble')
     paths = modes.run_report(given, workdir)
@@ -208,7 +207,7 @@ def test_a_seed_member_is_its_single_run_with_the_base_split_seed(pop, idx_dir, 
   # README: members share the base config's holdout; a member equals the single run of its
   # overrides plus --config.data.split_seed=<base seed>, bit for bit.
   config, workdir, results = pop
-  member = population.members_of(config, workdir)[1]
+  member = members_lib.members_of(config, workdir)[1]
   assert member.overrides == {'seed': 1} and config.seed == 0
   assert configlib.split_seed(member.config) == configlib.split_seed(config) == 0
   same_holdout = digitjax.train(small_config(idx_dir, tfds_dir, seed=1,

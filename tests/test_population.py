@@ -11,7 +11,7 @@ import pytest
 
 import digitjax
 from conftest import launch_args, small_config, ROOT, wait_for
-from digitjax import loop, population, steps
+from digitjax import members as members_lib, steps
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
 from test_train import final_params, _params_equal
@@ -28,7 +28,7 @@ def _sweep(idx_dir, tfds_dir, grid='', members=(), **over):
 def test_grid_and_member_lists_combine_in_order(config):
   config.sweep.grid = 'learning_rate=0.003,0.1; model.conv_features=(8,16,16),(32, 64, 64)'
   config.sweep.members = ('', 'model.batch_norm=True; nesterov=True')
-  members = population.members_of(config, '/w')
+  members = members_lib.members_of(config, '/w')
   assert [m.name for m in members] == [
       'learning_rate=0.003,model.conv_features=(8,16,16)',
       'learning_rate=0.003,model.conv_features=(32,64,64)',
@@ -48,12 +48,12 @@ def test_grid_and_member_lists_combine_in_order(config):
   assert config.learning_rate == 0.02 and all(m.config.sweep.grid == '' for m in members)
   assert {m.config.data.split_seed for m in members} == {config.seed}
   # Widths and BatchNorm are structure: four groups of two (the learning rates).
-  assert [[m.index for m in g] for g in population.groups_of(members)] == [[0, 2], [1, 3],
+  assert [[m.index for m in g] for g in members_lib.groups_of(members)] == [[0, 2], [1, 3],
                                                                            [4, 6], [5, 7]]
 
 
 def test_a_config_without_a_sweep_is_a_single_run_in_the_workdir(config):
-  [member] = population.members_of(config, '/w')
+  [member] = members_lib.members_of(config, '/w')
   assert (member.name, member.overrides, member.files.dir) == ('base', {}, '/w')
   assert member.config is config
 
@@ -75,7 +75,7 @@ def test_a_config_without_a_sweep_is_a_single_run_in_the_workdir(config):
 def test_bad_sweeps_are_one_line_errors_naming_the_member(config, grid, members, message):
   config.sweep.grid, config.sweep.members = grid, members
   with pytest.raises(UserError, match=message) as e:
-    population.members_of(config, '/w')
+    members_lib.members_of(config, '/w')
   assert '\n' not in str(e.value)
 
 
@@ -83,32 +83,32 @@ def test_selection_settings_are_checked(config):
   config.sweep.grid = 'seed=0,1'
   config.sweep.select = 'top3'
   with pytest.raises(UserError, match='asks for more members than the population has'):
-    population.members_of(config, '/w')
+    members_lib.members_of(config, '/w')
   config.sweep.select = 'worst'
   with pytest.raises(UserError, match="'best', 'ensemble' or 'top<k>'"):
-    population.members_of(config, '/w')
+    members_lib.members_of(config, '/w')
   config.sweep.select, config.validation_fraction = 'best', 0.0
   with pytest.raises(UserError, match='leaves no validation split'):
-    population.members_of(config, '/w')
+    members_lib.members_of(config, '/w')
   config.sweep.select = 'ensemble'
-  assert len(population.members_of(config, '/w')) == 2
+  assert len(members_lib.members_of(config, '/w')) == 2
 
 
 def _outcome(i, val, test):
-  member = loop.Member(i, f'm{i}', {}, None, None)
-  return loop.Outcome(member, {'val_accuracy': val, 'test_accuracy': test}, [],
-                      np.zeros((1, 10)), np.zeros((1, 10)))
+  member = members_lib.Member(i, f'm{i}', {}, None, None)
+  return members_lib.Outcome(member, {'val_accuracy': val, 'test_accuracy': test}, [],
+                             np.zeros((1, 10)), np.zeros((1, 10)))
 
 
 def test_selection_looks_at_validation_only():
   # Member 1 is the best on test, member 2 on validation: validation decides.
   outcomes = [_outcome(0, 0.90, 0.91), _outcome(1, 0.95, 0.99), _outcome(2, 0.97, 0.93),
               _outcome(3, 0.96, 0.98)]
-  assert population.select(outcomes, 'best') == [2]
-  assert population.select(outcomes, 'top2') == [2, 3]
-  assert population.select(outcomes, 'ensemble') == [0, 1, 2, 3]
+  assert members_lib.select(outcomes, 'best') == [2]
+  assert members_lib.select(outcomes, 'top2') == [2, 3]
+  assert members_lib.select(outcomes, 'ensemble') == [0, 1, 2, 3]
   outcomes[2].test_logits = None  # diverged: never delivered
-  assert population.select(outcomes, 'best') == [3]
+  assert members_lib.select(outcomes, 'best') == [3]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def map_population(idx_dir, tfds_dir, tmp_path_factory):
 
 def test_each_member_is_its_single_run_bit_for_bit(map_population, idx_dir, tfds_dir, tmp_path):
   config, workdir, results = map_population
-  members = population.members_of(config, str(workdir))
+  members = members_lib.members_of(config, str(workdir))
   for m in members[:2]:  # learning rate 0.02, seeds 0 and 1: one compiled step for both
     alone = small_config(idx_dir, tfds_dir, learning_rate=m.config.learning_rate,
                          seed=m.config.seed, **{'data.split_seed': config.seed})
@@ -233,6 +233,29 @@ def test_diverged_members_stop_alone_and_are_reported(map_population, idx_dir, t
   assert printed[nan['name']].endswith('diverged at step 1 (non-finite loss)')
 
 
+def test_the_config_is_checked_and_its_sweep_parsed_once_per_path(map_population, monkeypatch):
+  # Each fact once: training (here of a population already trained: it only reports) and a mode
+  # check the base config once, each member's own config once, and parse the sweep once.
+  from digitjax import configlib, modes
+  config, workdir, results = map_population
+  calls = {}
+
+  def counted(module, name):
+    original = getattr(module, name)
+
+    def count(*args, **kwargs):
+      calls[name] = calls.get(name, 0) + 1
+      return original(*args, **kwargs)
+    monkeypatch.setattr(module, name, count)
+  counted(configlib, 'validate')
+  counted(members_lib, 'parse_grid')
+  assert digitjax.train(config, str(workdir)) == results
+  assert calls == {'validate': 1 + 4, 'parse_grid': 1}
+  calls.clear()
+  assert modes.run(config, str(workdir), modes.Request('eval', 'latest')) == 0
+  assert calls == {'validate': 1 + 4, 'parse_grid': 1}
+
+
 def test_another_population_in_the_same_workdir_is_refused(map_population, idx_dir, tfds_dir):
   config, workdir, _ = map_population
   other = _sweep(idx_dir, tfds_dir, 'learning_rate=0.05,0.0; seed=0,1')
@@ -257,7 +280,7 @@ def test_vmapped_members_equal_their_single_runs_to_float_tolerance(idx_dir, tfd
   config = _sweep(idx_dir, tfds_dir, 'learning_rate=0.02,0.01; seed=0,1', num_epochs=5 / 22,
                   **{'sweep.execution': 'vmap', **extra})
   digitjax.train(config, str(tmp_path / 'pop'))
-  members = population.members_of(config, str(tmp_path / 'pop'))
+  members = members_lib.members_of(config, str(tmp_path / 'pop'))
   moved = []
   for m in members:
     # The same layers as the vmapped step (one gradient chunk): only vmap's rounding differs.

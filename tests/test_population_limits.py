@@ -11,7 +11,7 @@ import pytest
 
 import digitjax
 from conftest import small_config
-from digitjax import checkpoint as ckpt_lib, population, signals, steps
+from digitjax import checkpoint as ckpt_lib, members as members_lib, population, signals, steps
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
 
@@ -81,7 +81,7 @@ def test_the_estimate_counts_each_structures_states(config):
   narrow, _, _ = steps.create(small_config(config.data.manual_dir, config.data.data_dir,
                                            **{'model.dense_features': 50}), jax.random.key(0))
   size = lambda s: sum(x.nbytes for x in jax.tree.leaves(s))
-  cost = population.estimate_cost(config, population.override_sets(config))
+  cost = population.estimate_cost(config, members_lib.override_sets(config))
   assert (cost.members, cost.largest_group) == (6, 3)
   assert cost.disk == 3 * (size(state) + size(narrow)) * (config.checkpoint_keep + 2)
   logits = (6000 + 10000) * 10 * 4  # the validation and test logits of all 60,000 examples
