@@ -329,6 +329,9 @@ def _check_workdir(workdir: str, config, members) -> dict | None:
     raise UserError(f'--workdir={workdir} holds another population ({len(saved)} members; '
                     f'member {differ} was {was}, now {now}); use a new --workdir, or the '
                     f'config it was trained with')
+  if record is not None:  # before anything is written: the stored config stays as it was
+    search_steps.check_same_search(record.get('config', {}).get('search'), config,
+                                   f'--workdir={workdir} holds')
   return _finished_population(files, config, members)
 
 

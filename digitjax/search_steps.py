@@ -94,7 +94,8 @@ class Search(loop.Extension):
   def restored(self, run, metas) -> None:
     records = [m['search'] for m in (metas or []) if m and 'search' in m]
     if records:
-      _check_same_search(records[0].get('identity'), identity(self.config), run)
+      check_same_search(records[0].get('identity'), self.config,
+                        f'the checkpoints in {run.members[0].files.dir} hold')
       self.state = State.from_json(records[0]['state'])
       if run.writes:
         search.truncate_lineage(self.lineage, run.step)
@@ -135,7 +136,8 @@ class Search(loop.Extension):
     signals.reached('searching', run.step)
     if run.writes:
       search.append_lineage(self.lineage, events)
-      self.write_study()
+      if run.step == run.epoch.last_step(run.spe):  # at epoch ends: a second per write
+        self.write_study()
     moved = sorted({e['slot'] for e in events})
     if moved:
       loop.log(f'Search step {state.generation} at step {run.step}: '
@@ -266,14 +268,23 @@ def _get(config, dotted: str):
   return config
 
 
-def _check_same_search(saved: dict | None, current: dict, run) -> None:
-  if saved is not None and saved != current:
-    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+def check_same_search(saved: dict | None, config, where: str) -> None:
+  """A UserError if `saved` (a stored config's search section) is another search than
+  `config`'s, naming the first differing field in the config's order (kind first); `where`
+  says whose, with its verb ('--workdir=W holds')."""
+  if not isinstance(saved, dict):
+    return  # an old workdir's config, before config.search: a grid
+  saved = {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in saved.items()
+           if k != 'schedule'}
+  current = identity(config)
+  if saved.get('kind', 'grid') == current['kind'] == 'grid':
+    return
+  differ = [k for k in current if saved.get(k) != current[k]]
+  if differ:
     from digitjax.errors import UserError
-    raise UserError(f'the checkpoints in {run.members[0].files.dir} are of another search '
-                    f'(config.search.{differ[0]}={saved.get(differ[0])!r} then, '
-                    f'{current.get(differ[0])!r} now); use the config it was trained with, '
-                    f'or a new --workdir')
+    raise UserError(f'{where} another search (config.search.{differ[0]}='
+                    f'{saved.get(differ[0])!r} then, {current[differ[0]]!r} now); use the '
+                    f'config it was trained with, or a new --workdir')
 
 
 class Schedule(loop.Extension):
