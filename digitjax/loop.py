@@ -384,7 +384,7 @@ class Run:
   last_step: int
   num_epochs: int
   writes: bool             # whether this process writes the members' files
-  named: bool              # a population's member (lines say '[name] '), not a run alone
+  named: bool              # a population's members (lines say '[name] '), not a run alone
   after_epoch: tuple = ()
   checkpoints: list = dataclasses.field(default_factory=list)
   step: int = 0
@@ -421,7 +421,7 @@ def _new_run(members, splits, mesh, choices, stop, part: Part) -> Run:
   group = _Group(members, splits, mesh, choices, spe, part.extension.searched)
   return Run(members, group, splits, stop, part, spe,
              last_step, math.ceil(last_step / spe), writes,
-             named=len(members) > 1 or bool(members[0].overrides), after_epoch=AFTER_EPOCH)
+             named=not members[0].alone, after_epoch=AFTER_EPOCH)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -233,6 +233,21 @@ def test_diverged_members_stop_alone_and_are_reported(map_population, idx_dir, t
   assert printed[nan['name']].endswith('diverged at step 1 (non-finite loss)')
 
 
+def test_the_base_member_alone_in_its_group_is_a_member_not_a_run(idx_dir, tfds_dir, tmp_path,
+                                                                  capsys):
+  # The base config diverges alone in its group (the other member is another structure): it
+  # stops as a member does, named in its lines, and the population goes on.
+  config = _sweep(idx_dir, tfds_dir, '', ('', 'learning_rate=0.02; model.dense_features=50'),
+                  learning_rate=1e20)
+  results = digitjax.train(config, str(tmp_path / 'pop'))
+  out = capsys.readouterr().out
+  base, other = results['members']
+  assert base['name'] == 'base' and base['diverged_at_step'] == 1
+  assert other['diverged_at_step'] is None and results['selected'] == [other['name']]
+  assert '[base] Epoch' not in out and '[base] the training loss became non-finite' in out
+  assert f'[{other["name"]}] Test: loss' in out
+
+
 def test_the_config_is_checked_and_its_sweep_parsed_once_per_path(map_population, monkeypatch):
   # Each fact once: training (here of a population already trained: it only reports) and a mode
   # check the base config once, each member's own config once, and parse the sweep once.
