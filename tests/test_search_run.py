@@ -628,3 +628,28 @@ def test_a_diverged_trial_counts_the_same_after_a_resume(data, tmp_path):
   cut_back_to(resumed, 30)  # as a kill after the checkpoint at 30 leaves it
   train(data, WILD, resumed)
   compare_outcomes(outcome(resumed), outcome(uninterrupted))
+
+
+def test_tensorboard_hparams_hold_one_run_per_trial(pbt_run):
+  """TensorBoard's HParams view of a search, read with TensorBoard's own loader: the
+  experiment at tensorboard/search/, one run per trial (pbt: per segment) with its numbers and
+  its fitness at each boundary and at its end (as study.db holds them), and no other folder."""
+  pytest.importorskip('tensorboard', reason='tensorboard is not installed (pip install .[test])')
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.plugins.hparams import metadata
+  workdir = pbt_run[0]
+  root = workdir / 'tensorboard' / 'search'
+  trials = {t.user_attrs['trial']: t for t in study_trials(workdir)}
+  assert len(trials) > 4  # the 4 first trials and the clones' segments
+  assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(
+      f'trial{n}' for n in trials)
+  for n, trial in trials.items():
+    acc = event_accumulator.EventAccumulator(str(root / f'trial{n}'))
+    acc.Reload()
+    start = metadata.parse_session_start_info_plugin_data(
+        acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG])
+    assert {k: v.number_value for k, v in start.hparams.items()} == pytest.approx(trial.params)
+    want = sorted(trial.intermediate_values.items())
+    got = [(e.step, e.value) for e in acc.Scalars('val_loss')]
+    assert [s for s, _ in got] == [s for s, _ in want]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)  # float32
