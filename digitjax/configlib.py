@@ -82,15 +82,21 @@ REMOVED_FIELDS = {
 # Dotted paths
 
 
+def _section(record: dict, dotted: str) -> tuple[dict | None, str]:
+  """(the section of a stored config that holds field `dotted`, or None, and its leaf name)."""
+  *parents, leaf = dotted.split('.')
+  target = record
+  for part in parents:
+    target = target.get(part) if isinstance(target, dict) else None
+  return (target if isinstance(target, dict) else None), leaf
+
+
 def without_removed_fields(record: dict) -> dict:
   """A stored config (a plain dict) without the fields REMOVED_FIELDS names (a workdir trained
   before they went holds them)."""
   for dotted in REMOVED_FIELDS:
-    *parents, leaf = dotted.split('.')
-    target = record
-    for part in parents:
-      target = target.get(part) if isinstance(target, dict) else None
-    if isinstance(target, dict):
+    target, leaf = _section(record, dotted)
+    if target is not None:
       target.pop(leaf, None)
   return record
 
@@ -99,11 +105,8 @@ def with_added_fields(record: dict) -> dict:
   """A stored config (a plain dict) with every field of ADDED_FIELDS it lacks. A section that
   is absent or not a section is left as it is, for `stored_mismatch` to name."""
   for dotted, value in ADDED_FIELDS.items():
-    *parents, leaf = dotted.split('.')
-    target = record
-    for part in parents:
-      target = target.get(part) if isinstance(target, dict) else None
-    if isinstance(target, dict):
+    target, leaf = _section(record, dotted)
+    if target is not None:
       target.setdefault(leaf, value)
   return record
 
