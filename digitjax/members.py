@@ -304,7 +304,9 @@ def select(outcomes: list[Outcome], how: str, metric: str = 'val_accuracy') -> l
     return valid
   sign = -1 if metric == 'val_accuracy' else 1
   value = lambda i: outcomes[i].results.get(metric)
-  ranked = sorted(valid, key=lambda i: (math.inf if value(i) is None else sign * value(i), i))
+  ranked = sorted(valid, key=lambda i: (
+      sign * value(i) if isinstance(value(i), (int, float)) and math.isfinite(value(i))
+      else math.inf, i))  # none or not finite (a search's slot whose loss blew up): last
   top = SELECT_RE.match(how).group(2)
   return ranked[:int(top) if top else 1]
 

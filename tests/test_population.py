@@ -111,6 +111,14 @@ def test_selection_looks_at_validation_only():
   assert members_lib.select(outcomes, 'best') == [3]
 
 
+def test_a_search_selects_on_its_metric_lower_loss_first_a_blown_up_one_last():
+  outcomes = [_outcome(i, 0.9, 0.9) for i in range(4)]
+  for o, loss in zip(outcomes, (0.05, float('nan'), 0.03, 0.04)):
+    o.results['val_loss'] = loss
+  assert members_lib.select(outcomes, 'top3', 'val_loss') == [2, 3, 0]
+  assert members_lib.select(outcomes, 'top4', 'val_loss')[-1] == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 
