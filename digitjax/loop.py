@@ -236,9 +236,10 @@ class _Group:
     return jax.device_put(carry, parallel.member_sharding(self.mesh))
 
   def fresh_state(self, key):
-    """A new member's initial state from `key` (the group's structure)."""
-    init = jax.jit(functools.partial(steps.init_state, self.specs[0], self.hypers[0]))
-    return jax.device_put(init(key), parallel.replicated(self.flat))
+    """A new member's initial state from `key` (the group's structure; compiled once)."""
+    if getattr(self, '_init', None) is None:
+      self._init = jax.jit(functools.partial(steps.init_state, self.specs[0], self.hypers[0]))
+    return jax.device_put(self._init(key), parallel.replicated(self.flat))
 
   def _input(self, step_fn, batch_size, chunk_steps):
     if self.device_input:
@@ -522,7 +523,7 @@ def train_epoch(run: Run) -> None:
       break
     if run.step == run.span_boundary:
       boundary_mid_epoch(run)
-    if run.stop.received:
+    if run.stop.agreed(run.part.collective):  # the same answer on every process
       break
     start_span(run)
   for end_step in run.after_epoch:
