@@ -28,7 +28,7 @@ import os
 
 import jax
 
-from digitjax import loop, search, signals, steps
+from digitjax import configlib, loop, search, signals, steps
 from digitjax import workdir as workdir_lib
 
 LINEAGE = 'lineage.jsonl'
@@ -105,7 +105,7 @@ class Search(loop.Extension):
       run.group.hypers[i] = _hyper(run.group.hypers[i], params)
 
   def _start(self, run) -> State:
-    params = [{d.field: float(_get(m.config, d.field)) for d in self.space}
+    params = [{d.field: float(configlib.get(m.config, d.field)) for d in self.space}
               for m in run.members]
     trials = [search.Trial(i, i, p, 0) for i, p in enumerate(params)]
     if run.writes:
@@ -124,9 +124,7 @@ class Search(loop.Extension):
     return boundary if boundary < run.last_step else None
 
   def at_boundary(self, run) -> None:
-    scores = [search.fitness({} if v is None else {
-        'val_loss': v['loss'], 'val_accuracy': v['accuracy']}, self.config.search.metric)
-              for v in loop.validation(run)]
+    scores = self._scores(run)
     state = self.state
     state.generation += 1
     for slot, trial in enumerate(state.current):
@@ -143,6 +141,12 @@ class Search(loop.Extension):
       loop.log(f'Search step {state.generation} at step {run.step}: '
                f'{len(moved)} slot(s) changed ({self.kind}); best fitness '
                f'{min(scores):.4f} ({self.config.search.metric})')
+
+  def _scores(self, run) -> list[float]:
+    """Each slot's fitness at the run's step (lower better; +inf for a diverged one)."""
+    return [search.fitness({} if v is None else {
+        'val_loss': v['loss'], 'val_accuracy': v['accuracy']}, self.config.search.metric)
+            for v in loop.validation(run)]
 
   def _end_trial(self, slot: int, step: int, score: float, how: str = 'complete') -> None:
     trial = self.state.trials[self.state.current[slot]]
@@ -212,9 +216,7 @@ class Search(loop.Extension):
 
   def finish(self, run) -> None:
     """Each slot's trial ends with its last validation figures; the study is written."""
-    scores = [search.fitness({} if v is None else {
-        'val_loss': v['loss'], 'val_accuracy': v['accuracy']}, self.config.search.metric)
-              for v in loop.validation(run)]
+    scores = self._scores(run)
     for slot, trial in enumerate(self.state.current):
       t = self.state.trials[trial]
       if t.state == 'running':
@@ -260,12 +262,6 @@ class Search(loop.Extension):
     return {'search': {'kind': self.kind, 'trial': self.state.current[i],
                        'params': self.state.params[i],
                        'schedule': search.format_schedule(self.schedule(i))}}
-
-
-def _get(config, dotted: str):
-  for part in dotted.split('.'):
-    config = config[part]
-  return config
 
 
 def check_same_search(saved: dict | None, config, where: str) -> None:
@@ -317,7 +313,7 @@ class Schedule(loop.Extension):
 
 def slot_members(config, workdir: str, space) -> list[loop.Member]:
   """The search's slots (members.search_slots) with the first proposals."""
-  from digitjax import configlib, members as members_lib
+  from digitjax import members as members_lib
   slots = members_lib.search_slots(config, workdir)
   firsts = search.initial_params(space, len(slots), config.seed, config.search.sampler)
   for slot, params in zip(slots, firsts):
