@@ -61,7 +61,7 @@ class State:
   def to_json(self) -> dict:
     return {'generation': self.generation, 'params': self.params, 'current': self.current,
             'trials': [t.to_json() for t in self.trials],
-            'record': {str(k): [_score(v) for v in vs] for k, vs in self.record.items()}}
+            'record': {str(k): workdir_lib.as_json(vs) for k, vs in self.record.items()}}
 
   @classmethod
   def from_json(cls, d: dict) -> 'State':
@@ -73,9 +73,8 @@ class State:
 
 def identity(config) -> dict:
   """What makes a search: a checkpoint of another search is not resumed by this one."""
-  s = config.search
-  return {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.to_dict().items()
-          if k != 'schedule'}
+  return workdir_lib.as_json({k: v for k, v in config.search.to_dict().items()
+                             if k != 'schedule'})
 
 
 class Search(loop.Extension):
@@ -270,8 +269,7 @@ def check_same_search(saved: dict | None, config, where: str) -> None:
   says whose, with its verb ('--workdir=W holds')."""
   if not isinstance(saved, dict):
     return  # an old workdir's config, before config.search: a grid
-  saved = {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in saved.items()
-           if k != 'schedule'}
+  saved = workdir_lib.as_json({k: v for k, v in saved.items() if k != 'schedule'})
   current = identity(config)
   if saved.get('kind', 'grid') == current['kind'] == 'grid':
     return
