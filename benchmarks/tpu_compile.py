@@ -13,7 +13,7 @@ The programs are the ones a run builds, by the run's own code, on the topology's
   `configlib.resolve(config, backend='tpu', data_devices=..., group_size=K)` (TPU's 'auto'
   choices, asked for directly: nothing is patched), and for a vmapped group the mesh again with
   `members=population._member_axis(K, mesh)` chips along 'members'.
-- train: `loop._Group(members, splits, mesh, choices, ...).make_inputs(batch, chunk_steps)`,
+- train: `loop._Group(members, recipes, splits, mesh).make_inputs(batch, chunk_steps)`,
   the run's own feeder (`pipeline.DeviceInput`: jitted lax.scan of `chunk_steps` steps of
   steps.train_and_accumulate over the device-resident 54,000-image split; state and sums
   donated), compiled by its own `compile(carry, sums, numbers)`. The group's members come from
@@ -75,7 +75,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'configs'))
 from digitjax import configlib, data, inference, loop, parallel, pipeline  # noqa: E402
-from digitjax import members as members_lib, population, steps  # noqa: E402
+from digitjax import members as members_lib, plan as plan_lib, population, steps  # noqa: E402
 
 N_TRAIN = 54000  # MNIST's 60,000 training images less the default 10% validation holdout
 N_VAL = 6000
@@ -194,7 +194,8 @@ def build(config, devices, choices: dict | None = None, backend: str = 'tpu',
     resolved = dataclasses.replace(resolved, **choices)
   spe = n_train // cfg.batch_size
   with compile_only_transfers():
-    g = loop._Group(group, data.Splits(training_split(n_train), None, None), mesh, resolved, spe)
+    recipes = [plan_lib.recipe(m.config, spe, resolved) for m in group]
+    g = loop._Group(group, recipes, data.Splits(training_split(n_train), None, None), mesh)
     inputs = g.make_inputs(cfg.batch_size, cfg.chunk_steps)
   return Built(cfg, group, mesh, resolved, g, inputs)
 

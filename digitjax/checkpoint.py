@@ -389,12 +389,12 @@ class Checkpoints:
 # Resuming: the newest checkpoint that fits the config, past damaged ones
 
 
-def restore_newest(checkpoints: Checkpoints, target, config_dict: dict,
+def restore_newest(checkpoints: Checkpoints, target, fields: dict,
                    steps: list[int] | None = None):
   """(state, meta, step) from the newest readable checkpoint, or (None, None, None) if none.
 
   A damaged checkpoint is reported, skipped, and once an older one is restored moved aside;
-  a checkpoint of another config is an error.
+  a checkpoint of another config (`fields`: its resume_fields) is an error.
   """
   steps = sorted(checkpoints.steps() if steps is None else steps, reverse=True)
   damaged = []
@@ -402,7 +402,7 @@ def restore_newest(checkpoints: Checkpoints, target, config_dict: dict,
     for step in steps:
       try:
         meta = checkpoints.read_meta(step)
-        check_compatible(meta, config_dict, f'{checkpoints.directory}/{step}')
+        check_fits(meta, fields, f'{checkpoints.directory}/{step}')
         checkpoints.check_shapes(step, target)
         state, meta = checkpoints.restore(step, target)
       except CheckpointMismatch:
@@ -421,14 +421,15 @@ def restore_newest(checkpoints: Checkpoints, target, config_dict: dict,
   return None, None, None
 
 
-def check_newest_fits(checkpoints: Checkpoints, config_dict: dict) -> None:
-  """A CheckpointMismatch if the newest readable record belongs to another config."""
+def check_newest_fits(checkpoints: Checkpoints, fields: dict) -> None:
+  """A CheckpointMismatch if the newest readable record belongs to another config (`fields`:
+  its resume_fields)."""
   for step in sorted(checkpoints.steps(), reverse=True):
     try:
       meta = checkpoints.read_meta(step)
     except Exception:  # damaged: restore_newest reports it
       continue
-    check_compatible(meta, config_dict, f'{checkpoints.directory}/{step}')
+    check_fits(meta, fields, f'{checkpoints.directory}/{step}')
     return
 
 
@@ -439,7 +440,12 @@ def check_newest_fits(checkpoints: Checkpoints, config_dict: dict) -> None:
 def check_compatible(meta: dict, config_dict: dict, where: str) -> None:
   """A CheckpointMismatch naming the fields where checkpoint `where`'s record and the config
   differ."""
-  saved, current = meta.get('resume_fields', {}), resume_fields(config_dict)
+  check_fits(meta, resume_fields(config_dict), where)
+
+
+def check_fits(meta: dict, current: dict, where: str) -> None:
+  """check_compatible with the config's resume_fields (`current`) given."""
+  saved = meta.get('resume_fields', {})
   if (saved.get('ensemble_size') or 1) > 1:
     raise CheckpointMismatch(
         f'checkpoint {where} holds a seed ensemble of '

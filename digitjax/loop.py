@@ -42,6 +42,7 @@ from digitjax import model as model_lib, parallel, pipeline, signals, steps
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
 from digitjax.members import Member, Outcome
+from digitjax.plan import Recipe
 from digitjax.metrics import log
 
 
@@ -106,26 +107,25 @@ def epoch_line(prefix: str, epoch: int, num_epochs: int, seconds: float, record:
 class _Group:
   """The members' states and compiled steps, one program each ('map') or one for all ('vmap')."""
 
-  def __init__(self, members, splits, mesh, choices, steps_per_epoch, searched=()):
-    self.members, self.mesh, self.choices = members, mesh, choices
+  def __init__(self, members, recipes: list[Recipe], splits, mesh, searched=()):
+    choices = recipes[0].choices
+    self.members, self.recipes, self.mesh, self.choices = members, recipes, mesh, choices
     self.searched = tuple(searched)  # Hyper fields passed as arrays whatever their values
     # The group's devices all on 'data': where a member's own state lives to be evaluated and
     # saved (a vmapped group's mesh spreads members over 'members'; evaluating one member on it
     # would have every member slice compute the whole batch: 4x the work on v5e 2x2).
     self.flat = parallel.make_mesh(devices=list(mesh.devices.flat))
-    self.spe = steps_per_epoch
+    self.spe = recipes[0].spec.steps_per_epoch
     self.vmapped = choices.execution == 'vmap' and len(members) > 1
-    self.specs = [steps.spec(m.config, model_lib.build_model(
-        m.config.model, choices.conv_impl, choices.pool_impl), steps_per_epoch,
-        choices.grad_chunks) for m in members]
-    self.hypers = [steps.hyper(m.config, steps_per_epoch) for m in members]
+    self.specs = [r.spec for r in recipes]
+    self.hypers = [r.hyper for r in recipes]  # each member's numbers now (a search changes them)
     self.device_input = choices.input_pipeline == 'device'
     self.arrays = pipeline.place(splits.train, mesh) if self.device_input else splits.train
 
   # States
 
   def init(self) -> list:
-    keys = [jax.random.key(m.config.seed) for m in self.members]
+    keys = [jax.random.key(r.seed) for r in self.recipes]
     if not self.vmapped:
       inits = {}  # one program per structure: the numbers do not shape the initial state
       for spec, hp in zip(self.specs, self.hypers):
@@ -247,7 +247,7 @@ class _Group:
     return pipeline.HostInput(self.arrays, batch_size, self.mesh, step_fn)
 
   def permutation(self, epoch: int, n: int):
-    perms = [data.epoch_permutation(m.config.seed, epoch, n) for m in self.members]
+    perms = [data.epoch_permutation(r.seed, epoch, n) for r in self.recipes]
     return jnp.stack(perms) if self.vmapped else perms
 
   def learning_rate(self, i: int, step: int) -> float:
@@ -269,28 +269,28 @@ def _step_with_numbers(state, sums, batch, numbers, hp, spec):
 # Restore
 
 
-def _restore_common(checkpoints, targets, config_dicts, active) -> tuple[list | None, list, int]:
+def _restore_common(checkpoints, targets, fields, active) -> tuple[list | None, list, int]:
   """(states, metas, step): every active member restored at the newest step all of them can
   read (damaged checkpoints are skipped and set aside); (None, [], 0) if they share none.
 
-  Each member's newest checkpoint is first checked against its config, so that nothing is
-  ever discarded from a workdir that belongs to another config.
+  Each member's newest checkpoint is first checked against its config's resume fields
+  (`fields`), so that nothing is ever discarded from a workdir that belongs to another config.
   """
-  for c, cfg, a in zip(checkpoints, config_dicts, active):
+  for c, f, a in zip(checkpoints, fields, active):
     if a:
-      ckpt_lib.check_newest_fits(c, cfg)
+      ckpt_lib.check_newest_fits(c, f)
   on_disk = [set(c.steps()) for c, a in zip(checkpoints, active) if a]
   if not on_disk or not any(on_disk):
     return None, [], 0
   candidates = sorted(set.intersection(*on_disk), reverse=True)
   while candidates:
     states, metas, got = [], [], []
-    for c, target, cfg, a in zip(checkpoints, targets, config_dicts, active):
+    for c, target, f, a in zip(checkpoints, targets, fields, active):
       signals.check('while restoring the checkpoints; nothing was lost')
       if not a:
         states.append(None), metas.append(None), got.append(None)
         continue
-      state, meta, step = ckpt_lib.restore_newest(c, target, cfg, steps=candidates)
+      state, meta, step = ckpt_lib.restore_newest(c, target, f, steps=candidates)
       if state is None:
         return None, [], 0
       states.append(state), metas.append(meta), got.append(step)
@@ -413,13 +413,12 @@ class Run:
     return f'[{member.name}] ' if self.named else ''
 
 
-def _new_run(members, splits, mesh, choices, stop, part: Part) -> Run:
-  cfg = members[0].config
-  spe = len(splits.train['label']) // cfg.batch_size
-  last_step = configlib.total_steps(cfg.num_epochs, spe)
+def _new_run(members, recipes: list[Recipe], splits, mesh, stop, part: Part) -> Run:
+  spe = recipes[0].spec.steps_per_epoch
+  last_step = configlib.total_steps(recipes[0].num_epochs, spe)
   writes = (parallel.is_main_process() if part.process is None
             else jax.process_index() == part.process)
-  group = _Group(members, splits, mesh, choices, spe, part.extension.searched)
+  group = _Group(members, recipes, splits, mesh, part.extension.searched)
   return Run(members, group, splits, stop, part, spe,
              last_step, math.ceil(last_step / spe), writes,
              named=not members[0].alone, after_epoch=AFTER_EPOCH)
@@ -429,11 +428,12 @@ def _new_run(members, splits, mesh, choices, stop, part: Part) -> Run:
 # The loop
 
 
-def train_group(members: list[Member], splits: data.Splits, mesh, choices: configlib.Choices,
+def train_group(members: list[Member], recipes: list[Recipe], splits: data.Splits, mesh,
                 stop: StopSignals, part: Part = Part()) -> list[Outcome]:
-  """Trains `members` to the end of their schedule, resuming from their checkpoints, and
-  evaluates each on the test split; writes each member's files. Returns their outcomes."""
-  run = _new_run(members, splits, mesh, choices, stop, part)
+  """Trains `members` (their `recipes`: plan.recipe, for this group's steps per epoch and
+  choices) to the end of their schedule, resuming from their checkpoints, and evaluates each on
+  the test split; writes each member's files. Returns their outcomes."""
+  run = _new_run(members, recipes, splits, mesh, stop, part)
   try:
     restore_or_init(run)
     done = _already_done(run)
@@ -455,9 +455,9 @@ def train_group(members: list[Member], splits: data.Splits, mesh, choices: confi
 def restore_or_init(run: Run) -> None:
   """Every member's checkpoints opened, and its state restored at the newest step all of them
   can read, or initialized."""
-  for m in run.members:  # a signal stops between two members: set-up is not deaf to it
+  for m, r in zip(run.members, run.group.recipes):  # a signal stops between two members
     signals.check("while opening the members' checkpoints; nothing was lost")
-    run.checkpoints.append(ckpt_lib.Checkpoints(m.files.checkpoints, m.config.checkpoint_keep,
+    run.checkpoints.append(ckpt_lib.Checkpoints(m.files.checkpoints, r.checkpoint_keep,
                                                 process=run.part.process))
   finished = [_diverged_record(m) for m in run.members]
   run.active = [f is None for f in finished]
@@ -465,7 +465,7 @@ def restore_or_init(run: Run) -> None:
   fresh = run.group.init()
   restored, metas, step = _restore_common(
       run.checkpoints, [run.group.abstract(s) for s in fresh],
-      [m.config.to_dict() for m in run.members], run.active)
+      [r.resume for r in run.group.recipes], run.active)
   if restored is None:
     _start_over(run, fresh)
   else:
@@ -498,11 +498,12 @@ def _resume(run: Run, states: list, metas: list, step: int) -> None:
 
 def start_training(run: Run) -> None:
   """The evaluator, writers and step programs made, and the programs compiled."""
-  cfg, group = run.members[0].config, run.group
-  run.evaluator = inference.Evaluator.for_config(cfg, group.flat, group.choices)
+  group = run.group
+  r = group.recipes[0]
+  run.evaluator = inference.Evaluator(group.flat, r.eval_batch_size, r.eval_model)
   run.writers = [metrics_lib.MetricWriter(m.files, after_step=run.step, enabled=run.writes)
                  for m in run.members]
-  run.inputs = group.make_inputs(cfg.batch_size, cfg.chunk_steps)
+  run.inputs = group.make_inputs(r.batch_size, r.chunk_steps)
   run.carry = group.carry(run.states)
   run.sums = group.empty_sums()
   run.compile_seconds, programs = _compile(run.inputs, group, run.carry, run.sums)
@@ -585,7 +586,7 @@ def _train_chunk(run: Run) -> bool:
     run.first_step_seconds = _process_age()
   if epoch.progress.due():
     epoch.progress.show(done_in_epoch, group.read_sums(run.sums)[0]['loss'])
-  log_every = run.members[0].config.log_every_steps
+  log_every = run.group.recipes[0].log_every_steps
   if log_every and run.writes and (run.step // log_every > (run.step - _chunk(run.inputs))
                                    // log_every or done_in_epoch == epoch.end):
     _log_steps(run)
@@ -603,7 +604,7 @@ def check_divergence(run: Run) -> None:
     return
   for i, t in enumerate(run.epoch.train):
     found = None if i in run.diverged else _divergence(
-        t, run.step, configlib.DATASET_LABELS[run.members[i].config.dataset])
+        t, run.step, run.group.recipes[i].num_classes)
     if found is None:
       continue
     if not run.named:
@@ -684,7 +685,7 @@ def save(run: Run, epoch_done: bool) -> None:
     meta = {'step': run.step, 'epoch': run.step / run.spe,
             'train_seconds': run.clocks.total[i],
             'epoch_seconds': 0.0 if epoch_done else run.clocks.epoch[i],
-            'resume_fields': ckpt_lib.resume_fields(m.config.to_dict()),
+            'resume_fields': run.group.recipes[i].resume,
             'config': m.config.to_dict(), **run.ext.meta(run)}
     c.save(run.step, member_states[i], meta,
            {'val_accuracy': record['val_accuracy']} if epoch_done and record else None)
@@ -728,8 +729,8 @@ def _stop_between_members(run: Run, phase: str) -> None:
 
 
 def _report_done(run: Run, records: list[dict]) -> list[Outcome]:
-  evaluator = inference.Evaluator.for_config(run.members[0].config, run.group.flat,
-                                             run.group.choices)
+  r = run.group.recipes[0]
+  evaluator = inference.Evaluator(run.group.flat, r.eval_batch_size, r.eval_model)
   outcomes = []
   if run.part.logits:
     signals.reached('selecting')

@@ -12,157 +12,29 @@ after another. With several processes, members are dealt out to them (member i t
 i mod P), each process training its own on its own devices: no communication between them
 until the end, when process 0 combines the results.
 
-Before any work, estimate_cost sizes the population from its config (the largest group's
-states, every member's logits, the checkpoints, the open files) and check_cost refuses, in one
-line, one this machine cannot hold; config.sweep.allow_large=True goes ahead anyway.
+Before any work, the config is turned once into a plan (plan.make: checked, its members built,
+the population sized and refused, in one line, if this machine cannot hold it); from then on the
+orchestrator and the rooms below take the plan's plain values, and each group's members their
+recipes (plan.recipe), never the config again.
 """
 from __future__ import annotations
 
 import csv
-import dataclasses
-import functools
 import io
-import json
 import math
 import os
-import resource
-import shutil
 import time
 
 import jax
 import numpy as np
 
 from digitjax import configlib, data, inference, loop, members as members_lib
-from digitjax import metrics as metrics_lib, model as model_lib, parallel, search
-from digitjax import search_steps, signals, steps
+from digitjax import metrics as metrics_lib, model as model_lib, parallel, plan as plan_lib
+from digitjax import search_steps, signals
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
-from digitjax.members import Member, Outcome
+from digitjax.members import Outcome
 from digitjax.metrics import log
-
-# ---------------------------------------------------------------------------------------------
-# Cost: what a population needs, estimated from its config before any work
-
-# Examples in (train, test) before the data is read; other datasets are assumed as large.
-SPLIT_SIZES = {'mnist': (60000, 10000), 'fashion_mnist': (60000, 10000)}
-MEMORY_SHARE = 0.8         # of the machine's total memory a population may plan to fill
-RUNTIME_BYTES = 2 << 30    # any run: JAX, XLA's compiler, the data's readers and arrays
-MEMBER_BYTES = 1 << 20     # each member: checkpoint manager, metric writer, records (0.2 MB seen)
-STATE_COPIES = 3           # states per member of the group in training: the working one, the
-#                            initial one kept while a resumed group restores, orbax's host copy
-OPEN_FILES_SPARE = 256     # open files left to the rest of the process (each member of the group
-#                            in training holds one: its TensorBoard writer)
-
-
-@dataclasses.dataclass
-class Cost:
-  """A population's needs, estimated before the data is read (estimate_cost)."""
-  members: int
-  memory: int          # bytes at the peak: the largest group's states, every member's logits
-  disk: int            # bytes of checkpoints: checkpoint_keep + the best + one being written
-  largest_group: int   # members trained at once
-
-
-def _state_bytes(config, structural: dict) -> int:
-  """Bytes of one member's training state (parameters and optimizer state) with the
-  structural `structural` overrides; 0 where they are invalid (members_of names them)."""
-  cfg = config.copy_and_resolve_references()
-  try:
-    for key, value in structural.items():
-      configlib.set_field(cfg, key, value)
-    if structural:  # the base config itself is checked already
-      configlib.validate(cfg)
-  except UserError:
-    return 0
-  spec = steps.spec(cfg, model_lib.build_model(cfg.model), 1)
-  shapes = jax.eval_shape(functools.partial(steps.init_state, spec, steps.hyper(cfg, 1)),
-                          jax.random.key(0))
-  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(shapes) if np.issubdtype(x.dtype, np.number))
-
-
-def estimate_cost(config, overrides: list[dict]) -> Cost:
-  """Memory and disk of the population whose members' overrides are `overrides`: members
-  that differ only in numbers share a structure, whose state is sized once (jax.eval_shape)."""
-  n_train, n_test = SPLIT_SIZES.get(config.dataset, SPLIT_SIZES['mnist'])
-  if config.data.max_train_examples:
-    n_train = min(n_train, config.data.max_train_examples)
-  n_val = int(round(n_train * config.validation_fraction))
-  classes = configlib.DATASET_LABELS[config.dataset]
-  logits = (n_val + n_test) * classes * 4  # float32, kept for the selection
-  structures: dict[str, list] = {}  # structural overrides -> [members, state bytes]
-  for i, chosen in enumerate(overrides):
-    if i % 1000 == 0:
-      signals.check("while estimating the population's size; nothing was written")
-    structural = {k: v for k, v in chosen.items()
-                  if not configlib.matches(k, configlib.MEMBER_NUMERIC_FIELDS)}
-    key = json.dumps(structural, sort_keys=True, default=str)
-    if key not in structures:
-      structures[key] = [0, _state_bytes(config, structural)]
-    structures[key][0] += 1
-  states = sum(n * size for n, size in structures.values())
-  return Cost(members=len(overrides),
-              memory=(RUNTIME_BYTES + len(overrides) * (logits + MEMBER_BYTES)
-                      + STATE_COPIES * max(n * size for n, size in structures.values())),
-              disk=states * (config.checkpoint_keep + 2),
-              largest_group=max(n for n, _ in structures.values()))
-
-
-def machine() -> dict:
-  """What this machine offers: total memory, and the soft limit of open files."""
-  try:
-    memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-  except (ValueError, OSError, AttributeError):
-    with open('/proc/meminfo') as f:
-      memory = int(next(l for l in f if l.startswith('MemTotal:')).split()[1]) * 1024
-  return {'memory': memory, 'open_files': resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
-
-
-def _free_disk(workdir: str) -> tuple[str, int]:
-  """(the nearest existing folder of `workdir`, free bytes on its filesystem)."""
-  path = os.path.abspath(workdir)
-  while not os.path.exists(path):
-    path = os.path.dirname(path)
-  return path, shutil.disk_usage(path).free
-
-
-def _bytes_under(path: str) -> int:
-  """Bytes of the files under `path` (checkpoints a resumed population already holds)."""
-  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path)
-             for f in files if os.path.isfile(os.path.join(root, f)))
-
-
-def _size(n: float) -> str:
-  for unit in ('bytes', 'KB', 'MB', 'GB', 'TB'):
-    if n < 1000 or unit == 'TB':
-      return f'{n:.0f} {unit}' if unit == 'bytes' else f'{n:.1f} {unit}'
-    n /= 1000
-
-
-def check_cost(config, workdir: str, overrides: list[dict]) -> None:
-  """Refuses, in one line, a population beyond what this machine can hold (memory, disk of
-  the workdir's filesystem, open files), before any data is read or any folder made; config.
-  sweep.allow_large=True goes ahead anyway."""
-  if len(overrides) <= 1 or config.sweep.get('allow_large', False):
-    return  # one member is the run asked for: there is no population to size
-  cost, have = estimate_cost(config, overrides), machine()
-  where, free = _free_disk(workdir)
-  beyond = []
-  if cost.memory > MEMORY_SHARE * have['memory']:
-    beyond.append(f'about {_size(cost.memory)} of memory (this machine has '
-                  f'{_size(have["memory"])}, of which {MEMORY_SHARE:.0%} may be planned)')
-  if cost.disk > free and cost.disk > free + _bytes_under(workdir):  # a resume's count too
-    beyond.append(f'about {_size(cost.disk)} of disk for checkpoints ({_size(free)} free '
-                  f'under {where})')
-  if cost.largest_group > have['open_files'] - OPEN_FILES_SPARE:
-    beyond.append(f'{cost.largest_group:,} open files at once (one per member of a group; '
-                  f'the limit is {have["open_files"]:,}: ulimit -n)')
-  if beyond:
-    raise UserError(f'config.sweep declares {cost.members:,} members, which would need '
-                    f'{" and ".join(beyond)}; sweep fewer members (or smaller models, a lower '
-                    f'config.checkpoint_keep), or set config.sweep.allow_large=True to go '
-                    f'ahead anyway')
-
 
 # ---------------------------------------------------------------------------------------------
 # Training
@@ -174,20 +46,10 @@ def train(config, workdir: str) -> dict:
   delivered model's figures and one record per member under 'members'
   (`pandas.DataFrame(results['members'])` tabulates them).
   """
-  overrides = members_lib.override_sets(config)  # the config checked, its sweep parsed: once
-  space = search.check_config(config)
-  searching = config.search.kind != 'grid'
-  if searching and overrides != [{}]:
-    raise UserError(f'config.search.kind={config.search.kind!r} searches one group of '
-                    f'config.search.size slots; config.sweep.grid and config.sweep.members '
-                    f'must be empty (search each structure in its own --workdir)')
-  check_cost(config, workdir, [{'seed': i} for i in range(config.search.size)] if searching
-             else overrides)  # before any member is built
-  members = (search_steps.slot_members(config, workdir, space) if searching else
-             members_lib.members_of(config, workdir, overrides))  # all checked before any work
-  extension = search_steps.extension(config, workdir, space)
+  plan = plan_lib.make(config, workdir)  # everything checked before any work; the config once
+  extension = search_steps.extension(plan.search, workdir)
   with signals.recorded(), workdir_lib.claim(workdir, exclusive=parallel.is_main_process()):
-    return workdir_lib.as_json(_train(config, workdir, members, extension))
+    return workdir_lib.as_json(_train(plan, workdir, extension))
 
 
 def _check_not_old_variants(workdir: str) -> None:
@@ -198,13 +60,14 @@ def _check_not_old_variants(workdir: str) -> None:
                     f'): train again in a new --workdir')
 
 
-def _train(config, workdir, members, extension: loop.Extension) -> dict:
+def _train(plan: plan_lib.Plan, workdir, extension: loop.Extension) -> dict:
+  config, members = plan.config, plan.members
   parallel.check_cpu_layout(config.distributed.allow_several_cpu_devices)
   _check_not_old_variants(workdir)
-  done = _check_workdir(workdir, config, members)
+  done = _check_workdir(workdir, plan)
   if done is not None:
     return done
-  splits = data.load_splits(config, firsts=config.plots)  # the pictures' first images too
+  splits = data.load_splits(config, firsts=plan.plots)  # the pictures' first images too
   _check_sizes(members, splits)
   # With several processes, a population's members are dealt out to them (a run alone is data
   # parallel, and a search's slots, which exchange states, too); a run alone reports as a run
@@ -221,12 +84,12 @@ def _train(config, workdir, members, extension: loop.Extension) -> dict:
   if shard:
     log(f'{len(members)} members over {jax.process_count()} processes: each trains its own')
   mine = [m for m in members if not shard or m.index % jax.process_count() == part.process]
-  _make_folders(config, workdir, members, mine, shard)
+  _make_folders(plan, workdir, mine, shard)
   start = time.perf_counter()
   outcomes = _train_groups(mine, splits, part)
   seconds = time.perf_counter() - start
   if members[0].alone:  # its results.json is the run's own, written by the loop
-    report = _pictures(config.plots, outcomes, [0])
+    report = _pictures(plan.plots, outcomes, [0])
     if report:
       report.draw_all(members[0].files.plots, splits, outcomes[0].test_logits,
                       outcomes[0].history)
@@ -235,23 +98,24 @@ def _train(config, workdir, members, extension: loop.Extension) -> dict:
     outcomes = _gather(outcomes, members, splits)
     if not parallel.is_main_process():
       return {}
-  return summarize(config, workdir, outcomes, splits, seconds)
+  return summarize(plan, workdir, outcomes, splits, seconds)
 
 
-def _make_folders(config, workdir: str, members, mine, shard: bool) -> None:
+def _make_folders(plan: plan_lib.Plan, workdir: str, mine, shard: bool) -> None:
   """The population's config.json (process 0), and the folder and config.json of each member
   `mine` (each process its own when they are dealt out, else process 0 all); a run alone has
   its workdir. A signal stops between two members."""
-  if members[0].alone:
+  if plan.members[0].alone:
     return
   if parallel.is_main_process():
-    workdir_lib.write_json_atomic(workdir_lib.RunFiles.of(workdir).config,
-                                  _config_record(config, members))
+    workdir_lib.write_json_atomic(workdir_lib.RunFiles.of(workdir).config, plan.record)
   if shard or parallel.is_main_process():
     for m in mine:
       signals.check("while making the members' folders; the folders made so far are complete")
       os.makedirs(m.files.dir, exist_ok=True)
-      workdir_lib.write_json_atomic(m.files.config, _config_record(m.config, [m]))
+      workdir_lib.write_json_atomic(m.files.config, {
+          'config': m.config.to_dict(),
+          'members': [{'index': m.index, 'name': m.name, 'overrides': m.overrides}]})
 
 
 def _train_groups(mine, splits, part: loop.Part) -> list[Outcome]:
@@ -277,8 +141,10 @@ def _train_group(group, splits, stop, part: loop.Part) -> list[Outcome]:
   if choices.execution == 'vmap':  # never for a group of one (configlib.resolve)
     mesh = parallel.make_mesh(local=local, members=_member_axis(len(group), mesh))
     parallel.check_divisible('batch_size', cfg.batch_size, mesh)
+  spe = len(splits.train['label']) // cfg.batch_size
+  recipes = [plan_lib.recipe(m.config, spe, choices) for m in group]  # the loop's plain values
   log(model_lib.summary_table(model_lib.build_model(cfg.model)))
-  return loop.train_group(group, splits, mesh, choices, stop, part)
+  return loop.train_group(group, recipes, splits, mesh, stop, part)
 
 
 def _member_axis(group_size: int, mesh) -> int:
@@ -299,17 +165,11 @@ def _check_sizes(members, splits) -> None:
                       f'config.num_epochs')
 
 
-def _config_record(config, members) -> dict:
-  return {'config': config.to_dict(),
-          'members': [{'index': m.index, 'name': m.name, 'overrides': m.overrides}
-                      for m in members]}
-
-
-def _check_workdir(workdir: str, config, members) -> dict | None:
+def _check_workdir(workdir: str, plan: plan_lib.Plan) -> dict | None:
   """A workdir that holds another run or population is an error, never a mix of two. Returns
   the results of a population trained to the end with this sweep, printed; None if there is
   more to do (a run alone: the loop reports its own results)."""
-  files = workdir_lib.RunFiles.of(workdir)
+  files, members = workdir_lib.RunFiles.of(workdir), plan.members
   record = workdir_lib.read_json(files.config, 'population config')
   saved = None if record is None else [m.get('name') for m in record.get('members', [])]
   if members[0].alone:  # a run alone writes no population record
@@ -330,12 +190,13 @@ def _check_workdir(workdir: str, config, members) -> dict | None:
                     f'member {differ} was {was}, now {now}); use a new --workdir, or the '
                     f'config it was trained with')
   if record is not None:  # before anything is written: the stored config stays as it was
-    search_steps.check_same_search(record.get('config', {}).get('search'), config,
+    search_steps.check_same_search(record.get('config', {}).get('search'), plan.search.identity,
                                    f'--workdir={workdir} holds')
-  return _finished_population(files, config, members)
+  return _finished_population(files, plan)
 
 
-def _finished_population(files, config, members) -> dict | None:
+def _finished_population(files, plan: plan_lib.Plan) -> dict | None:
+  members = plan.members
   results = workdir_lib.read_json(files.results, 'results file')
   if not results or 'members' not in results:
     return None
@@ -351,7 +212,7 @@ def _finished_population(files, config, members) -> dict | None:
     return None  # damaged: summarized again from the members
   recorded = {r['name']: r.get('checkpoint_step') for r in results['members']}
   if recorded != steps or _sweep_record(results.get('config', {}).get('sweep')) != (
-      _sweep_record(workdir_lib.as_json(config.sweep.to_dict()))):
+      _sweep_record(plan.sweep)):
     return None
   log(f'Population of {len(members)} members already trained; results from {files.results}:')
   log(table(results))
@@ -413,23 +274,22 @@ def _member_record(o: Outcome, selected: bool) -> dict:
           'diverged_reason': r.get('diverged_reason'), 'selected': selected}
 
 
-def summarize(config, workdir: str, outcomes: list[Outcome], splits,
+def summarize(plan: plan_lib.Plan, workdir: str, outcomes: list[Outcome], splits,
               train_seconds: float | None = None) -> dict:
   """The population's results.json, population.csv, console table and pictures."""
-  chosen = members_lib.select(outcomes, config.sweep.select,
-                              members_lib.selection_metric(config))
+  chosen = members_lib.select(outcomes, plan.select, plan.metric)
   val = inference.classification_metrics(
       inference.combine_logits([outcomes[i].val_logits for i in chosen]), splits.val['label'])
   test_logits = inference.combine_logits([outcomes[i].test_logits for i in chosen])
   test = inference.classification_metrics(test_logits, splits.test['label'])
-  note = members_lib.selection_note(outcomes, config.sweep.select, chosen)
+  note = members_lib.selection_note(outcomes, plan.select, chosen)
   ok = [o for o in outcomes if o.test_logits is not None]
   member_metrics = lambda split: [{'accuracy': o.results[f'{split}_accuracy'],
                                    'loss': o.results[f'{split}_loss']} for o in ok]
   results = {
       'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
       'val_accuracy': val['accuracy'], 'val_loss': val['loss'],
-      'select': config.sweep.select, 'selected': [outcomes[i].member.name for i in chosen],
+      'select': plan.select, 'selected': [outcomes[i].member.name for i in chosen],
       **({'selection_note': note} if note else {}),
       **inference.member_summary('test', member_metrics('test')),
       **inference.member_summary('val', member_metrics('val')),
@@ -438,9 +298,9 @@ def summarize(config, workdir: str, outcomes: list[Outcome], splits,
       'cost': _cost(outcomes, train_seconds),
       'members': [_member_record(o, i in chosen) for i, o in enumerate(outcomes)],
       'devices': jax.device_count(), 'processes': jax.process_count(),
-      'backend': jax.default_backend(), 'config': config.to_dict(),
+      'backend': jax.default_backend(), 'config': plan.config.to_dict(),
   }
-  log(f'Population of {len(outcomes)} members, select={config.sweep.select} '
+  log(f'Population of {len(outcomes)} members, select={plan.select} '
       f'({", ".join(results["selected"])}): test loss {test["loss"]:.4f} - accuracy '
       f'{test["accuracy"]:.4f}')
   log(table(results))
@@ -451,11 +311,11 @@ def summarize(config, workdir: str, outcomes: list[Outcome], splits,
   if parallel.is_main_process():
     files = workdir_lib.RunFiles.of(workdir)
     fields = members_lib.swept_fields([o.member for o in outcomes])
-    if config.search.kind != 'grid':
-      _write_found_config(workdir, results, outcomes[chosen[0]], config.search.kind)
+    if plan.search.kind != 'grid':
+      _write_found_config(workdir, results, outcomes[chosen[0]], plan.search.kind)
     workdir_lib.write_json_atomic(files.results, results)
     write_csv(files.path(workdir_lib.POPULATION_CSV), results, fields)
-    report = _pictures(config.plots, outcomes, chosen)
+    report = _pictures(plan.plots, outcomes, chosen)
     if report:
       report.draw_population(files.plots, results, [o.history for o in outcomes], fields)
       # curves.png: the learning curves of the delivered member (the first chosen).

@@ -201,9 +201,10 @@ def _check_fields(config) -> None:
       raise UserError(f'config.search.{field} is {value!r}, expected {expected}')
 
 
-def _check_augment(config, fields, where: str) -> None:
+def _check_augment(enabled: bool, fields, where: str) -> None:
+  """`fields` of augmentation searched or scheduled need it `enabled` (config.augment.enabled)."""
   augmented = [f for f in fields if f.startswith('augment.')]
-  if augmented and not configlib.get(config, 'augment.enabled', False):
+  if augmented and not enabled:
     raise UserError(f'{where} sets {augmented[0]} but config.augment.enabled=False; set '
                     f'config.augment.enabled=True to search {augmented[0]}')
 
@@ -223,9 +224,10 @@ def check_config(config) -> tuple[Dimension, ...]:
   if s.kind != 'grid' and s.schedule.strip():
     raise UserError(f"config.search.schedule replays a single run, and config.search.kind="
                     f"{s.kind!r} searches; set schedule='' or kind='grid'")
-  _check_augment(config, [d.field for d in space], 'config.search.space')
+  augment = configlib.get(config, 'augment.enabled', False)
+  _check_augment(augment, [d.field for d in space], 'config.search.space')
   schedule = parse_schedule(s.schedule)
-  _check_augment(config, [f for _, params in schedule for f in params],
+  _check_augment(augment, [f for _, params in schedule for f in params],
                  'config.search.schedule')
   return space
 

@@ -28,8 +28,9 @@ import os
 
 import jax
 
-from digitjax import configlib, loop, search, signals, steps
+from digitjax import loop, search, signals, steps
 from digitjax import workdir as workdir_lib
+from digitjax.plan import SearchPlan
 
 LINEAGE = 'lineage.jsonl'
 STUDY = 'study.db'
@@ -71,19 +72,13 @@ class State:
                {int(k): [unscore(v) for v in vs] for k, vs in d['record'].items()})
 
 
-def identity(config) -> dict:
-  """What makes a search: a checkpoint of another search is not resumed by this one."""
-  return workdir_lib.as_json({k: v for k, v in config.search.to_dict().items()
-                             if k != 'schedule'})
-
-
 class Search(loop.Extension):
-  """The search's steps for one group of `config.search.size` slots."""
+  """The search's steps for one group of `config.search.size` slots (`plan`: config.search)."""
   handles_divergence = True
 
-  def __init__(self, config, space, workdir: str):
-    self.config, self.space, self.kind = config, space, config.search.kind
-    self.searched = tuple(steps.HYPER_OF_FIELD[d.field] for d in space)
+  def __init__(self, plan: SearchPlan, workdir: str):
+    self.plan, self.space, self.kind = plan, plan.space, plan.kind
+    self.searched = tuple(steps.HYPER_OF_FIELD[d.field] for d in self.space)
     self.lineage = os.path.join(workdir, LINEAGE)
     self.study = os.path.join(workdir, STUDY)
     self.state: State | None = None
@@ -93,7 +88,7 @@ class Search(loop.Extension):
   def restored(self, run, metas) -> None:
     records = [m['search'] for m in (metas or []) if m and 'search' in m]
     if records:
-      check_same_search(records[0].get('identity'), self.config,
+      check_same_search(records[0].get('identity'), self.plan.identity,
                         f'the checkpoints in {run.members[0].files.dir} hold')
       self.state = State.from_json(records[0]['state'])
       if run.writes:
@@ -104,8 +99,8 @@ class Search(loop.Extension):
       run.group.hypers[i] = _hyper(run.group.hypers[i], params)
 
   def _start(self, run) -> State:
-    params = [{d.field: float(configlib.get(m.config, d.field)) for d in self.space}
-              for m in run.members]
+    params = [{d.field: float(getattr(hp, steps.HYPER_OF_FIELD[d.field])) for d in self.space}
+              for hp in run.group.hypers]  # each slot's first numbers (plan._first_proposals)
     trials = [search.Trial(i, i, p, 0) for i, p in enumerate(params)]
     if run.writes:
       if os.path.exists(self.lineage):
@@ -118,7 +113,7 @@ class Search(loop.Extension):
   # The boundaries
 
   def next_boundary(self, run) -> int | None:
-    ready = self.config.search.ready_steps
+    ready = self.plan.ready_steps
     boundary = (run.step // ready + 1) * ready
     return boundary if boundary < run.last_step else None
 
@@ -139,12 +134,12 @@ class Search(loop.Extension):
     if moved:
       loop.log(f'Search step {state.generation} at step {run.step}: '
                f'{len(moved)} slot(s) changed ({self.kind}); best fitness '
-               f'{min(scores):.4f} ({self.config.search.metric})')
+               f'{min(scores):.4f} ({self.plan.metric})')
 
   def _scores(self, run) -> list[float]:
     """Each slot's fitness at the run's step (lower better; +inf for a diverged one)."""
     return [search.fitness({} if v is None else {
-        'val_loss': v['loss'], 'val_accuracy': v['accuracy']}, self.config.search.metric)
+        'val_loss': v['loss'], 'val_accuracy': v['accuracy']}, self.plan.metric)
             for v in loop.validation(run)]
 
   def _end_trial(self, slot: int, step: int, score: float, how: str = 'complete') -> None:
@@ -159,10 +154,8 @@ class Search(loop.Extension):
     return trial
 
   def _pbt(self, run, scores: list[float]) -> list[dict]:
-    s, state, group = self.config.search, self.state, run.group
-    settings = search.PbtSettings(s.quantile, s.resample_probability, tuple(s.perturb),
-                                  self.config.seed)
-    copies = search.pbt_step(scores, state.params, self.space, state.generation, settings)
+    state, group = self.state, run.group
+    copies = search.pbt_step(scores, state.params, self.space, state.generation, self.plan.pbt)
     donors = {c.donor: group.member_state(run.carry, c.donor) for c in copies}
     events = []
     for c in copies:
@@ -170,7 +163,7 @@ class Search(loop.Extension):
       self._end_trial(c.slot, run.step, scores[c.slot])
       old_trial = state.current[c.slot]
       trial = self._begin_trial(c.slot, run.step, c.new, parent)
-      key = jax.random.key_data(jax.random.fold_in(_fresh_key(self.config.seed, trial.number),
+      key = jax.random.key_data(jax.random.fold_in(_fresh_key(self.plan.seed, trial.number),
                                                     0x5eed))
       run.carry = group.with_member_state(run.carry, c.slot, donors[c.donor].replace(rng=key))
       group.hypers[c.slot] = _hyper(group.hypers[c.slot], c.new)
@@ -185,14 +178,14 @@ class Search(loop.Extension):
     return events
 
   def _halving(self, run, scores: list[float]) -> list[dict]:
-    s, state, group = self.config.search, self.state, run.group
+    s, state, group = self.plan, self.state, run.group
     ages = [run.step - state.trials[t].start_step for t in state.current]
     rungs = search.rungs(s.ready_steps, s.eta, run.last_step)
     culled = search.halving_step(ages, scores, state.record, s.eta, rungs)
     culled = sorted(set(culled) | {i for i, v in enumerate(scores) if not math.isfinite(v)})
     if not culled:
       return []
-    proposals = search.propose(self.space, state.trials, len(culled), self.config.seed,
+    proposals = search.propose(self.space, state.trials, len(culled), self.plan.seed,
                                state.generation, s.sampler)
     events = []
     for slot, params in zip(culled, proposals):
@@ -200,7 +193,7 @@ class Search(loop.Extension):
       self._end_trial(slot, run.step, scores[slot], 'pruned')
       trial = self._begin_trial(slot, run.step, params, None)
       run.carry = group.with_member_state(
-          run.carry, slot, group.fresh_state(_fresh_key(self.config.seed, trial.number)))
+          run.carry, slot, group.fresh_state(_fresh_key(self.plan.seed, trial.number)))
       group.hypers[slot] = _hyper(group.hypers[slot], params)
       common = {'step': run.step, 'generation': state.generation, 'slot': slot}
       events += [{**common, 'event': 'cull', 'trial': old, 'age': ages[slot],
@@ -211,7 +204,7 @@ class Search(loop.Extension):
   # Records
 
   def meta(self, run) -> dict:
-    return {'search': {'identity': identity(self.config), 'state': self.state.to_json()}}
+    return {'search': {'identity': self.plan.identity, 'state': self.state.to_json()}}
 
   def finish(self, run) -> None:
     """Each slot's trial ends with its last validation figures; the study is written."""
@@ -230,8 +223,8 @@ class Search(loop.Extension):
     HParams view (tensorboard/search/: one run per trial, its fitness over steps)."""
     from digitjax import metrics as metrics_lib
     files = workdir_lib.RunFiles.of(os.path.dirname(self.lineage))
-    metric = self.config.search.metric
-    if self.config.plots:
+    metric = self.plan.metric
+    if self.plan.plots:
       from digitjax import report  # matplotlib is imported only when pictures are drawn
       os.makedirs(files.plots, exist_ok=True)
       report.draw_search(os.path.join(files.plots, 'search.png'),
@@ -245,7 +238,7 @@ class Search(loop.Extension):
 
   def write_study(self) -> None:
     search.write_study(self.study, 'digitjax', self.space, self.state.trials,
-                       self.config.search.metric)
+                       self.plan.metric)
 
   def schedule(self, slot: int) -> list[tuple[int, dict]]:
     """The numbers slot's model was trained with, step by step: its trial and its parents'."""
@@ -263,14 +256,13 @@ class Search(loop.Extension):
                        'schedule': search.format_schedule(self.schedule(i))}}
 
 
-def check_same_search(saved: dict | None, config, where: str) -> None:
+def check_same_search(saved: dict | None, current: dict, where: str) -> None:
   """A UserError if `saved` (a stored config's search section) is another search than
-  `config`'s, naming the first differing field in the config's order (kind first); `where`
-  says whose, with its verb ('--workdir=W holds')."""
+  `current` (SearchPlan.identity), naming the first differing field in the config's order (kind
+  first); `where` says whose, with its verb ('--workdir=W holds')."""
   if not isinstance(saved, dict):
     return  # an old workdir's config, before config.search: a grid
   saved = workdir_lib.as_json({k: v for k, v in saved.items() if k != 'schedule'})
-  current = identity(config)
   if saved.get('kind', 'grid') == current['kind'] == 'grid':
     return
   differ = [k for k in current if saved.get(k) != current[k]]
@@ -306,28 +298,16 @@ class Schedule(loop.Extension):
 
 
 # ---------------------------------------------------------------------------------------------
-# The slots and the extension of a config
+# The extension of a config
 
 
-def slot_members(config, workdir: str, space) -> list[loop.Member]:
-  """The search's slots (members.search_slots) with the first proposals."""
-  from digitjax import members as members_lib
-  slots = members_lib.search_slots(config, workdir)
-  firsts = search.initial_params(space, len(slots), config.seed, config.search.sampler)
-  for slot, params in zip(slots, firsts):
-    for key, value in params.items():
-      configlib.set_field(slot.config, key, value)
-    configlib.validate(slot.config)
-  return slots
-
-
-def extension(config, workdir: str, space) -> loop.Extension:
-  """The loop's extension for `config`: its search, the schedule a single run replays, or
-  none."""
-  if config.search.kind in ('pbt', 'halving'):
-    return Search(config, space, workdir)
-  if config.search.schedule:
-    return Schedule(search.parse_schedule(config.search.schedule))
+def extension(plan: SearchPlan, workdir: str) -> loop.Extension:
+  """The loop's extension for config.search (`plan`): its search, the schedule a single run
+  replays, or none."""
+  if plan.kind in ('pbt', 'halving'):
+    return Search(plan, workdir)
+  if plan.schedule is not None:
+    return Schedule(plan.schedule)
   return loop.Extension()
 
 

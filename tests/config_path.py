@@ -26,7 +26,7 @@ import re
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'digitjax'
 SECTIONS = ('model', 'data', 'augment', 'plateau', 'sweep', 'search', 'distributed')
 HOLDER_FIELDS = ('member', 'members', 'population')   # fields that hold configs
-HOLDER_TYPES = ('Member', 'Outcome', 'Target', 'Run')  # classes whose objects hold configs
+HOLDER_TYPES = ('Member', 'Outcome', 'Target', 'Run', 'Plan')  # classes whose objects hold configs
 CONFIG_METHODS = ('copy_and_resolve_references', 'to_dict', 'copy')
 WRAPPERS = ('enumerate', 'zip', 'list', 'tuple', 'sorted', 'reversed', 'iter', 'next')
 CONFIG, HOLDER = 'config', 'holder'

@@ -11,7 +11,7 @@ import pytest
 
 import digitjax
 from conftest import small_config
-from digitjax import checkpoint as ckpt_lib, members as members_lib, population, signals, steps
+from digitjax import checkpoint as ckpt_lib, members as members_lib, plan, signals, steps
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
 
@@ -32,7 +32,7 @@ def _huge_members(idx_dir, tfds_dir, tmp_path, **over):
   """Members of 0.8 GB each (a 100,000-wide dense layer and its momentum), as many as it takes
   to exceed this machine's memory; the data's folder does not exist, so that any error after
   the size check is about the data."""
-  n = math.ceil(population.machine()['memory'] / 1.2e9) + 2
+  n = math.ceil(plan.machine()['memory'] / 1.2e9) + 2
   return small_config(idx_dir, tfds_dir, checkpoint_keep=1, **{
       'model.dense_features': 100_000, 'sweep.grid': _seeds(n), 'sweep.select': 'ensemble',
       'data.manual_dir': str(tmp_path / 'no-data-here'), 'data.data_dir': str(tmp_path / 'tfds'),
@@ -65,7 +65,7 @@ def test_the_issues_90000_member_grid_is_refused_at_once(config, tmp_path):
 
 
 def test_checkpoints_beyond_the_free_disk_are_refused(config, tmp_path):
-  state = population._state_bytes(config, {})
+  state = plan._state_bytes(config, {})
   free = shutil.disk_usage(tmp_path).free
   config.checkpoint_keep = free // (2 * state) + 10  # two members' checkpoints overflow it
   config.sweep.grid = _seeds(2)
@@ -81,12 +81,12 @@ def test_the_estimate_counts_each_structures_states(config):
   narrow, _, _ = steps.create(small_config(config.data.manual_dir, config.data.data_dir,
                                            **{'model.dense_features': 50}), jax.random.key(0))
   size = lambda s: sum(x.nbytes for x in jax.tree.leaves(s))
-  cost = population.estimate_cost(config, members_lib.override_sets(config))
+  cost = plan.estimate_cost(config, members_lib.override_sets(config))
   assert (cost.members, cost.largest_group) == (6, 3)
   assert cost.disk == 3 * (size(state) + size(narrow)) * (config.checkpoint_keep + 2)
   logits = (6000 + 10000) * 10 * 4  # the validation and test logits of all 60,000 examples
-  assert cost.memory == (population.RUNTIME_BYTES + 6 * (logits + population.MEMBER_BYTES)
-                         + population.STATE_COPIES * 3 * size(state))
+  assert cost.memory == (plan.RUNTIME_BYTES + 6 * (logits + plan.MEMBER_BYTES)
+                         + plan.STATE_COPIES * 3 * size(state))
 
 
 # ---------------------------------------------------------------------------------------------
