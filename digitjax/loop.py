@@ -2,8 +2,10 @@
 epoch by epoch, stopped cleanly by signals, each ending with its results.
 
 A single run is a group of one member. A group's members share the loop's structure (batch
-size, steps, model, schedule kind...); each has its own config (seed, learning rate...), files
-(checkpoints, metrics, results), state and example order. `execution`:
+size, steps, model, schedule kind...); each has its own numbers (seed, learning rate...), files
+(checkpoints, metrics, results), state and example order. The loop takes no config: each
+member's recipe (plan.recipe: its step's spec and numbers, models, sizes) holds what it needs,
+and its config is only written into its records. `execution`:
 - 'map': member after member for each chunk of steps, each through its own compiled step, the
   very program its single run compiles (so each member is its single run, bit for bit);
 - 'vmap': one program for all, the states stacked along a member axis (sharded over the mesh's

@@ -228,7 +228,7 @@ def members_of(config, workdir: str, overrides: list[dict] | None = None) -> lis
 def search_slots(config, workdir: str) -> list[Member]:
   """A search's slots (config.search.kind 'pbt' or 'halving'): slot i is the base config with
   seed + i (its initial parameters and example order) in members/NN-slotN/, sharing the base
-  config's holdout; the numbers each starts with are the search's (search_steps)."""
+  config's holdout; the numbers each starts with are the search's (plan._first_proposals)."""
   split_seed = configlib.split_seed(config)
   slots = []
   for i in range(config.search.size):
