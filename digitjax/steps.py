@@ -59,7 +59,10 @@ class EMATrainState(TrainState):
 
 
 class BatchNormEMATrainState(BatchNormTrainState):
-  """EMATrainState's BatchNorm twin: `ema` = {'params': ..., 'batch_stats': ...}."""
+  """EMATrainState's BatchNorm twin: `ema` = {'params': ..., 'batch_stats': ...}. The running
+  statistics are averaged with the weights (as timm's ModelEmaV2 averages every buffer): the
+  raw statistics describe the raw weights' activations, not the average's, and recomputing
+  statistics for the average would cost a pass over the data at each evaluation."""
   ema: Any
 
 
