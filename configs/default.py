@@ -62,6 +62,10 @@ def get_config():
   config.nesterov = False              # Nesterov momentum ('sgd' only)
   config.weight_decay = 0.0            # decayed weights added to the gradients (0 = none; with
   #                                      'adam' before its scaling: L2, not AdamW)
+  config.ema_decay = 0.0               # weight averaging: the EMA of the weights (and BatchNorm
+  #                                      statistics) with this decay, e.g. 0.999, warmed up as
+  #                                      min(decay, (1+step)/(10+step)), is the delivered model
+  #                                      (validation, test, eval, predict, export); 0 = none
   config.plateau = ml_collections.ConfigDict()
   config.plateau.enabled = False       # Keras ReduceLROnPlateau-style rule on the epoch's loss
   config.plateau.factor = 0.5          # multiply the learning rate by this on a plateau

@@ -344,18 +344,29 @@ class Checkpoints:
       raise DamagedCheckpoint('its arrays differ from the ones saved (SHA-256 mismatch)')
     return state, meta
 
+  def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    """Array name -> shape of the state saved at `step` (from orbax's metadata: no array read)."""
+    return _shapes(ocp.StandardCheckpointHandler().metadata(
+        self.manager.directory / str(step) / 'state'))
+
+  def has_ema(self, step: int) -> bool:
+    """Whether the state saved at `step` keeps an EMA of its weights (config.ema_decay > 0)."""
+    return any(name.startswith('ema.') for name in self.saved_shapes(step))
+
   def check_shapes(self, step: int, target) -> None:
     """The saved arrays against `target`'s, by name: a model that changed is named, not traced."""
-    saved = _shapes(ocp.StandardCheckpointHandler().metadata(
-        self.manager.directory / str(step) / 'state'))
+    saved = self.saved_shapes(step)
     wanted = _shapes(target)
     params_first = lambda name: (not name.startswith('params.'), name)
     for name in sorted(saved.keys() | wanted.keys(), key=params_first):
       if saved.get(name) != wanted.get(name):
         state = lambda d: f'of shape {d[name]}' if name in d else 'absent'
+        ema = (f' (config.ema_decay: the checkpoint was trained '
+               f'{"with" if name in saved else "without"} weight averaging)'
+               if name.startswith('ema.') else '')
         raise CheckpointMismatch(
             f'checkpoint {self.directory}/{step} does not fit the config: array {name} is '
-            f'{state(saved)} in the checkpoint but {state(wanted)} in the model; use the '
+            f'{state(saved)} in the checkpoint but {state(wanted)} in the model{ema}; use the '
             f'checkpoint\'s settings or a new --workdir')
 
   def discard_after(self, step: int) -> None:

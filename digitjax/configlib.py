@@ -59,7 +59,7 @@ SHARED_FIELDS = ('dataset', 'validation_fraction', 'data.', 'distributed.',
 # a workdir's stored config that lacks one gets it (stored_config.py).
 ADDED_FIELDS = {'model.dtype': 'float32', 'model.kernel_sizes': (),
                 'model.conv_init': 'he_uniform', 'optimizer': 'sgd', 'adam_b1': 0.9,
-                'adam_b2': 0.999, 'sweep.allow_large': False,
+                'adam_b2': 0.999, 'sweep.allow_large': False, 'ema_decay': 0.0,
                 'search': {'kind': 'grid', 'space': '', 'size': 8, 'ready_steps': 0,
                            'metric': 'val_loss', 'sampler': 'tpe', 'quantile': 0.25,
                            'resample_probability': 0.25, 'perturb': (0.8, 1.2), 'eta': 3,
@@ -311,6 +311,7 @@ def _data_and_optimizer_checks(c) -> list:
        'in [0, num_epochs], and below num_epochs with the cosine schedule'),
       ('onecycle_pct_start', lambda v: _in_unit(v, low_closed=False), 'in (0, 1)'),
       ('weight_decay', lambda v: _finite(v) and v >= 0, '0 or positive'),
+      ('ema_decay', _in_unit, 'in [0, 1) (0 = no weight averaging; e.g. 0.999)'),
       # optax's reduce_on_plateau refuses a factor outside (0, 1) only once the data is loaded.
       ('plateau.factor', lambda v: _in_unit(v, low_closed=False), 'in (0, 1)'),
       ('plateau.patience', lambda v: _int(v) and v >= 0, 'an integer >= 0'),

@@ -3,6 +3,7 @@ use. Training evaluates with the very `Evaluator` the modes use, so eval reprodu
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -134,11 +135,14 @@ class Evaluator:
 # Checkpoints restored for use
 
 
-def abstract_state(config, mesh):
+def abstract_state(config, mesh, ema: bool | None = None):
   """The train state's tree, shapes and dtypes for `config`, replicated on `mesh` (no arrays:
-  a restore target)."""
+  a restore target); `ema`: with or without an EMA of the weights (None: as config.ema_decay
+  says)."""
   model = model_lib.build_model(config.model)
   spec = steps.spec(config, model, steps_per_epoch=1)
+  if ema is not None:  # any decay above 0 gives the tree of a state with an EMA
+    spec = dataclasses.replace(spec, ema_decay=0.5 if ema else 0.0)
   shapes = jax.eval_shape(functools.partial(steps.init_state, spec,
                                             steps.hyper(config, steps_per_epoch=1)),
                           jax.random.key(0))
@@ -246,7 +250,9 @@ def select_step(checkpoints: ckpt_lib.Checkpoints, which: str) -> int:
 def restore(config, files: workdir_lib.RunFiles, which: str, mode: str, mesh):
   """(state, step, meta): the checkpoint `which` names, replicated on `mesh`.
 
-  It must fit the config in the fields `mode` depends on (configlib.FIT_FIELDS).
+  It must fit the config in the fields `mode` depends on (configlib.FIT_FIELDS). Its EMA of the
+  weights, if it kept one, comes with it whatever config.ema_decay says (steps.averaged gives
+  the model it delivers).
   """
   checkpoints = open_checkpoints(files)
   try:
@@ -261,7 +267,7 @@ def restore(config, files: workdir_lib.RunFiles, which: str, mode: str, mesh):
     fit = {k: v for k, v in saved.items()
            if k in configlib.FIT_FIELDS[mode] or k == 'ensemble_size'}
     ckpt_lib.check_compatible({'resume_fields': fit}, config.to_dict(), where)
-    target = abstract_state(config, mesh)
+    target = abstract_state(config, mesh, ema=checkpoints.has_ema(step))
     checkpoints.check_shapes(step, target)
     try:
       state, meta = checkpoints.restore(step, target)

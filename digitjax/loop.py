@@ -99,7 +99,9 @@ def epoch_line(prefix: str, epoch: int, num_epochs: int, seconds: float, record:
   val = lambda key: '-' if not math.isfinite(record[key]) else f'{record[key]:.4f}'
   return (f'{prefix}Epoch {epoch}/{num_epochs} - {seconds:.1f}s - loss: '
           f'{record["train_loss"]:.4f} - accuracy: {record["train_accuracy"]:.4f} - val_loss: '
-          f'{val("val_loss")} - val_accuracy: {val("val_accuracy")}')
+          f'{val("val_loss")} - val_accuracy: {val("val_accuracy")}'
+          + (f' - raw_val_accuracy: {val("raw_val_accuracy")}' if 'raw_val_accuracy' in record
+             else ''))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -637,13 +639,25 @@ def evaluate_epoch(run: Run) -> None:
   for i, m in enumerate(run.members):
     if i in run.diverged:
       continue
-    val = run.evaluator.evaluate(member_states[i], run.splits.val)
     run.records[i] = {'epoch': run.epoch.index + 1, 'train_loss': train[i]['loss'],
-                      'train_accuracy': train[i]['accuracy'], 'val_loss': val['loss'],
-                      'val_accuracy': val['accuracy'], 'epoch_seconds': clocks.epoch[i]}
+                      'train_accuracy': train[i]['accuracy'],
+                      **_evaluated(run, member_states[i], 'val'),
+                      'epoch_seconds': clocks.epoch[i]}
     log(epoch_line(run.prefix(m), run.epoch.index + 1, run.num_epochs, clocks.epoch[i],
                    run.records[i]))
     run.writers[i].write(run.step, run.records[i])
+
+
+def _evaluated(run: Run, state, split: str) -> dict:
+  """'<split>_loss' and '<split>_accuracy' of the model a member delivers (its EMA, when it
+  has one: steps.averaged), and then, with an EMA, the raw weights' as 'raw_<split>_...'."""
+  examples = getattr(run.splits, split)
+  delivered = run.evaluator.evaluate(steps.averaged(state), examples)
+  figures = {f'{split}_loss': delivered['loss'], f'{split}_accuracy': delivered['accuracy']}
+  if state.ema is not None:
+    raw = run.evaluator.evaluate(state, examples)
+    figures.update({f'raw_{split}_loss': raw['loss'], f'raw_{split}_accuracy': raw['accuracy']})
+  return figures
 
 
 def validation(run: Run) -> list[dict | None]:
@@ -653,7 +667,8 @@ def validation(run: Run) -> list[dict | None]:
     return [None if r is None else {'loss': r['val_loss'], 'accuracy': r['val_accuracy']}
             for r in run.records]
   member_states = run.group.states(run.carry)
-  return [None if i in run.diverged else run.evaluator.evaluate(member_states[i], run.splits.val)
+  return [None if i in run.diverged else
+          run.evaluator.evaluate(steps.averaged(member_states[i]), run.splits.val)
           for i in range(len(run.members))]
 
 
@@ -749,8 +764,9 @@ def _report_done(run: Run, records: list[dict]) -> list[Outcome]:
                           "are intact, and the population's are made next time")
     outcomes.append(Outcome(
         m, r, metrics_lib.read_history(m.files),
-        None if diverged else evaluator.logits(state, run.splits.val['image']),
-        None if diverged else evaluator.logits(state, run.splits.test['image'])))
+        None if diverged else evaluator.logits(steps.averaged(state), run.splits.val['image']),
+        None if diverged else evaluator.logits(steps.averaged(state),
+                                               run.splits.test['image'])))
   return outcomes
 
 
@@ -916,27 +932,46 @@ def finish(run: Run) -> list[Outcome]:
 def _test_member(run: Run, i: int, state) -> Outcome:
   """A member's test figures, written to its results.json and metrics."""
   m, splits, logits = run.members[i], run.splits, run.part.logits
-  test_logits = run.evaluator.logits(state, splits.test['image'])
-  val_logits = run.evaluator.logits(state, splits.val['image']) if logits else None
+  delivered = steps.averaged(state)  # the EMA's weights, when the member keeps one
+  test_logits = run.evaluator.logits(delivered, splits.test['image'])
+  val_logits = run.evaluator.logits(delivered, splits.val['image']) if logits else None
   test = inference.classification_metrics(test_logits, splits.test['label'])
   history = metrics_lib.read_history(m.files)
-  results = _results(run, i, state, test, history[-1] if history else {})
+  raw = _raw_figures(run, state, history[-1] if history else {})
+  results = _results(run, i, state, test, history[-1] if history else {}, raw)
   log(f'{run.prefix(m)}Test: loss {test["loss"]:.4f} - accuracy {test["accuracy"]:.4f} '
-      f'({len(splits.test["label"])} images)')
+      f'({len(splits.test["label"])} images)'
+      + (f'; raw weights (without the EMA): loss {raw["raw_test_loss"]:.4f} - accuracy '
+         f'{raw["raw_test_accuracy"]:.4f}' if raw else ''))
   if run.writes:
     workdir_lib.write_json_atomic(m.files.results, results)
-  run.writers[i].write(run.step, {'test_loss': test['loss'], 'test_accuracy': test['accuracy']})
+  run.writers[i].write(run.step, {'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
+                                  **{k: v for k, v in raw.items() if k.startswith('raw_test')}})
   run.writers[i].close()
   # A population's outcome carries no state: its members' logits are all the selection needs.
   return Outcome(m, results, history, val_logits, test_logits, None if logits else state)
 
 
-def _results(run: Run, i: int, state, test: dict, last: dict) -> dict:
-  """A member's results.json: its test figures, last validation record and costs."""
+def _raw_figures(run: Run, state, last: dict) -> dict:
+  """With an EMA, the raw weights' test figures and last validation record ('raw_test_...',
+  'raw_val_...'): the figures without the EMA's keys say what the delivered EMA scores. {}
+  without an EMA."""
+  if state.ema is None:
+    return {}
+  test = run.evaluator.evaluate(state, run.splits.test)
+  return {'raw_test_accuracy': test['accuracy'], 'raw_test_loss': test['loss'],
+          'raw_val_accuracy': last.get('raw_val_accuracy'),
+          'raw_val_loss': last.get('raw_val_loss')}
+
+
+def _results(run: Run, i: int, state, test: dict, last: dict, raw: dict) -> dict:
+  """A member's results.json: its test figures, last validation record and costs (`raw`: the
+  raw weights' figures beside an EMA's, _raw_figures)."""
   m, train_seconds = run.members[i], run.clocks.total[i]
   return {
       'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
       'val_accuracy': last.get('val_accuracy'), 'val_loss': last.get('val_loss'),
+      **raw,
       'num_params': model_lib.count_params(state.params),
       'epochs_completed': round(run.step / run.spe, 4), 'checkpoint_step': run.step,
       'train_seconds': train_seconds,

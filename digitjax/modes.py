@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from digitjax import configlib, data, inference, members as members_lib, metrics as metrics_lib
-from digitjax import model as model_lib, parallel, signals
+from digitjax import model as model_lib, parallel, signals, steps
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
 from digitjax.members import Member, Outcome
@@ -107,14 +107,16 @@ def reselected(results: dict, how: str, members: list[Member], path: str) -> dic
 
 
 class Restored:
-  """The members' chosen checkpoints, restored: logits of any images, member by member."""
+  """The members' chosen checkpoints, restored: logits of any images, member by member. A run
+  that kept an EMA of its weights (config.ema_decay) is used through the EMA: the model it
+  delivered."""
 
   def __init__(self, goal: Target, which: str, mode: str):
     self.mesh = parallel.make_mesh()
     self.states, self.steps, self.epochs, self.evaluators = [], [], [], []
     for m in goal.members:
       state, step, meta = inference.restore(m.config, m.files, which, mode, self.mesh)
-      self.states.append(state)
+      self.states.append(steps.averaged(state))  # the EMA's weights, when the run kept one
       self.steps.append(step)
       self.epochs.append(meta.get('epoch'))
       self.evaluators.append(inference.Evaluator.for_config(m.config, self.mesh))

@@ -37,6 +37,7 @@ class TrainState(struct.PyTreeNode):
   opt_state: Any
   rng: jax.Array
   batch_stats = None  # a class attribute: no field, so no change to the checkpointed tree
+  ema = None  # likewise: only a state with config.ema_decay > 0 holds one (EMATrainState)
 
   def variables(self, params=None) -> dict:
     """The module's variables for apply: `params` (default: the state's) and any statistics."""
@@ -49,6 +50,31 @@ class TrainState(struct.PyTreeNode):
 class BatchNormTrainState(TrainState):
   """The state of a model with BatchNorm: also its running statistics ('batch_stats')."""
   batch_stats: Any
+
+
+class EMATrainState(TrainState):
+  """A state that also keeps the exponential moving average of its model's variables
+  (config.ema_decay > 0): `ema` = {'params': ...}, updated by train_step (`_with_ema`)."""
+  ema: Any
+
+
+class BatchNormEMATrainState(BatchNormTrainState):
+  """EMATrainState's BatchNorm twin: `ema` = {'params': ..., 'batch_stats': ...}. The running
+  statistics are averaged with the weights (as timm's ModelEmaV2 averages every buffer): the
+  raw statistics describe the raw weights' activations, not the average's, and recomputing
+  statistics for the average would cost a pass over the data at each evaluation."""
+  ema: Any
+
+
+def averaged(state: TrainState) -> TrainState:
+  """The model a run delivers: with an EMA, the state with the EMA's params (and batch_stats)
+  in place of the raw ones (the same tree, so compiled evaluators are reused); else `state`."""
+  if state.ema is None:
+    return state
+  state = state.replace(params=state.ema['params'])
+  if 'batch_stats' in state.ema:
+    state = state.replace(batch_stats=state.ema['batch_stats'])
+  return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,6 +117,7 @@ class StepSpec:
   plateau: tuple | None         # (factor, patience, cooldown) of the plateau rule, or None
   augment: bool
   grad_chunks: int
+  ema_decay: float = 0.0        # config.ema_decay: 0 = no EMA in the state
 
 
 def hyper(config, steps_per_epoch: int) -> Hyper:
@@ -113,7 +140,7 @@ def spec(config, model, steps_per_epoch: int, grad_chunks: int = 1) -> StepSpec:
       weight_decay=bool(config.weight_decay),
       warmup=config.schedule == 'constant' and config.warmup_epochs > 0,
       plateau=(p.factor, p.patience, p.cooldown) if p.enabled else None,
-      augment=config.augment.enabled, grad_chunks=grad_chunks)
+      augment=config.augment.enabled, grad_chunks=grad_chunks, ema_decay=config.ema_decay)
 
 
 def exact_numbers(spec: StepSpec) -> tuple[str, ...]:
@@ -222,9 +249,12 @@ def init_state(spec: StepSpec, hp: Hyper, key) -> TrainState:
   opt_state = make_optimizer(spec, hp).init(variables['params'])
   fields = dict(step=jnp.zeros((), jnp.int32), params=variables['params'], opt_state=opt_state,
                 rng=jax.random.key_data(jax.random.fold_in(key, 0x5eed)))
+  if spec.ema_decay > 0:  # the average starts at the initial variables (copies: donated apart)
+    fields['ema'] = jax.tree.map(jnp.copy, dict(variables))
   if 'batch_stats' in variables:
-    return BatchNormTrainState(batch_stats=variables['batch_stats'], **fields)
-  return TrainState(**fields)
+    bn = BatchNormEMATrainState if 'ema' in fields else BatchNormTrainState
+    return bn(batch_stats=variables['batch_stats'], **fields)
+  return (EMATrainState if 'ema' in fields else TrainState)(**fields)
 
 
 def create(config, key, conv_impl: str = 'lax', pool_impl: str = 'lax', steps_per_epoch: int = 1,
@@ -288,7 +318,26 @@ def train_step(state: TrainState, batch, hp: Hyper, spec: StepSpec):
   _, (_, _, new_stats) = parts[0]  # BatchNorm's running statistics (one chunk), or None
   if new_stats is not None:
     state = state.replace(batch_stats=new_stats)
+  if spec.ema_decay > 0:
+    state = _with_ema(state, spec.ema_decay)
   return state, metrics
+
+
+def ema_decay_at(decay: float, step):
+  """The decay of the EMA update after optimizer step `step` (0-based, the step before it):
+  min(decay, (1 + step) / (10 + step)), the warmup of TensorFlow's ExponentialMovingAverage
+  (num_updates), so that early on the average follows the fast-moving weights instead of
+  keeping the random initialization: 0.1 at step 0, 0.5 at step 8, 0.9 at step 80, 0.999 from
+  step 8990 on."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
+def _with_ema(state: TrainState, decay: float) -> TrainState:
+  """The state after an optimizer step (state.step already advanced) with its EMA moved
+  towards the new variables: ema <- d * ema + (1 - d) * variables, d = ema_decay_at(step)."""
+  d = ema_decay_at(decay, state.step - 1)
+  return state.replace(ema=optax.incremental_update(state.variables(), state.ema, 1.0 - d))
 
 
 def eval_step(state: TrainState, batch, model: model_lib.CNN):
