@@ -227,14 +227,22 @@ def _write_text(text: str, output: str | None) -> None:
 
 
 def run_predict(config, workdir: str, inputs: list[str], output: str | None = None,
-                checkpoint: str = 'best', member: str | None = None, tta: int = 1) -> int:
-  """Classifies image files, folders of them and arrays (`tta` > 1: by the mean probabilities
-  over that many views, inference.tta_views); returns the exit status.
+                checkpoint: str = 'best', member: str | None = None) -> int:
+  """Classifies image files, folders of them and arrays; returns the exit status.
 
   The CSV goes to stdout or `output`; each unreadable input is one `PATH: error: reason` line on
   stderr and makes the status 1, while the other inputs are still classified.
   """
+  return predict(config, workdir, Request('predict', checkpoint, inputs=inputs, output=output,
+                                          member=member))
+
+
+def predict(config, workdir: str, r: 'Request') -> int:
+  """run_predict with every option of `r`, test-time augmentation too (`r.tta` > 1: the mean
+  probabilities over that many views, inference.tta_views)."""
   from digitjax import images  # Pillow is needed only here
+  inputs, output, member, tta = r.inputs, r.output, r.member, r.tta
+  checkpoint = r.checkpoint or DEFAULT_CHECKPOINT['predict']
   if not inputs:
     raise UserError('--mode=predict needs --inputs=PATH[,PATH...] (image files, folders, '
                     '.npy/.npz arrays)')
@@ -419,7 +427,7 @@ def _run(config, workdir: str, r: Request) -> int:
     run_eval(config, workdir, checkpoint, r.split, r.member, r.tta)
     return 0
   if r.mode == 'predict':
-    return run_predict(config, workdir, r.inputs, r.output, checkpoint, r.member, r.tta)
+    return predict(config, workdir, dataclasses.replace(r, checkpoint=checkpoint))
   if r.mode == 'report':
     run_report(config, workdir, checkpoint, r.member)
     return 0

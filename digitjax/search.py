@@ -46,8 +46,8 @@ DISTRIBUTIONS = ('uniform', 'loguniform')
 # The numbers the compiled step takes as arrays (configlib.MEMBER_NUMERIC_FIELDS less seed and
 # warmup, which a member's run cannot change halfway).
 SEARCHABLE = ('learning_rate', 'momentum', 'weight_decay', 'onecycle_pct_start',
-              'augment.rotation', 'augment.zoom', 'augment.shift', 'model.dropout_rate',
-              'label_smoothing')
+              'augment.rotation', 'augment.zoom', 'augment.shift', 'label_smoothing',
+              'model.dropout_rate')
 # Each searchable field's own range (configlib's checks): a space's bounds and a schedule's
 # values must lie in it.
 LIMITS = {

@@ -97,8 +97,9 @@ def test_predict_with_tta_gives_the_views_mean_probabilities(run, tmp_path):
   x = data.load_splits(config).test['image'][:20, ..., 0]
   np.save(tmp_path / 'digits.npy', x)
   output = str(tmp_path / 'tta.csv')
-  assert modes.run_predict(config, workdir, [str(tmp_path / 'digits.npy')], output,
-                           'latest', tta=5) == 0
+  request = modes.Request('predict', 'latest', inputs=[str(tmp_path / 'digits.npy')],
+                          output=output, tta=5)
+  assert modes.predict(config, workdir, request) == 0
   with open(output) as f:
     rows = list(f)[1:]
   restored = modes.Restored(modes.target(config, workdir), 'latest', 'predict')
@@ -114,7 +115,7 @@ def test_a_bad_number_of_views_is_one_line(run, views):
                                       r'augmentation\) to 7 views \(identity, shifted right'):
     modes.run_eval(config, workdir, tta=views)
   with pytest.raises(UserError, match=rf'--tta={views} is invalid'):
-    modes.run_predict(config, workdir, ['x.npy'], tta=views)
+    modes.predict(config, workdir, modes.Request('predict', inputs=['x.npy'], tta=views))
 
 
 @pytest.mark.slow
