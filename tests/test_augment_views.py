@@ -189,6 +189,18 @@ def test_label_smoothing_changes_the_training_loss_only(config):
   assert not _same(state.params, plain_state.params)
 
 
+def test_label_smoothing_passed_as_an_array_trains_as_the_number_does(config):
+  """A vmapped group's or a search's label smoothing is an array in the step."""
+  config.label_smoothing = 0.1
+  state, spec, hp = steps.create(config, jax.random.key(0))
+  step = jax.jit(lambda s, b, n: steps.train_step(s, b, hp._replace(**n), spec))
+  number, m_number = step(state, _batch(), {})
+  array, m_array = step(state, _batch(), {'label_smoothing': jnp.float32(0.1)})
+  np.testing.assert_allclose(m_array['loss'], m_number['loss'], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(array.params), jax.tree.leaves(number.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------------------------
 # Config
 
