@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from digitjax import augment, checkpoint as ckpt_lib, configlib, model as model_lib, parallel, steps
-from digitjax import workdir as workdir_lib
+from digitjax import checkpoint as ckpt_lib, configlib, model as model_lib, parallel, steps
+from digitjax import augment, workdir as workdir_lib
 from digitjax.errors import UserError
 
 
