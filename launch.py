@@ -43,10 +43,13 @@ flags.DEFINE_string('debug_pause_at', '', 'Debugging and tests: hold the run onc
                     'until SIGINT or SIGTERM comes, saying so on stderr.')
 flags.DEFINE_string('member', None, 'eval/predict/report/export on a population: one member (its '
                     'index or name) instead of what the population delivers.')
+flags.DEFINE_integer('tta', 1, 'eval/predict: test-time augmentation, the mean probabilities of '
+                     'this many views: the image, shifted 1 px right, left, down, up, rotated '
+                     '+10 and -10 degrees, the first N in this order (1 = none).')
 # The modes each optional flag means something to: anywhere else it is a mistake, not a no-op.
 MODE_FLAGS = {'checkpoint': ('eval', 'predict', 'report', 'export'), 'split': ('eval',),
               'inputs': ('predict',), 'output': ('predict', 'export'),
-              'member': ('eval', 'predict', 'report', 'export')}
+              'member': ('eval', 'predict', 'report', 'export'), 'tta': ('eval', 'predict')}
 
 
 def fail(message: str, status: int = 2):
@@ -192,7 +195,7 @@ def main(argv):
       from digitjax import modes
       status = modes.run(FLAGS.config, FLAGS.workdir, modes.Request(
           FLAGS.mode, FLAGS.checkpoint, FLAGS.split, input_paths(FLAGS.inputs), FLAGS.output,
-          FLAGS.member))
+          FLAGS.member, FLAGS.tta))
   except UserError as e:
     fail(str(e))
   except signals.Interrupted as e:

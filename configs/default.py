@@ -66,18 +66,28 @@ def get_config():
   #                                      statistics) with this decay, e.g. 0.999, warmed up as
   #                                      min(decay, (1+step)/(10+step)), is the delivered model
   #                                      (validation, test, eval, predict, export); 0 = none
+  config.label_smoothing = 0.0         # training loss against labels smoothed by this, in
+  #                                      [0, 1) (optax.smooth_labels; evaluation's loss is plain)
   config.plateau = ml_collections.ConfigDict()
   config.plateau.enabled = False       # Keras ReduceLROnPlateau-style rule on the epoch's loss
   config.plateau.factor = 0.5          # multiply the learning rate by this on a plateau
   config.plateau.patience = 3          # epochs without improvement before reducing
   config.plateau.cooldown = 0          # epochs to wait after a reduction
 
-  # On-device augmentation (random affine per image, keys from (seed, step))
+  # On-device augmentation (per image, keys from (seed, step)); in this order: stroke width,
+  # elastic distortion, random affine. Each is on by its own field.
   config.augment = ml_collections.ConfigDict()
-  config.augment.enabled = False       # the tutorial trains on the images as they are
+  config.augment.enabled = False       # the random affine below (the tutorial trains on the
+  #                                      images as they are)
   config.augment.rotation = 10.0       # degrees, uniform in [-rotation, rotation]
   config.augment.zoom = 0.1            # scale uniform in [1 - zoom, 1 + zoom]
   config.augment.shift = 0.1           # shift, fraction of the image size, per axis
+  config.augment.elastic_alpha = 0.0   # elastic distortion (Simard et al. 2003): pixels a
+  #                                      smoothed uniform field is scaled by (0 = off; they
+  #                                      used 34)
+  config.augment.elastic_sigma = 4.0   # the field's Gaussian smoothing, pixels, in (0, 28]
+  config.augment.stroke = 0.0          # each image thickened (2x2 grey-scale dilation) with this
+  #                                      probability and thinned (erosion) with it, in [0, 0.5]
 
   # Experiments: a population of members, each this config plus overrides (README "Experiments").
   # Without a sweep the run is a single model in the workdir itself.

@@ -1,6 +1,8 @@
-"""On-device augmentation: random affine transforms (rotation, zoom, shift) of image batches.
+"""On-device augmentation of image batches: random affine transforms (rotation, zoom, shift),
+elastic distortion (Simard, Best & Platt 2003) and stroke-width changes (grey-scale dilation and
+erosion); and the fixed views of test-time augmentation.
 
-A pure function of (key, images), jitted inside the train step; keys come from (seed, step), so
+Pure functions of (key, images), jitted inside the train step; keys come from (seed, step), so
 a resumed run sees the same transforms as an uninterrupted one.
 """
 from __future__ import annotations
@@ -48,3 +50,114 @@ def random_affine(key, images_BxHxWxC, ranges: AffineRanges):
   scale = 1.0 + jax.random.uniform(k_zoom, (b,), minval=-ranges.zoom, maxval=ranges.zoom)
   shift = jax.random.uniform(k_shift, (b, 2), minval=-ranges.shift, maxval=ranges.shift)
   return affine(images_BxHxWxC, angle, scale, shift * jnp.array([h, w], jnp.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Elastic distortion
+
+
+def gaussian_matrix(size: int, sigma):
+  """(size, size) matrix G with G @ v = v blurred by a Gaussian of standard deviation `sigma`
+  (pixels), zeros outside (scipy.ndimage.gaussian_filter's mode='constant', untruncated).
+  `sigma` may be a traced number (a vmapped group's)."""
+  sigma = jnp.asarray(sigma, jnp.float32)
+  weight = lambda d: jnp.exp(-0.5 * jnp.square(d / sigma))
+  # The kernel's sum over all offsets (2 * 128 + 1 cover 4.5 sigma for sigma <= 28).
+  total = weight(jnp.arange(-128, 129, dtype=jnp.float32)).sum()
+  i = jnp.arange(size, dtype=jnp.float32)
+  return weight(i[:, None] - i[None, :]) / total
+
+
+def smooth_field(key, batch: int, size: int, sigma):
+  """Simard et al.'s displacement fields: uniform in [-1, 1] per pixel and axis, blurred by a
+  Gaussian of `sigma` pixels (separably: G F G^T). (batch, size, size, 2): (dy, dx) of each
+  pixel, before scaling by alpha."""
+  noise = jax.random.uniform(key, (batch, 2, size, size), minval=-1.0, maxval=1.0)
+  g = gaussian_matrix(size, sigma)
+  smooth = jnp.einsum('ij,bcjk,lk->bcil', g, noise, g)
+  return jnp.moveaxis(smooth, 1, -1)
+
+
+def displace(images_BxHxWxC, field_BxHxWx2):
+  """Output pixel p takes the input at p + field[p] (pixels; bilinear, zeros outside)."""
+  _, h, w, c = images_BxHxWxC.shape
+  ys, xs = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
+                        indexing='ij')
+
+  def one(image_HxWxC, field_HxWx2):
+    coords = [ys + field_HxWx2[..., 0], xs + field_HxWx2[..., 1]]
+    sample = lambda channel: jax.scipy.ndimage.map_coordinates(
+        channel, coords, order=1, mode='constant', cval=0.0)
+    return jnp.stack([sample(image_HxWxC[..., k]) for k in range(c)], axis=-1)
+
+  return jax.vmap(one)(images_BxHxWxC, field_BxHxWx2)
+
+
+def random_elastic(key, images_BxHxWxC, alpha, sigma):
+  """Each image displaced by its own smooth random field (smooth_field) scaled by `alpha`
+  pixels: Simard et al. used alpha 34, sigma 4 on MNIST."""
+  b, h, w, _ = images_BxHxWxC.shape
+  assert h == w, 'square images'
+  return displace(images_BxHxWxC, alpha * smooth_field(key, b, h, sigma))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stroke width
+
+
+def _window_2x2(images_BxHxWxC, reduce, rows: int, cols: int):
+  """`reduce` (maximum or minimum) over each pixel's 2x2 window reaching `rows`/`cols` (+1 or
+  -1) pixels away; zeros (background) outside the image."""
+  h, w = images_BxHxWxC.shape[1:3]
+  padded = jnp.pad(images_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  at = lambda dy, dx: padded[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+  return reduce(reduce(at(0, 0), at(rows, 0)), reduce(at(0, cols), at(rows, cols)))
+
+
+def dilate(images_BxHxWxC):
+  """Grey-scale dilation by the 2x2 square B = {0, 1}^2, max of x[p - b]: strokes one pixel
+  thicker, grown down and right."""
+  return _window_2x2(images_BxHxWxC, jnp.maximum, -1, -1)
+
+
+def erode(images_BxHxWxC):
+  """Grey-scale erosion by the same square, min of x[p + b]: strokes one pixel thinner, worn
+  from the bottom and right (dilation's adjoint: a digit's centre moves half a pixel either
+  way, so on average not at all)."""
+  return _window_2x2(images_BxHxWxC, jnp.minimum, 1, 1)
+
+
+def random_stroke(key, images_BxHxWxC, probability):
+  """Each image thickened (dilate) with `probability`, thinned (erode) with `probability`,
+  else left as it is (so `probability` <= 0.5)."""
+  u = jax.random.uniform(key, images_BxHxWxC.shape[:1])[:, None, None, None]
+  return jnp.where(u < probability, dilate(images_BxHxWxC),
+                   jnp.where(u >= 1.0 - probability, erode(images_BxHxWxC), images_BxHxWxC))
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-time augmentation
+
+
+# The views of test-time augmentation, in order: (rotation in degrees counter-clockwise, shift
+# down, shift right in pixels). The first N are used; the first is the image itself.
+TTA_VIEWS = ((0.0, 0.0, 0.0), (0.0, 0.0, 1.0), (0.0, 0.0, -1.0), (0.0, 1.0, 0.0),
+             (0.0, -1.0, 0.0), (10.0, 0.0, 0.0), (-10.0, 0.0, 0.0))
+
+
+def describe_view(view) -> str:
+  angle, dy, dx = view
+  if angle:
+    return f'rotated {angle:+g} deg'
+  if dy or dx:
+    return f'shifted {"down" if dy > 0 else "up" if dy else "right" if dx > 0 else "left"} 1 px'
+  return 'identity'
+
+
+def view(images_BxHxWxC, view_):
+  """All images seen as TTA_VIEWS' `view_` (angle, dy, dx); integer shifts move pixels exactly
+  (bilinear sampling at whole pixels)."""
+  angle, dy, dx = view_
+  b = images_BxHxWxC.shape[0]
+  return affine(images_BxHxWxC, jnp.full((b,), jnp.deg2rad(angle), jnp.float32),
+                jnp.ones((b,), jnp.float32), jnp.tile(jnp.array([[dy, dx]], jnp.float32), (b, 1)))

@@ -48,7 +48,7 @@ FIT_FIELDS = {'predict': MODEL_FIELDS, 'export': MODEL_FIELDS,
 # per-member array in the group's one program (steps.py). Every other field is structure.
 MEMBER_NUMERIC_FIELDS = ('seed', 'learning_rate', 'momentum', 'weight_decay', 'warmup_epochs',
                          'onecycle_pct_start', 'augment.rotation', 'augment.zoom',
-                         'augment.shift', 'model.dropout_rate')
+                         'augment.shift', 'model.dropout_rate', 'label_smoothing')
 # Fields every member of a population shares: the data (members are compared and combined
 # example by example), where the run lives, and the population itself.
 SHARED_FIELDS = ('dataset', 'validation_fraction', 'data.', 'distributed.',
@@ -63,7 +63,9 @@ ADDED_FIELDS = {'model.dtype': 'float32', 'model.kernel_sizes': (),
                 'search': {'kind': 'grid', 'space': '', 'size': 8, 'ready_steps': 0,
                            'metric': 'val_loss', 'sampler': 'tpe', 'quantile': 0.25,
                            'resample_probability': 0.25, 'perturb': (0.8, 1.2), 'eta': 3,
-                           'schedule': ''}}
+                           'schedule': ''},
+                'label_smoothing': 0.0, 'augment.elastic_alpha': 0.0,
+                'augment.elastic_sigma': 4.0, 'augment.stroke': 0.0}
 # A field added to configs/default.py must be added here too: stored_config.py refuses a stored
 # config without one of default.py's fields as damaged (naming the file and the field).
 
@@ -319,6 +321,13 @@ def _data_and_optimizer_checks(c) -> list:
       ('augment.rotation', lambda v: _finite(v) and 0 <= v <= 180, 'in [0, 180] degrees'),
       ('augment.zoom', _in_unit, 'in [0, 1)'),
       ('augment.shift', _in_unit, 'in [0, 1)'),
+      ('augment.elastic_alpha', lambda v: _finite(v) and v >= 0,
+       '0 (no elastic distortion) or a positive number of pixels (Simard et al. used 34)'),
+      ('augment.elastic_sigma', lambda v: _finite(v) and 0 < v <= 28,
+       'in (0, 28] pixels (Simard et al. used 4)'),
+      ('augment.stroke', lambda v: _finite(v) and 0 <= v <= 0.5,
+       'a probability in [0, 0.5] (each image thickened with it and thinned with it; 0 = off)'),
+      ('label_smoothing', _in_unit, 'in [0, 1) (0 = plain cross-entropy)'),
   ]
 
 

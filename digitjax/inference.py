@@ -9,10 +9,11 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from digitjax import checkpoint as ckpt_lib, configlib, model as model_lib, parallel, steps
-from digitjax import workdir as workdir_lib
+from digitjax import augment, workdir as workdir_lib
 from digitjax.errors import UserError
 
 
@@ -103,6 +104,7 @@ class Evaluator:
     self._sharding = parallel.batch_sharding(mesh)
     self._step = jax.jit(functools.partial(steps.eval_step, model=model),
                          out_shardings=parallel.replicated(mesh))
+    self._model, self._view_steps = model, {}
 
   @classmethod
   def for_config(cls, config, mesh, choices: configlib.Choices | None = None) -> 'Evaluator':
@@ -111,7 +113,9 @@ class Evaluator:
     model = model_lib.build_model(config.model, choices.eval_conv_impl, choices.eval_pool_impl)
     return cls(mesh, config.eval_batch_size, model)
 
-  def logits(self, state, images: np.ndarray) -> np.ndarray:
+  def logits(self, state, images: np.ndarray, view: int = 0) -> np.ndarray:
+    """Logits of `images` seen as augment.TTA_VIEWS[view] (0: as they are)."""
+    step = self._step if view == 0 else self._view_step(view)
     n, devices = len(images), parallel.data_size(self.mesh)
     b = min(self.batch_size, -(-max(n, 1) // devices) * devices)
     index, count = parallel.share(self.mesh)
@@ -122,13 +126,47 @@ class Evaluator:
       if len(chunk) < b:
         chunk = np.concatenate([chunk, np.zeros((b - len(chunk),) + chunk.shape[1:], chunk.dtype)])
       mine = chunk[index * per_process:(index + 1) * per_process]
-      outputs.append(self._step(state, parallel.to_global({'image': mine}, self._sharding)))
+      outputs.append(step(state, parallel.to_global({'image': mine}, self._sharding)))
     if not outputs:
       return np.zeros((0, 0), np.float32)
     return np.concatenate(jax.device_get(outputs), axis=0)[:n]
 
   def evaluate(self, state, split: dict[str, np.ndarray]) -> dict:
     return classification_metrics(self.logits(state, split['image']), split['label'])
+
+  def tta_logits(self, state, images: np.ndarray, views: int) -> np.ndarray:
+    """Test-time augmentation: the log of the mean softmax probability of the first `views`
+    views of augment.TTA_VIEWS (combine_logits of each view's logits); with 1 view, logits()
+    exactly."""
+    return combine_logits([self.logits(state, images, v) for v in range(views)])
+
+  def _view_step(self, view: int):
+    if view not in self._view_steps:
+      self._view_steps[view] = jax.jit(
+          functools.partial(_view_eval_step, model=self._model, view=augment.TTA_VIEWS[view]),
+          out_shardings=parallel.replicated(self.mesh))
+    return self._view_steps[view]
+
+
+def _view_eval_step(state, batch, model, view):
+  """eval_step of the batch's images moved by `view` on device (as pixel values: eval_step
+  scales them to [0, 1])."""
+  return steps.eval_step(state, {'image': augment.view(batch['image'].astype(jnp.float32), view)},
+                         model)
+
+
+def check_tta(views) -> None:
+  """--tta=N: N views, 1 (none) to len(augment.TTA_VIEWS)."""
+  most = len(augment.TTA_VIEWS)
+  if not (isinstance(views, int) and 1 <= views <= most):
+    raise UserError(f'--tta={views} is invalid: give 1 (no test-time augmentation) to {most} '
+                    f'views ({", ".join(augment.describe_view(v) for v in augment.TTA_VIEWS)}, '
+                    f'used in this order)')
+
+
+def tta_views(views: int) -> list[str]:
+  """The first `views` views, described ('identity', 'shifted right 1 px', ...)."""
+  return [augment.describe_view(v) for v in augment.TTA_VIEWS[:views]]
 
 
 # ---------------------------------------------------------------------------------------------

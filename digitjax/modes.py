@@ -121,8 +121,9 @@ class Restored:
       self.epochs.append(meta.get('epoch'))
       self.evaluators.append(inference.Evaluator.for_config(m.config, self.mesh))
 
-  def member_logits(self, images: np.ndarray) -> list[np.ndarray]:
-    return [e.logits(s, images) for e, s in zip(self.evaluators, self.states)]
+  def member_logits(self, images: np.ndarray, tta: int = 1) -> list[np.ndarray]:
+    """Each member's logits; with `tta` > 1 views, the log of its mean probability over them."""
+    return [e.tta_logits(s, images, tta) for e, s in zip(self.evaluators, self.states)]
 
   @property
   def step(self):
@@ -134,10 +135,12 @@ class Restored:
 
 
 def run_eval(config, workdir: str, checkpoint: str = 'best', split: str = 'test',
-             member: str | None = None) -> dict:
-  """Evaluates a checkpoint on a split; prints the numbers and writes eval.json."""
+             member: str | None = None, tta: int = 1) -> dict:
+  """Evaluates a checkpoint on a split; prints the numbers and writes eval.json. `tta` > 1:
+  each member's mean probabilities over that many views (inference.tta_views)."""
   if split not in SPLITS:
     raise UserError(f'--split={split!r} is unknown: use one of {", ".join(SPLITS)}')
+  inference.check_tta(tta)
   goal = target(config, workdir, member)
   restored = Restored(goal, checkpoint, 'eval')
   prefix = SPLITS[split]
@@ -145,7 +148,7 @@ def run_eval(config, workdir: str, checkpoint: str = 'best', split: str = 'test'
   if not len(examples['label']):
     raise UserError(f'the {split} split is empty (config.validation_fraction='
                     f'{config.validation_fraction}); evaluate another --split')
-  member_logits = restored.member_logits(examples['image'])
+  member_logits = restored.member_logits(examples['image'], tta)
   logits = inference.combine_logits(member_logits)
   metrics = inference.classification_metrics(logits, examples['label'])
   per_member = [inference.classification_metrics(l, examples['label']) for l in member_logits]
@@ -154,11 +157,13 @@ def run_eval(config, workdir: str, checkpoint: str = 'best', split: str = 'test'
   result = {'split': split, 'checkpoint': checkpoint, 'checkpoint_step': restored.step,
             'epoch': restored.epochs[0] if len(restored.epochs) == 1 else None,
             **({'members': [m.name for m in goal.members]} if goal.population else {}),
+            **({'tta_views': inference.tta_views(tta)} if tta > 1 else {}),
             f'{prefix}_accuracy': metrics['accuracy'], f'{prefix}_loss': metrics['loss'],
             f'{prefix}_examples': len(examples['label']),
             f'{prefix}_per_class_accuracy': per_class,
             **inference.member_summary(prefix, per_member)}
-  log(f'Checkpoint step {restored.step} ({checkpoint}){goal.what}: {prefix}_accuracy '
+  log(f'Checkpoint step {restored.step} ({checkpoint}){goal.what}'
+      f'{f" with test-time augmentation ({tta} views)" if tta > 1 else ""}: {prefix}_accuracy '
       f'{metrics["accuracy"]:.4f} - {prefix}_loss {metrics["loss"]:.4f} '
       f'({len(examples["label"])} images)' + inference.describe(prefix, result))
   log('Per-class accuracy: ' + ' | '.join(
@@ -230,10 +235,20 @@ def run_predict(config, workdir: str, inputs: list[str], output: str | None = No
   The CSV goes to stdout or `output`; each unreadable input is one `PATH: error: reason` line on
   stderr and makes the status 1, while the other inputs are still classified.
   """
+  return predict(config, workdir, Request('predict', checkpoint, inputs=inputs, output=output,
+                                          member=member))
+
+
+def predict(config, workdir: str, r: 'Request') -> int:
+  """run_predict with every option of `r`, test-time augmentation too (`r.tta` > 1: the mean
+  probabilities over that many views, inference.tta_views)."""
   from digitjax import images  # Pillow is needed only here
+  inputs, output, member, tta = r.inputs, r.output, r.member, r.tta
+  checkpoint = r.checkpoint or DEFAULT_CHECKPOINT['predict']
   if not inputs:
     raise UserError('--mode=predict needs --inputs=PATH[,PATH...] (image files, folders, '
                     '.npy/.npz arrays)')
+  inference.check_tta(tta)
   if output:
     check_output(output, inputs, workdir)
   goal = target(config, workdir, member)
@@ -243,7 +258,7 @@ def run_predict(config, workdir: str, inputs: list[str], output: str | None = No
   if len(read.images):
     # An ensemble's confidence is its mean softmax probability: combine_logits is its log.
     probabilities = inference.probabilities(inference.combine_logits(
-        restored.member_logits(read.images[..., None])))
+        restored.member_logits(read.images[..., None], tta)))
   if parallel.is_main_process():  # every process computes, one speaks
     for path, reason in read.errors:
       print(f'{path}: error: {reason}', file=sys.stderr, flush=True)
@@ -391,13 +406,14 @@ def _write_export(export, members: list, target_dir: str, folder: str) -> None:
 class Request:
   """What a mode other than train is asked (launch.py's flags): the mode, the checkpoint
   (default: DEFAULT_CHECKPOINT's), eval's split, predict's inputs, predict's or export's output,
-  and a population's member."""
+  a population's member, and eval's and predict's test-time augmentation views."""
   mode: str
   checkpoint: str | None = None
   split: str = 'test'
   inputs: list[str] | None = None
   output: str | None = None
   member: str | None = None
+  tta: int = 1
 
 
 def run(config, workdir: str, request: Request) -> int:
@@ -410,10 +426,10 @@ def _run(config, workdir: str, r: Request) -> int:
   # The config is checked where its members are found (members.override_sets), once.
   checkpoint = r.checkpoint or DEFAULT_CHECKPOINT.get(r.mode)
   if r.mode == 'eval':
-    run_eval(config, workdir, checkpoint, r.split, r.member)
+    run_eval(config, workdir, checkpoint, r.split, r.member, r.tta)
     return 0
   if r.mode == 'predict':
-    return run_predict(config, workdir, r.inputs, r.output, checkpoint, r.member)
+    return predict(config, workdir, dataclasses.replace(r, checkpoint=checkpoint))
   if r.mode == 'report':
     run_report(config, workdir, checkpoint, r.member)
     return 0

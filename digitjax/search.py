@@ -46,7 +46,8 @@ DISTRIBUTIONS = ('uniform', 'loguniform')
 # The numbers the compiled step takes as arrays (configlib.MEMBER_NUMERIC_FIELDS less seed and
 # warmup, which a member's run cannot change halfway).
 SEARCHABLE = ('learning_rate', 'momentum', 'weight_decay', 'onecycle_pct_start',
-              'augment.rotation', 'augment.zoom', 'augment.shift', 'model.dropout_rate')
+              'augment.rotation', 'augment.zoom', 'augment.shift', 'label_smoothing',
+              'model.dropout_rate')
 # Each searchable field's own range (configlib's checks): a space's bounds and a schedule's
 # values must lie in it.
 LIMITS = {
@@ -58,6 +59,7 @@ LIMITS = {
     'augment.zoom': (lambda v: 0 <= v < 1, 'in [0, 1)'),
     'augment.shift': (lambda v: 0 <= v < 1, 'in [0, 1)'),
     'model.dropout_rate': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'label_smoothing': (lambda v: 0 <= v < 1, 'in [0, 1)'),
 }
 # The salts of the seed sequences, one per use of randomness.
 _SALT_PROPOSE, _SALT_DONOR, _SALT_EXPLORE = 1, 2, 3

@@ -93,13 +93,17 @@ class Hyper(NamedTuple):
   zoom: Any
   shift: Any
   dropout_rate: Any
+  label_smoothing: Any = 0.0
+  elastic_alpha: Any = 0.0
+  elastic_sigma: Any = 4.0
+  stroke: Any = 0.0
 
 
 # The config field of each Hyper number (a search changes these between compiled calls).
 HYPER_OF_FIELD = {'learning_rate': 'learning_rate', 'momentum': 'momentum',
                   'weight_decay': 'weight_decay', 'onecycle_pct_start': 'onecycle_pct_start',
                   'augment.rotation': 'rotation', 'augment.zoom': 'zoom', 'augment.shift': 'shift',
-                  'model.dropout_rate': 'dropout_rate'}
+                  'model.dropout_rate': 'dropout_rate', 'label_smoothing': 'label_smoothing'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +122,8 @@ class StepSpec:
   augment: bool
   grad_chunks: int
   ema_decay: float = 0.0        # config.ema_decay: 0 = no EMA in the state
+  elastic: bool = False         # elastic distortion at all (augment.elastic_alpha > 0)
+  stroke: bool = False          # stroke-width changes at all (augment.stroke > 0)
 
 
 def hyper(config, steps_per_epoch: int) -> Hyper:
@@ -127,7 +133,9 @@ def hyper(config, steps_per_epoch: int) -> Hyper:
                weight_decay=config.weight_decay,
                warmup_steps=int(config.warmup_epochs * steps_per_epoch),
                onecycle_pct_start=config.onecycle_pct_start, rotation=a.rotation, zoom=a.zoom,
-               shift=a.shift, dropout_rate=config.model.dropout_rate)
+               shift=a.shift, dropout_rate=config.model.dropout_rate,
+               label_smoothing=config.label_smoothing, elastic_alpha=a.elastic_alpha,
+               elastic_sigma=a.elastic_sigma, stroke=a.stroke)
 
 
 def spec(config, model, steps_per_epoch: int, grad_chunks: int = 1) -> StepSpec:
@@ -140,7 +148,8 @@ def spec(config, model, steps_per_epoch: int, grad_chunks: int = 1) -> StepSpec:
       weight_decay=bool(config.weight_decay),
       warmup=config.schedule == 'constant' and config.warmup_epochs > 0,
       plateau=(p.factor, p.patience, p.cooldown) if p.enabled else None,
-      augment=config.augment.enabled, grad_chunks=grad_chunks, ema_decay=config.ema_decay)
+      augment=config.augment.enabled, grad_chunks=grad_chunks, ema_decay=config.ema_decay,
+      elastic=config.augment.elastic_alpha > 0, stroke=config.augment.stroke > 0)
 
 
 def exact_numbers(spec: StepSpec) -> tuple[str, ...]:
@@ -276,10 +285,36 @@ def _images(batch):
 # Steps
 
 
+def augmented(key, images, hp: Hyper, spec: StepSpec):
+  """The step's images after its augmentations, each switched on in `spec`: stroke width
+  (fold_in(key, 3)), elastic distortion (key 2), then the random affine (key 0; dropout draws
+  from key 1). One that is off draws nothing, so the others' keys stay those they always had."""
+  if spec.stroke:
+    images = augment_lib.random_stroke(jax.random.fold_in(key, 3), images, hp.stroke)
+  if spec.elastic:
+    images = augment_lib.random_elastic(jax.random.fold_in(key, 2), images, hp.elastic_alpha,
+                                        hp.elastic_sigma)
+  if spec.augment:
+    images = augment_lib.random_affine(jax.random.fold_in(key, 0), images,
+                                       augment_lib.AffineRanges(hp.rotation, hp.zoom, hp.shift))
+  return images
+
+
+def training_loss(logits, labels, label_smoothing):
+  """Per-example cross-entropy against the labels smoothed by `label_smoothing` (optax's
+  smooth_labels: 1 - s on the label, s / classes on every class). Evaluation's loss is always
+  the plain one; a Python 0 is exactly the plain one here too (the tutorial's arithmetic)."""
+  if _static(label_smoothing) and label_smoothing == 0:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype),
+                                label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
 def train_step(state: TrainState, batch, hp: Hyper, spec: StepSpec):
   """One SGD step on a batch: pure, (state, batch) -> (state, metrics).
 
-  With `spec.augment`, random affine transforms on device before the forward pass. With
+  Augmentation on device before the forward pass (`augmented`). With
   `spec.grad_chunks` > 1, the batch's gradient is the sum of the gradients of that many equal
   sub-batches: the same mathematics (mean loss over the batch), rounded differently; the
   sub-batches are independent computations that XLA:CPU runs on different cores at once.
@@ -287,10 +322,7 @@ def train_step(state: TrainState, batch, hp: Hyper, spec: StepSpec):
   if spec.grad_chunks > 1 and state.batch_stats is not None:
     raise ValueError('BatchNorm normalizes by the whole batch: grad_chunks must be 1')
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  images = _images(batch)
-  if spec.augment:
-    images = augment_lib.random_affine(jax.random.fold_in(key, 0), images,
-                                       augment_lib.AffineRanges(hp.rotation, hp.zoom, hp.shift))
+  images = augmented(key, _images(batch), hp, spec)
   labels = batch['label']
   dropout_key = jax.random.fold_in(key, 1)
 
@@ -298,7 +330,7 @@ def train_step(state: TrainState, batch, hp: Hyper, spec: StepSpec):
     logits, updated = spec.model.apply(state.variables(params), images, train=True,
                                        dropout_rate=hp.dropout_rate,
                                        rngs={'dropout': dropout_key}, mutable=['batch_stats'])
-    loss_sum = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+    loss_sum = training_loss(logits, labels, hp.label_smoothing).sum()
     return loss_sum, (loss_sum, jnp.sum(jnp.argmax(logits, -1) == labels),
                       updated.get('batch_stats'))
 
