@@ -253,7 +253,7 @@ def test_bfloat16_model_has_the_float32_models_parameters_and_float32_logits(con
 
 
 def test_kernel_sizes_and_torchs_conv_init_shape_the_layers():
-  # configs/speedrun.py's model: 5x5 then 3x3 kernels, PyTorch's Conv2d initialization
+  # the speedrun-like model: 5x5 then 3x3 kernels, PyTorch's Conv2d initialization
   # (uniform in +-1/sqrt(fan_in)) for the kernels.
   model = model_lib.CNN(conv_features=(24, 32), kernel_sizes=(5, 3), pool_after=(0, 1),
                         dense_features=256, conv_init='torch', conv_impl='im2col',
