@@ -66,8 +66,8 @@ class Recipe:
   """What the loop needs of one member, in plain values (`recipe`)."""
   spec: steps.StepSpec
   hyper: steps.Hyper
-  model: Any                   # the training step's formulation (choices.conv_impl, ...)
-  eval_model: Any              # evaluation's (choices.eval_conv_impl, ...)
+  eval_model: Any              # evaluation's formulation (choices.eval_conv_impl, ...); the
+  #                              training step's is spec.model (choices.conv_impl, ...)
   choices: configlib.Choices | None
   resume: dict                 # checkpoint.resume_fields: what its checkpoints must share
   seed: int
@@ -90,8 +90,8 @@ def recipe(config, steps_per_epoch: int, choices: configlib.Choices | None = Non
   resume = ckpt_lib.resume_fields(config.to_dict())
   spec = steps.spec(config, model, steps_per_epoch, choices.grad_chunks if choices else 1)
   return Recipe(
-      spec=spec, hyper=steps.hyper(config, steps_per_epoch), model=model,
-      eval_model=eval_model, choices=choices, resume=resume, seed=config.seed,
+      spec=spec, hyper=steps.hyper(config, steps_per_epoch), eval_model=eval_model,
+      choices=choices, resume=resume, seed=config.seed,
       batch_size=config.batch_size, chunk_steps=config.chunk_steps,
       eval_batch_size=config.eval_batch_size, checkpoint_keep=config.checkpoint_keep,
       log_every_steps=config.log_every_steps, num_epochs=config.num_epochs,
