@@ -33,6 +33,11 @@ def get_config():
   config.model.conv_init = 'he_uniform'      # conv kernels' initializer: 'he_uniform' (Keras's,
   #                                            the tutorial's) | 'torch' (PyTorch's Conv2d
   #                                            default: uniform in +-1/sqrt(fan_in))
+  config.model.dense_init = 'keras'          # dense kernels' initializer: 'keras' (he_uniform,
+  #                                            glorot_uniform for the output: the tutorial's) |
+  #                                            'torch' (PyTorch's Linear: +-1/sqrt(fan_in))
+  config.model.input_norm = (0.0, 1.0)       # (mean, std): the model standardizes its [0, 1]
+  #                                            pixels as (x - mean) / std ((0, 1): unchanged)
   config.model.dense_features = 100          # width of the hidden dense layer
   config.model.dropout_rate = 0.0            # dropout before the dense layers (0 = none)
   config.model.batch_norm = False            # BatchNorm after each conv and dense1 (they lose

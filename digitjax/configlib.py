@@ -31,9 +31,10 @@ MAX_EPOCHS = 10_000
 _SECTIONS_READ = ('model', 'data', 'augment', 'plateau', 'sweep', 'distributed')
 
 # The fields a checkpoint must share with the config that resumes it (the batch size shapes the
-# example order, the model the arrays, the data fields which examples are trained on).
+# example order, the model the arrays (and model.input_norm what inputs the weights expect),
+# the data fields which examples are trained on).
 MODEL_FIELDS = ('model.conv_features', 'model.kernel_sizes', 'model.pool_after',
-                'model.dense_features', 'model.batch_norm')
+                'model.dense_features', 'model.batch_norm', 'model.input_norm')
 SPLIT_FIELDS = ('dataset', 'seed', 'validation_fraction', 'data.max_train_examples',
                 'data.split_seed')
 # model.dtype is not one of them: it changes the arithmetic, not the arrays (the parameters and
@@ -65,7 +66,8 @@ ADDED_FIELDS = {'model.dtype': 'float32', 'model.kernel_sizes': (),
                            'resample_probability': 0.25, 'perturb': (0.8, 1.2), 'eta': 3,
                            'schedule': ''},
                 'label_smoothing': 0.0, 'augment.elastic_alpha': 0.0,
-                'augment.elastic_sigma': 4.0, 'augment.stroke': 0.0}
+                'augment.elastic_sigma': 4.0, 'augment.stroke': 0.0,
+                'model.dense_init': 'keras', 'model.input_norm': (0.0, 1.0)}
 # A field added to configs/default.py must be added here too: stored_config.py refuses a stored
 # config without one of default.py's fields as damaged (naming the file and the field).
 
@@ -349,7 +351,16 @@ def _model_checks(c) -> list:
       ('model.pool_impl', lambda v: v in ('auto', 'lax', 'reshape'), "'auto', 'lax' or 'reshape'"),
       ('model.dtype', lambda v: v in DTYPES, "'float32' or 'bfloat16'"),
       ('model.conv_init', lambda v: v in ('he_uniform', 'torch'), "'he_uniform' or 'torch'"),
+      ('model.dense_init', lambda v: v in ('keras', 'torch'), "'keras' or 'torch'"),
+      ('model.input_norm', _input_norm_ok,
+       'two numbers (mean, std) with std > 0, e.g. (0.1307, 0.3081) for MNIST; (0, 1) = none'),
   ]
+
+
+def _input_norm_ok(v) -> bool:
+  return (isinstance(v, (tuple, list)) and len(v) == 2
+          and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                  for x in v) and v[1] > 0)
 
 
 def _run_checks(c) -> list:

@@ -291,6 +291,12 @@ def _member_nodes(graph: _OnnxGraph, module, variables: dict, prefix: str, x: st
                   size: tuple[int, int]) -> str:
   """One `model.CNN`'s forward pass (inference) on NCHW `x`; returns its probabilities' name."""
   v = _Variables(variables, prefix)
+  if tuple(module.input_norm) != (0.0, 1.0):  # model.input_norm: (x - mean) * (1 / std)
+    mean, std = module.input_norm
+    x = graph.node('Sub', [x, graph.const(f'{prefix}.input_mean', np.float32(mean))],
+                   f'{prefix}.centred')
+    x = graph.node('Mul', [x, graph.const(f'{prefix}.input_scale', np.float32(1.0 / std))],
+                   f'{prefix}.standardized')
   x, size = _conv_nodes(graph, module, v, x, size)
   logits = _dense_nodes(graph, module, v, x, size)
   v.check_all_used()

@@ -352,8 +352,8 @@ class Dropout(nn.Dropout):
 
 # The conv kernels' initializers. PyTorch's Conv2d default, kaiming_uniform with a = sqrt(5),
 # is uniform in +-1/sqrt(fan_in): variance 1/(3 fan_in), a sixth of he_uniform's 2/fan_in.
-CONV_INITS = {'he_uniform': nn.initializers.he_uniform(),
-              'torch': nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')}
+TORCH_INIT = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+CONV_INITS = {'he_uniform': nn.initializers.he_uniform(), 'torch': TORCH_INIT}
 
 
 class CNN(nn.Module):
@@ -375,12 +375,20 @@ class CNN(nn.Module):
   #                                        parameters are float32, logits returned as float32
   conv_init: str = 'he_uniform'          # the conv kernels' initializer: Keras's he_uniform
   #                                        (the tutorial's) or 'torch' (PyTorch's Conv2d default)
+  dense_init: str = 'keras'              # the dense layers': 'keras' (the tutorial's he_uniform
+  #                                        and glorot_uniform) or 'torch' (PyTorch's Linear)
+  input_norm: Sequence[float] = (0.0, 1.0)  # (mean, std): the [0, 1] pixels become
+  #                                        (x - mean) / std first ((0, 1): used as they are)
 
   @nn.compact
   def __call__(self, x_BxHxWxC, train: bool = False, dropout_rate=None):
     """Logits; `dropout_rate` (default: the module's) may be an array: a vmapped member's."""
     rate = self.dropout_rate if dropout_rate is None else dropout_rate
-    x = x_BxHxWxC.astype(self.dtype)
+    x = x_BxHxWxC
+    if tuple(self.input_norm) != (0.0, 1.0):  # in float32, as export's ONNX graph does
+      mean, std = self.input_norm
+      x = (x.astype(jnp.float32) - mean) * (1.0 / std)
+    x = x.astype(self.dtype)
     # Batch statistics are means over every output row, dead ones included: no cropping then.
     if self.skip_dead_rows and not self.batch_norm:
       h, w = (used_input_size(n, len(self.conv_features), self.pool_after, self.kernel_sizes)
@@ -406,13 +414,16 @@ class CNN(nn.Module):
     x = x.reshape(x.shape[0], -1)
     x = Dropout(self.dropout_rate)(x, deterministic=not train, rate=rate)
     dot_general = dot_general_f32_sums if self.dtype == jnp.bfloat16 else None
-    x = nn.Dense(self.dense_features, kernel_init=nn.initializers.he_uniform(),
+    torch_dense = self.dense_init == 'torch'
+    x = nn.Dense(self.dense_features,
+                 kernel_init=TORCH_INIT if torch_dense else nn.initializers.he_uniform(),
                  use_bias=not self.batch_norm, dtype=self.dtype, dot_general=dot_general,
                  name='dense1')(x)
     x = nn.relu(self._normalized(x, train, f'bn{len(self.conv_features) + 1}'))
     x = Dropout(self.dropout_rate)(x, deterministic=not train, rate=rate)
     # The tutorial's output layer keeps Keras's default glorot_uniform initializer.
-    logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.glorot_uniform(),
+    logits = nn.Dense(self.num_classes,
+                      kernel_init=TORCH_INIT if torch_dense else nn.initializers.glorot_uniform(),
                       dtype=self.dtype, dot_general=dot_general, name='dense2')(x)
     return logits.astype(jnp.float32)  # softmax and loss in float32, whatever the dtype
 
@@ -438,6 +449,8 @@ def build_model(model_config, conv_impl: str = 'lax', pool_impl: str = 'lax') ->
              dropout_rate=model_config.dropout_rate,
              batch_norm=model_config.batch_norm,
              dtype=jnp.dtype(model_config.dtype), conv_init=model_config.conv_init,
+             dense_init=model_config.dense_init,
+             input_norm=tuple(model_config.input_norm),
              conv_impl=conv_impl, pool_impl=pool_impl)
 
 

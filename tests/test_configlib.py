@@ -63,6 +63,12 @@ def test_the_config_files_are_what_their_docstrings_say():
     ('model.kernel_sizes', (13, 9, 3), 'config.model.kernel_sizes=(13, 9, 3) is invalid'),
     ('model.conv_init', 'glorot', "config.model.conv_init='glorot' is invalid: it must be "
                                   "'he_uniform' or 'torch'"),
+    ('model.dense_init', 'he', "config.model.dense_init='he' is invalid: it must be 'keras' "
+                               "or 'torch'"),
+    ('model.input_norm', (0.13, 0.0), 'config.model.input_norm=(0.13, 0.0) is invalid: it must '
+                                      'be two numbers (mean, std) with std > 0'),
+    ('model.input_norm', (0.5,), 'config.model.input_norm=(0.5,) is invalid'),
+    ('model.input_norm', (float('nan'), 1.0), 'config.model.input_norm=(nan, 1.0) is invalid'),
     ('optimizer', 'rmsprop', "config.optimizer='rmsprop' is invalid: it must be 'sgd' or 'adam'"),
     ('adam_b2', 1.0, 'config.adam_b2=1.0 is invalid: it must be in [0, 1)'),
 ])

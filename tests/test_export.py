@@ -166,9 +166,14 @@ def members():
                               dropout_rate=0.5)]
 
 
-@pytest.mark.parametrize('which', ['both', 'plain', 'batch_norm'])
+@pytest.mark.parametrize('which', ['both', 'plain', 'batch_norm', 'standardized'])
 def test_onnx_graph_computes_the_jax_function(ort, members, images, tmp_path, which):
-  chosen = {'both': members, 'plain': members[:1], 'batch_norm': members[1:]}[which]
+  # 'standardized': the speedrun's model, its pixels standardized by model.input_norm first.
+  standardized = lambda: [_member(2, conv_features=(16, 24), kernel_sizes=(5, 3),
+                                  pool_after=(0, 1), dense_features=256,
+                                  input_norm=(0.1307, 0.3081))]
+  chosen = {'both': lambda: members, 'plain': lambda: members[:1],
+            'batch_norm': lambda: members[1:], 'standardized': standardized}[which]()
   path = export.export_onnx(chosen, str(tmp_path / 'model.onnx'))
   want = np.asarray(jax.jit(export.probabilities_fn(chosen))(images))
   _max_difference(_onnx_probabilities(ort, path, images), want)

@@ -271,3 +271,25 @@ def test_kernel_sizes_and_torchs_conv_init_shape_the_layers():
   x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
   np.testing.assert_allclose(model.apply({'params': params}, x),
                              reference.apply({'params': params}, x), rtol=1e-5, atol=1e-5)
+
+
+def test_input_norm_standardizes_the_pixels_and_dense_init_torch_is_pytorchs_linear():
+  # model.input_norm=(mean, std): the model sees (x - mean) / std; the default (0, 1) leaves the
+  # pixels as they are. model.dense_init='torch': PyTorch's Linear, uniform in +-1/sqrt(fan_in).
+  plain = model_lib.CNN(conv_features=(8, 8), kernel_sizes=(5, 3), pool_after=(0, 1),
+                        dense_features=64, conv_init='torch', dense_init='torch')
+  standardized = plain.clone(input_norm=(0.1307, 0.3081))
+  x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+  params = plain.init(jax.random.key(0), x)['params']
+  np.testing.assert_allclose(standardized.apply({'params': params}, x),
+                             plain.apply({'params': params}, (x - 0.1307) / 0.3081),
+                             rtol=1e-5, atol=1e-5)
+  assert not np.allclose(standardized.apply({'params': params}, x),
+                         plain.apply({'params': params}, x), atol=1e-3)
+  for name, fan_in in (('dense1', 8 * 5 * 5), ('dense2', 64)):
+    kernel = np.asarray(params[name]['kernel'])
+    assert np.abs(kernel).max() <= fan_in ** -0.5
+    assert kernel.std() == pytest.approx((3 * fan_in) ** -0.5, rel=0.1)
+  keras = plain.clone(dense_init='keras').init(jax.random.key(0), x)['params']
+  assert np.asarray(keras['dense1']['kernel']).std() == pytest.approx(
+      (2 / 200) ** 0.5, rel=0.1)  # he_uniform, the tutorial's
