@@ -182,8 +182,8 @@ def abstract_state(config, mesh, ema: bool | None = None):
   says)."""
   model = model_lib.build_model(config.model)
   spec = steps.spec(config, model, steps_per_epoch=1)
-  if ema is not None:  # any decay above 0 gives the tree of a state with an EMA
-    spec = dataclasses.replace(spec, ema_decay=0.5 if ema else 0.0)
+  if ema is not None:
+    spec = dataclasses.replace(spec, ema=ema)
   shapes = jax.eval_shape(functools.partial(steps.init_state, spec,
                                             steps.hyper(config, steps_per_epoch=1)),
                           jax.random.key(0))

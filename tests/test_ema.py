@@ -76,8 +76,9 @@ def test_the_decay_warms_up_as_documented():
 
 def test_ema_decay_zero_changes_nothing(config):
   # The state's tree (so every checkpoint) is the one it always was.
-  state, spec, _ = steps.create(config, jax.random.key(0))
-  assert type(state) is steps.TrainState and state.ema is None and spec.ema_decay == 0.0
+  state, spec, hp = steps.create(config, jax.random.key(0))
+  assert type(state) is steps.TrainState and state.ema is None
+  assert not spec.ema and hp.ema_decay == 0.0
   assert steps.averaged(state) is state
   config.model.batch_norm = True
   assert type(steps.create(config, jax.random.key(0))[0]) is steps.BatchNormTrainState
@@ -86,6 +87,24 @@ def test_ema_decay_zero_changes_nothing(config):
   del record['ema_decay']
   assert configlib.with_added_fields(record)['ema_decay'] == 0.0
 
+
+def test_the_restore_target_has_an_ema_as_the_checkpoint_says(config):
+  """Whether the state keeps an EMA is structure (StepSpec.ema); the decay is a number
+  (Hyper.ema_decay): a restore target takes the checkpoint's structure whatever the config's
+  decay."""
+  mesh = parallel.make_mesh()
+  config.ema_decay = 0.9
+  spec = steps.spec(config, None, 1)
+  assert spec.ema and steps.hyper(config, 1).ema_decay == 0.9
+  with_ema = inference.abstract_state(config, mesh)
+  assert jax.tree.structure(inference.abstract_state(config, mesh, ema=True)) == \
+      jax.tree.structure(with_ema)
+  without = inference.abstract_state(config, mesh, ema=False)
+  assert without.ema is None and with_ema.ema is not None
+  config.ema_decay = 0.0
+  assert jax.tree.structure(inference.abstract_state(config, mesh, ema=True)) == \
+      jax.tree.structure(with_ema)
+  assert jax.tree.structure(inference.abstract_state(config, mesh)) == jax.tree.structure(without)
 
 def test_raw_training_is_unchanged_by_the_ema(config):
   # The EMA only watches: the raw weights after real jitted steps are bit for bit those of the
