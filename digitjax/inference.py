@@ -308,8 +308,9 @@ def restore(config, files: workdir_lib.RunFiles, which: str, mode: str, mesh):
     fit = {k: v for k, v in saved.items()
            if k in configlib.FIT_FIELDS[mode] or k == 'ensemble_size'}
     ckpt_lib.check_compatible({'resume_fields': fit}, config.to_dict(), where)
-    target = abstract_state(config, mesh, ema=checkpoints.has_ema(step))
-    checkpoints.check_shapes(step, target)
+    saved = checkpoints.saved_shapes(step)  # orbax's metadata, read once for both
+    target = abstract_state(config, mesh, ema=ckpt_lib.has_ema(saved))
+    checkpoints.check_shapes(step, target, saved)
     try:
       state, meta = checkpoints.restore(step, target)
     except Exception as e:

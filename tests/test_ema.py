@@ -172,7 +172,7 @@ def test_results_report_the_ema_and_the_raw_weights(ema_run, idx_dir, tfds_dir):
   assert results['raw_val_loss'] == epochs[-1]['raw_val_loss']
   # The figures are the EMA's (test_*) and the raw weights' (raw_test_*), recomputed here.
   state = _restored(config, workdir)
-  assert ckpt_lib.Checkpoints(str(workdir / 'checkpoints')).has_ema(44)
+  assert ckpt_lib.has_ema(ckpt_lib.Checkpoints(str(workdir / 'checkpoints')).saved_shapes(44))
   splits = data.load_splits(config)
   evaluator = inference.Evaluator.for_config(config, parallel.make_mesh())
   ema = evaluator.evaluate(steps.averaged(state), splits.test)
@@ -197,6 +197,17 @@ def test_eval_and_the_other_modes_use_the_ema(ema_run):
   state = _restored(config, workdir)
   assert _equal(jax.device_get(restored.states[0].variables()), state.ema)
 
+
+def test_a_restore_reads_the_saved_shapes_once(ema_run, monkeypatch):
+  """Whether the checkpoint keeps an EMA and whether its shapes fit come from one read of
+  orbax's metadata."""
+  config, workdir, _ = ema_run
+  reads = []
+  saved_shapes = ckpt_lib.Checkpoints.saved_shapes
+  monkeypatch.setattr(ckpt_lib.Checkpoints, 'saved_shapes',
+                      lambda self, step: reads.append(step) or saved_shapes(self, step))
+  state = _restored(config, workdir)
+  assert state.ema is not None and reads == [44]
 
 def test_a_stopped_and_resumed_run_keeps_the_ema_bit_for_bit(ema_run, idx_dir, tfds_dir,
                                                              tmp_path, monkeypatch):
