@@ -155,8 +155,9 @@ def describe_view(view) -> str:
 
 
 def view(images_BxHxWxC, view_):
-  """All images seen as TTA_VIEWS' `view_` (angle, dy, dx); integer shifts move pixels exactly
-  (bilinear sampling at whole pixels)."""
+  """All images seen as TTA_VIEWS' `view_` (angle, dy, dx): Python numbers or an array of the
+  three (traced: one program for every view); integer shifts move pixels exactly (bilinear
+  sampling at whole pixels)."""
   angle, dy, dx = view_
   b = images_BxHxWxC.shape[0]
   return affine(images_BxHxWxC, jnp.full((b,), jnp.deg2rad(angle), jnp.float32),

@@ -75,6 +75,12 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
           for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def has_ema(saved: dict[str, tuple[int, ...]]) -> bool:
+  """Whether a state saved with these shapes (Checkpoints.saved_shapes) keeps an EMA of its
+  weights (config.ema_decay > 0)."""
+  return any(name.startswith('ema.') for name in saved)
+
+
 def state_digest(state) -> str:
   """SHA-256 over every array of `state`: its name, shape and values.
 
@@ -349,13 +355,10 @@ class Checkpoints:
     return _shapes(ocp.StandardCheckpointHandler().metadata(
         self.manager.directory / str(step) / 'state'))
 
-  def has_ema(self, step: int) -> bool:
-    """Whether the state saved at `step` keeps an EMA of its weights (config.ema_decay > 0)."""
-    return any(name.startswith('ema.') for name in self.saved_shapes(step))
-
-  def check_shapes(self, step: int, target) -> None:
-    """The saved arrays against `target`'s, by name: a model that changed is named, not traced."""
-    saved = self.saved_shapes(step)
+  def check_shapes(self, step: int, target, saved: dict | None = None) -> None:
+    """The saved arrays against `target`'s, by name: a model that changed is named, not traced.
+    `saved`: saved_shapes(step), when the caller has read them already."""
+    saved = self.saved_shapes(step) if saved is None else saved
     wanted = _shapes(target)
     params_first = lambda name: (not name.startswith('params.'), name)
     for name in sorted(saved.keys() | wanted.keys(), key=params_first):

@@ -104,7 +104,10 @@ class Evaluator:
     self._sharding = parallel.batch_sharding(mesh)
     self._step = jax.jit(functools.partial(steps.eval_step, model=model),
                          out_shardings=parallel.replicated(mesh))
-    self._model, self._view_steps = model, {}
+    # Every view but the identity in one program: the view's numbers are its arguments.
+    self._view_step = jax.jit(functools.partial(_view_eval_step, model=model),
+                              out_shardings=parallel.replicated(mesh))
+    self._views = {}  # view index -> its (angle, dy, dx) on the devices
 
   @classmethod
   def for_config(cls, config, mesh, choices: configlib.Choices | None = None) -> 'Evaluator':
@@ -115,7 +118,7 @@ class Evaluator:
 
   def logits(self, state, images: np.ndarray, view: int = 0) -> np.ndarray:
     """Logits of `images` seen as augment.TTA_VIEWS[view] (0: as they are)."""
-    step = self._step if view == 0 else self._view_step(view)
+    step = self._step if view == 0 else functools.partial(self._view_step, view=self._view(view))
     n, devices = len(images), parallel.data_size(self.mesh)
     b = min(self.batch_size, -(-max(n, 1) // devices) * devices)
     index, count = parallel.share(self.mesh)
@@ -140,17 +143,17 @@ class Evaluator:
     exactly."""
     return combine_logits([self.logits(state, images, v) for v in range(views)])
 
-  def _view_step(self, view: int):
-    if view not in self._view_steps:
-      self._view_steps[view] = jax.jit(
-          functools.partial(_view_eval_step, model=self._model, view=augment.TTA_VIEWS[view]),
-          out_shardings=parallel.replicated(self.mesh))
-    return self._view_steps[view]
+  def _view(self, view: int):
+    """augment.TTA_VIEWS[view] as a float32 array on the devices: the view program's input."""
+    if view not in self._views:
+      self._views[view] = jax.device_put(np.asarray(augment.TTA_VIEWS[view], np.float32),
+                                         parallel.replicated(self.mesh))
+    return self._views[view]
 
 
-def _view_eval_step(state, batch, model, view):
-  """eval_step of the batch's images moved by `view` on device (as pixel values: eval_step
-  scales them to [0, 1])."""
+def _view_eval_step(state, batch, view, model):
+  """eval_step of the batch's images moved by `view` ((angle, dy, dx), an array: one program
+  for every view) on device (as pixel values: eval_step scales them to [0, 1])."""
   return steps.eval_step(state, {'image': augment.view(batch['image'].astype(jnp.float32), view)},
                          model)
 
@@ -179,8 +182,8 @@ def abstract_state(config, mesh, ema: bool | None = None):
   says)."""
   model = model_lib.build_model(config.model)
   spec = steps.spec(config, model, steps_per_epoch=1)
-  if ema is not None:  # any decay above 0 gives the tree of a state with an EMA
-    spec = dataclasses.replace(spec, ema_decay=0.5 if ema else 0.0)
+  if ema is not None:
+    spec = dataclasses.replace(spec, ema=ema)
   shapes = jax.eval_shape(functools.partial(steps.init_state, spec,
                                             steps.hyper(config, steps_per_epoch=1)),
                           jax.random.key(0))
@@ -305,8 +308,9 @@ def restore(config, files: workdir_lib.RunFiles, which: str, mode: str, mesh):
     fit = {k: v for k, v in saved.items()
            if k in configlib.FIT_FIELDS[mode] or k == 'ensemble_size'}
     ckpt_lib.check_compatible({'resume_fields': fit}, config.to_dict(), where)
-    target = abstract_state(config, mesh, ema=checkpoints.has_ema(step))
-    checkpoints.check_shapes(step, target)
+    saved = checkpoints.saved_shapes(step)  # orbax's metadata, read once for both
+    target = abstract_state(config, mesh, ema=ckpt_lib.has_ema(saved))
+    checkpoints.check_shapes(step, target, saved)
     try:
       state, meta = checkpoints.restore(step, target)
     except Exception as e:

@@ -762,12 +762,18 @@ def _report_done(run: Run, records: list[dict]) -> list[Outcome]:
       continue
     _stop_between_members(run, "while evaluating the population's members; their results "
                           "are intact, and the population's are made next time")
-    outcomes.append(Outcome(
-        m, r, metrics_lib.read_history(m.files),
-        None if diverged else evaluator.logits(steps.averaged(state), run.splits.val['image']),
-        None if diverged else evaluator.logits(steps.averaged(state),
-                                               run.splits.test['image'])))
+    history = metrics_lib.read_history(m.files)
+    val, test = (None, None) if diverged else _delivered_logits(evaluator, state, run.splits)
+    outcomes.append(Outcome(m, r, history, val, test))
   return outcomes
+
+
+def _delivered_logits(evaluator, state, splits, val: bool = True) -> tuple:
+  """(validation logits, or None without `val`; test logits) of the model a member delivers:
+  its EMA's weights when it keeps one (steps.averaged)."""
+  delivered = steps.averaged(state)
+  test = evaluator.logits(delivered, splits.test['image'])
+  return (evaluator.logits(delivered, splits.val['image']) if val else None), test
 
 
 @dataclasses.dataclass
@@ -932,9 +938,7 @@ def finish(run: Run) -> list[Outcome]:
 def _test_member(run: Run, i: int, state) -> Outcome:
   """A member's test figures, written to its results.json and metrics."""
   m, splits, logits = run.members[i], run.splits, run.part.logits
-  delivered = steps.averaged(state)  # the EMA's weights, when the member keeps one
-  test_logits = run.evaluator.logits(delivered, splits.test['image'])
-  val_logits = run.evaluator.logits(delivered, splits.val['image']) if logits else None
+  val_logits, test_logits = _delivered_logits(run.evaluator, state, splits, val=logits)
   test = inference.classification_metrics(test_logits, splits.test['label'])
   history = metrics_lib.read_history(m.files)
   raw = _raw_figures(run, state, history[-1] if history else {})

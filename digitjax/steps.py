@@ -2,11 +2,12 @@
 
 `train_step(state, batch, hp, spec) -> (state, metrics)`: `spec` (a `StepSpec`, static) holds
 the structure (the model, the schedule's kind and length, which transforms the optimizer
-chains, augmentation on or off, gradient chunks); `hp` (a `Hyper`) holds the numbers (learning
-rate, momentum, weight decay, warmup, augmentation ranges, dropout rate). A single run's `hp`
-holds Python numbers, so its program is the one the optimizer always compiled to; a vmapped
-group passes the numbers that differ between its members as arrays with a member axis, so one
-program trains them all (population.py).
+chains, augmentation on or off, gradient chunks, whether the state keeps an EMA); `hp` (a
+`Hyper`) holds the numbers (learning rate, momentum, weight decay, warmup, augmentation ranges,
+dropout rate, the EMA's decay). A single run's `hp` holds Python numbers, so its program is
+the one the optimizer always compiled to; a vmapped group passes the numbers that differ
+between its members as arrays with a member axis, so one program trains them all
+(population.py).
 """
 from __future__ import annotations
 
@@ -97,6 +98,7 @@ class Hyper(NamedTuple):
   elastic_alpha: Any = 0.0
   elastic_sigma: Any = 4.0
   stroke: Any = 0.0
+  ema_decay: Any = 0.0          # the EMA's decay (used where spec.ema: the state has an EMA)
 
 
 # The config field of each Hyper number (a search changes these between compiled calls).
@@ -121,7 +123,7 @@ class StepSpec:
   plateau: tuple | None         # (factor, patience, cooldown) of the plateau rule, or None
   augment: bool
   grad_chunks: int
-  ema_decay: float = 0.0        # config.ema_decay: 0 = no EMA in the state
+  ema: bool = False             # whether the state keeps an EMA (config.ema_decay > 0)
   elastic: bool = False         # elastic distortion at all (augment.elastic_alpha > 0)
   stroke: bool = False          # stroke-width changes at all (augment.stroke > 0)
 
@@ -135,7 +137,7 @@ def hyper(config, steps_per_epoch: int) -> Hyper:
                onecycle_pct_start=config.onecycle_pct_start, rotation=a.rotation, zoom=a.zoom,
                shift=a.shift, dropout_rate=config.model.dropout_rate,
                label_smoothing=config.label_smoothing, elastic_alpha=a.elastic_alpha,
-               elastic_sigma=a.elastic_sigma, stroke=a.stroke)
+               elastic_sigma=a.elastic_sigma, stroke=a.stroke, ema_decay=config.ema_decay)
 
 
 def spec(config, model, steps_per_epoch: int, grad_chunks: int = 1) -> StepSpec:
@@ -148,7 +150,7 @@ def spec(config, model, steps_per_epoch: int, grad_chunks: int = 1) -> StepSpec:
       weight_decay=bool(config.weight_decay),
       warmup=config.schedule == 'constant' and config.warmup_epochs > 0,
       plateau=(p.factor, p.patience, p.cooldown) if p.enabled else None,
-      augment=config.augment.enabled, grad_chunks=grad_chunks, ema_decay=config.ema_decay,
+      augment=config.augment.enabled, grad_chunks=grad_chunks, ema=config.ema_decay > 0,
       elastic=config.augment.elastic_alpha > 0, stroke=config.augment.stroke > 0)
 
 
@@ -258,7 +260,7 @@ def init_state(spec: StepSpec, hp: Hyper, key) -> TrainState:
   opt_state = make_optimizer(spec, hp).init(variables['params'])
   fields = dict(step=jnp.zeros((), jnp.int32), params=variables['params'], opt_state=opt_state,
                 rng=jax.random.key_data(jax.random.fold_in(key, 0x5eed)))
-  if spec.ema_decay > 0:  # the average starts at the initial variables (copies: donated apart)
+  if spec.ema:  # the average starts at the initial variables (copies: donated apart)
     fields['ema'] = jax.tree.map(jnp.copy, dict(variables))
   if 'batch_stats' in variables:
     bn = BatchNormEMATrainState if 'ema' in fields else BatchNormTrainState
@@ -350,8 +352,8 @@ def train_step(state: TrainState, batch, hp: Hyper, spec: StepSpec):
   _, (_, _, new_stats) = parts[0]  # BatchNorm's running statistics (one chunk), or None
   if new_stats is not None:
     state = state.replace(batch_stats=new_stats)
-  if spec.ema_decay > 0:
-    state = _with_ema(state, spec.ema_decay)
+  if spec.ema:
+    state = _with_ema(state, hp.ema_decay)
   return state, metrics
 
 

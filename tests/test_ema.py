@@ -76,8 +76,9 @@ def test_the_decay_warms_up_as_documented():
 
 def test_ema_decay_zero_changes_nothing(config):
   # The state's tree (so every checkpoint) is the one it always was.
-  state, spec, _ = steps.create(config, jax.random.key(0))
-  assert type(state) is steps.TrainState and state.ema is None and spec.ema_decay == 0.0
+  state, spec, hp = steps.create(config, jax.random.key(0))
+  assert type(state) is steps.TrainState and state.ema is None
+  assert not spec.ema and hp.ema_decay == 0.0
   assert steps.averaged(state) is state
   config.model.batch_norm = True
   assert type(steps.create(config, jax.random.key(0))[0]) is steps.BatchNormTrainState
@@ -86,6 +87,24 @@ def test_ema_decay_zero_changes_nothing(config):
   del record['ema_decay']
   assert configlib.with_added_fields(record)['ema_decay'] == 0.0
 
+
+def test_the_restore_target_has_an_ema_as_the_checkpoint_says(config):
+  """Whether the state keeps an EMA is structure (StepSpec.ema); the decay is a number
+  (Hyper.ema_decay): a restore target takes the checkpoint's structure whatever the config's
+  decay."""
+  mesh = parallel.make_mesh()
+  config.ema_decay = 0.9
+  spec = steps.spec(config, None, 1)
+  assert spec.ema and steps.hyper(config, 1).ema_decay == 0.9
+  with_ema = inference.abstract_state(config, mesh)
+  assert jax.tree.structure(inference.abstract_state(config, mesh, ema=True)) == \
+      jax.tree.structure(with_ema)
+  without = inference.abstract_state(config, mesh, ema=False)
+  assert without.ema is None and with_ema.ema is not None
+  config.ema_decay = 0.0
+  assert jax.tree.structure(inference.abstract_state(config, mesh, ema=True)) == \
+      jax.tree.structure(with_ema)
+  assert jax.tree.structure(inference.abstract_state(config, mesh)) == jax.tree.structure(without)
 
 def test_raw_training_is_unchanged_by_the_ema(config):
   # The EMA only watches: the raw weights after real jitted steps are bit for bit those of the
@@ -153,7 +172,7 @@ def test_results_report_the_ema_and_the_raw_weights(ema_run, idx_dir, tfds_dir):
   assert results['raw_val_loss'] == epochs[-1]['raw_val_loss']
   # The figures are the EMA's (test_*) and the raw weights' (raw_test_*), recomputed here.
   state = _restored(config, workdir)
-  assert ckpt_lib.Checkpoints(str(workdir / 'checkpoints')).has_ema(44)
+  assert ckpt_lib.has_ema(ckpt_lib.Checkpoints(str(workdir / 'checkpoints')).saved_shapes(44))
   splits = data.load_splits(config)
   evaluator = inference.Evaluator.for_config(config, parallel.make_mesh())
   ema = evaluator.evaluate(steps.averaged(state), splits.test)
@@ -178,6 +197,17 @@ def test_eval_and_the_other_modes_use_the_ema(ema_run):
   state = _restored(config, workdir)
   assert _equal(jax.device_get(restored.states[0].variables()), state.ema)
 
+
+def test_a_restore_reads_the_saved_shapes_once(ema_run, monkeypatch):
+  """Whether the checkpoint keeps an EMA and whether its shapes fit come from one read of
+  orbax's metadata."""
+  config, workdir, _ = ema_run
+  reads = []
+  saved_shapes = ckpt_lib.Checkpoints.saved_shapes
+  monkeypatch.setattr(ckpt_lib.Checkpoints, 'saved_shapes',
+                      lambda self, step: reads.append(step) or saved_shapes(self, step))
+  state = _restored(config, workdir)
+  assert state.ema is not None and reads == [44]
 
 def test_a_stopped_and_resumed_run_keeps_the_ema_bit_for_bit(ema_run, idx_dir, tfds_dir,
                                                              tmp_path, monkeypatch):

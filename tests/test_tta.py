@@ -74,6 +74,20 @@ def test_k_views_are_the_mean_of_the_views_probabilities(config, views):
   assert not np.allclose(np.exp(inference.log_softmax64(tta)), probabilities[0], atol=1e-6)
 
 
+def test_every_view_but_the_identity_shares_one_compiled_program(config, monkeypatch):
+  """The views' numbers are the program's arguments, not constants: --tta=7 compiles the view
+  program once (and the identity's plain eval_step once), not once per view."""
+  traced = []
+  view_eval_step = inference._view_eval_step
+  monkeypatch.setattr(inference, '_view_eval_step',
+                      lambda *a, **k: traced.append(1) or view_eval_step(*a, **k))
+  state, _, evaluator = _state_and_evaluator(config)
+  images = _images(120)  # three batches of 50, the last one padded
+  evaluator.tta_logits(state, images, len(augment.TTA_VIEWS))
+  assert len(traced) == 1
+  evaluator.tta_logits(state, images, 3)  # the same program again
+  assert len(traced) == 1
+
 def test_eval_with_tta_says_which_views_and_one_view_reproduces_results_json(run, capsys):
   config, workdir, results = run
   plain = modes.run_eval(config, workdir, 'latest', 'test', tta=1)
