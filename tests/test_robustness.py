@@ -199,9 +199,9 @@ def test_run_stress_reports_each_stress_beside_the_plain_test_figure(runs):
 
 def test_the_benchmark_compares_workdirs_in_one_table(runs, tmp_path, capsys):
   (_, first, r0), (_, second, r1) = runs
-  out = tmp_path / 'robustness.json'
+  out, picture = tmp_path / 'robustness.json', tmp_path / 'stresses.png'
   assert robustness.main(['--workdir', first, second, '--checkpoint', 'latest', '--stress',
-                          'thin,off_centre', '--json', str(out)]) == 0
+                          'thin,off_centre', '--json', str(out), '--picture', str(picture)]) == 0
   rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('|')]
   assert rows[0] == f'| stress | what | `{first}` | `{second}` |'
   assert [row.split(' | ')[0] for row in rows[2:]] == [
@@ -213,6 +213,10 @@ def test_the_benchmark_compares_workdirs_in_one_table(runs, tmp_path, capsys):
   assert rows[2].endswith(f'| {r0["test_accuracy"]:.4f} | {r1["test_accuracy"]:.4f} |')
   mean = (found[1]['test_accuracy']['thin'] + found[1]['test_accuracy']['off_centre']) / 2
   assert rows[-1].endswith(f'| **{mean:.4f}** |')
+  # The picture: 8 test images a row, as they are and under each of the 10 stresses.
+  from PIL import Image
+  with Image.open(picture) as image:
+    assert image.mode == 'L' and image.height > image.width
 
 
 def test_the_benchmark_refuses_bad_input_in_one_line(runs, tmp_path, capsys):
