@@ -1,13 +1,15 @@
 """On-device augmentation of image batches: random affine transforms (rotation, zoom, shift),
 elastic distortion (Simard, Best & Platt 2003) and stroke-width changes (grey-scale dilation and
-erosion); and the fixed views of test-time augmentation.
+erosion); the fixed views of test-time augmentation; and the stresses (STRESSES), fixed shifts
+of distribution that measure robustness to other handwriting (benchmarks/robustness.py).
 
 Pure functions of (key, images), jitted inside the train step; keys come from (seed, step), so
 a resumed run sees the same transforms as an uninterrupted one.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -162,3 +164,89 @@ def view(images_BxHxWxC, view_):
   b = images_BxHxWxC.shape[0]
   return affine(images_BxHxWxC, jnp.full((b,), jnp.deg2rad(angle), jnp.float32),
                 jnp.ones((b,), jnp.float32), jnp.tile(jnp.array([[dy, dx]], jnp.float32), (b, 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stresses: fixed shifts of distribution, to measure robustness
+
+
+class Stress(NamedTuple):
+  """A named, deterministic change of every image (no random numbers): `apply` maps pixel
+  values (B, H, W, C), float32 in [0, 255], to the same."""
+  description: str
+  apply: Callable
+
+
+def _affine_all(images_BxHxWxC, degrees=0.0, scale=1.0, shift=(0.0, 0.0)):
+  """augment.affine with one angle, scale and (dy, dx) shift for every image."""
+  b = images_BxHxWxC.shape[0]
+  return affine(images_BxHxWxC, jnp.full((b,), jnp.deg2rad(degrees), jnp.float32),
+                jnp.full((b,), scale, jnp.float32),
+                jnp.tile(jnp.array([shift], jnp.float32), (b, 1)))
+
+
+def slant(images_BxHxWxC, shear):
+  """Horizontal shear about the centre row, bilinear, zeros outside: row y moves shear * (cy
+  - y) pixels right, so shear > 0 slants a digit like italics (its top to the right)."""
+  b, h, w, _ = images_BxHxWxC.shape
+  dx = shear * (jnp.arange(h, dtype=jnp.float32) - (h - 1) / 2.0)  # input column offset per row
+  field = jnp.stack(jnp.broadcast_arrays(jnp.zeros((h, w)), dx[:, None]), axis=-1)
+  return displace(images_BxHxWxC, jnp.broadcast_to(field, (b, h, w, 2)))
+
+
+# The sides off_centre moves a digit toward, in the order ties are broken: (dy, dx).
+_SIDES = ((0, 1), (1, 0), (0, -1), (-1, 0))  # right, down, left, up
+
+
+def off_centre(images_BxHxWxC, least=4, most=6):
+  """Each image moved by whole pixels (exactly, no resampling) toward the side of the frame its
+  ink (pixels > 0) is farthest from: by that distance, but at least `least` and at most `most`
+  pixels. Ink leaves the frame only where the digit has less than `least` pixels of room on
+  every side; an empty image stays empty."""
+  ink = images_BxHxWxC.max(-1) > 0
+  # Empty rows (columns) after the last inked one and before the first, per image.
+  room = lambda inked: (jnp.argmax(inked[:, ::-1], -1), jnp.argmax(inked, -1))
+  below, above = room(ink.any(2))
+  right, left = room(ink.any(1))
+  rooms = jnp.stack([right, below, left, above], -1)  # in _SIDES' order
+  side = jnp.argmax(rooms, -1)  # the first of the largest
+  b = images_BxHxWxC.shape[0]
+  distance = jnp.clip(rooms[jnp.arange(b), side], least, most).astype(jnp.float32)
+  shift = jnp.asarray(_SIDES, jnp.float32)[side] * distance[:, None]
+  return affine(images_BxHxWxC, jnp.zeros((b,), jnp.float32), jnp.ones((b,), jnp.float32), shift)
+
+
+# Shifts of distribution toward handwriting that is not MNIST's, in the order reports list them.
+STRESSES = {
+    'thick': Stress('strokes 1 px thicker: dilate once (2x2)', dilate),
+    'thicker': Stress('strokes 2 px thicker: dilate twice, moved back 1 px up and left (a '
+                      'centred 3x3 dilation)',
+                      lambda x: _affine_all(dilate(dilate(x)), shift=(-1.0, -1.0))),
+    'thin': Stress('strokes 1 px thinner: erode once (2x2)', erode),
+    'slant_right': Stress('slanted like italics: sheared 0.3 (each row up 0.3 px further '
+                          'right)', lambda x: slant(x, 0.3)),
+    'slant_left': Stress('slanted backwards: sheared -0.3', lambda x: slant(x, -0.3)),
+    'off_centre': Stress('moved 4-6 whole px toward the side of the frame with the most room '
+                         '(inside the frame where 4 px allow)', off_centre),
+    'rotate_ccw': Stress('rotated 20 deg counter-clockwise', lambda x: _affine_all(x, 20.0)),
+    'rotate_cw': Stress('rotated 20 deg clockwise', lambda x: _affine_all(x, -20.0)),
+    'small': Stress('scaled 0.75 about the centre', lambda x: _affine_all(x, scale=0.75)),
+    'large': Stress('scaled 1.2 about the centre', lambda x: _affine_all(x, scale=1.2)),
+}
+
+
+def stressed(images_BxHxWxC, name: str):
+  """The images under STRESSES[name], in their own dtype: an integer dtype's values (uint8,
+  as the splits hold them) rounded to the nearest and kept in [0, 255], as an image file
+  would hold them. A KeyError names an unknown stress."""
+  if name not in STRESSES:
+    raise KeyError(f'unknown stress {name!r}: one of {", ".join(STRESSES)}')
+  x = jnp.asarray(images_BxHxWxC)
+  out = _compiled_stress(name)(x.astype(jnp.float32))
+  return (jnp.round(out) if jnp.issubdtype(x.dtype, jnp.integer) else out).astype(x.dtype)
+
+
+@functools.cache
+def _compiled_stress(name: str):
+  """STRESSES[name], clipped to [0, 255], as one compiled program (per shape)."""
+  return jax.jit(lambda x: jnp.clip(STRESSES[name].apply(x), 0.0, 255.0))

@@ -1,4 +1,5 @@
-"""The modes that put a trained workdir to use without training: eval, predict, report, export.
+"""The modes that put a trained workdir to use without training: eval, predict, report, export;
+and run_stress, the test figures under fixed shifts of distribution (benchmarks/robustness.py).
 
 Each works on a single run, on one member of a population (`member`: its index or name), or on
 what a population delivers (its selection: the best member, or the mean probabilities of
@@ -21,8 +22,8 @@ import sys
 import jax
 import numpy as np
 
-from digitjax import configlib, data, inference, members as members_lib, metrics as metrics_lib
-from digitjax import model as model_lib, parallel, signals, steps
+from digitjax import augment, configlib, data, inference, members as members_lib
+from digitjax import metrics as metrics_lib, model as model_lib, parallel, signals, steps
 from digitjax import workdir as workdir_lib
 from digitjax.errors import UserError
 from digitjax.members import Member, Outcome
@@ -173,6 +174,54 @@ def run_eval(config, workdir: str, checkpoint: str = 'best', split: str = 'test'
     workdir_lib.write_json_atomic(path, result)
     log(f'Wrote {path}')
   return result
+
+
+# ---------------------------------------------------------------------------------------------
+# stress: the test split under fixed shifts of distribution (augment.STRESSES)
+
+
+CLEAN = 'clean'  # the test split as it is, the reference of every stress
+
+
+def check_stresses(names: str | None) -> list[str]:
+  """augment.STRESSES' names from 'all' (or None) or a comma-separated list, in their order;
+  an unknown name is a UserError listing the known ones."""
+  if names is None or names.strip() == 'all':
+    return list(augment.STRESSES)
+  given = [n.strip() for n in names.split(',') if n.strip()]
+  unknown = [n for n in given if n not in augment.STRESSES]
+  if unknown or not given:
+    raise UserError(f'stress {unknown[0] if unknown else names!r} is unknown: give all, or '
+                    f'some of {", ".join(augment.STRESSES)} separated by commas')
+  return [n for n in augment.STRESSES if n in given]
+
+
+def run_stress(config, workdir: str, stresses: str | None = None, checkpoint: str = 'best',
+               member: str | None = None, tta: int = 1) -> dict:
+  """Test accuracy and loss of what `workdir` delivers (or `member`), at `checkpoint`, on the
+  test split as it is (CLEAN) and under each stress (check_stresses' names), with `tta` views
+  as eval; the stressed images are uint8 like the split's. Prints one line a stress, writes
+  nothing."""
+  names = check_stresses(stresses)
+  inference.check_tta(tta)
+  goal = target(config, workdir, member)
+  restored = Restored(goal, checkpoint, 'eval')
+  test = data.load_splits(goal.members[0].config).test
+  accuracy, loss = {}, {}
+  log(f'Checkpoint step {restored.step} ({checkpoint}){goal.what}'
+      f'{f" with test-time augmentation ({tta} views)" if tta > 1 else ""}, '
+      f'{len(test["label"])} test images:')
+  for name in [CLEAN] + names:
+    images = test['image'] if name == CLEAN else np.asarray(augment.stressed(test['image'], name))
+    metrics = inference.classification_metrics(
+        inference.combine_logits(restored.member_logits(images, tta)), test['label'])
+    accuracy[name], loss[name] = metrics['accuracy'], metrics['loss']
+    log(f'  {name}: test_accuracy {metrics["accuracy"]:.4f} - test_loss {metrics["loss"]:.4f}')
+  return {'workdir': workdir, 'checkpoint': checkpoint, 'checkpoint_step': restored.step,
+          **({'members': [m.name for m in goal.members]} if goal.population else {}),
+          **({'tta_views': inference.tta_views(tta)} if tta > 1 else {}),
+          'test_examples': len(test['label']), 'test_accuracy': accuracy, 'test_loss': loss,
+          'stresses': {n: augment.STRESSES[n].description for n in names}}
 
 
 # ---------------------------------------------------------------------------------------------

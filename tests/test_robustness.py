@@ -1,0 +1,237 @@
+"""Robustness to other handwriting: the synthetic stresses (augment.STRESSES), the test figures
+under them (modes.run_stress) and benchmarks/robustness.py, which compares workdirs in one
+table."""
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+import digitjax
+from conftest import ROOT, small_config, synthetic_digits
+from digitjax import augment, modes
+from digitjax.errors import UserError
+
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+import robustness  # noqa: E402  (benchmarks/robustness.py)
+
+
+def _digits(n=12):
+  images, _ = synthetic_digits(n, 5)
+  return images[..., None]  # uint8, as the splits hold them
+
+
+def _blank(n=1):
+  return np.zeros((n, 28, 28, 1), np.uint8)
+
+
+def _strokes():
+  """Pen strokes on a black background, 2 px wide, as MNIST's: a '7' (a bar and an upright),
+  an 'L' and a '1' (an upright alone, columns 13-14, rows 4-23)."""
+  x = _blank(3)
+  x[0, 5:7, 8:20], x[0, 5:23, 18:20] = 255, 255
+  x[1, 4:22, 9:11], x[1, 20:22, 9:19] = 255, 255
+  x[2, 4:24, 13:15] = 255
+  return x
+
+
+def _ink(x):
+  return np.asarray(x, np.float64).sum((1, 2, 3))
+
+
+def _centre(image):
+  """(row, column) of an image's centre of mass."""
+  weights = np.asarray(image[..., 0], np.float64)
+  rows, cols = np.indices(weights.shape)
+  return np.array([(rows * weights).sum(), (cols * weights).sum()]) / weights.sum()
+
+
+def _mean_column(image, rows):
+  ink = np.argwhere(np.asarray(image[rows, :, 0]) > 127)
+  return ink[:, 1].mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# The stresses
+
+
+@pytest.mark.parametrize('name', list(augment.STRESSES))
+def test_each_stress_keeps_shape_dtype_range_and_order_and_is_deterministic(name):
+  x = np.concatenate([_digits(), _strokes()])
+  y = np.asarray(augment.stressed(x, name))
+  assert y.shape == x.shape and y.dtype == np.uint8
+  assert not np.array_equal(y, x)  # it changes the images
+  assert np.array_equal(np.asarray(augment.stressed(x, name)), y)  # the same every time
+  # In float32, the same values before rounding, within [0, 255].
+  f = np.asarray(augment.stressed(x.astype(np.float32), name))
+  assert f.dtype == np.float32 and f.min() >= 0.0 and f.max() <= 255.0
+  assert np.array_equal(np.round(f).astype(np.uint8), y)
+  # Each image is changed on its own: image i is still image i's digit, so labels still apply.
+  for i in range(len(x)):
+    alone = np.asarray(augment.stressed(x[i:i + 1].astype(np.float32), name))[0]
+    np.testing.assert_allclose(alone, f[i], atol=1e-3)
+  # A blank image stays blank.
+  assert not np.asarray(augment.stressed(_blank(2), name)).any()
+
+
+def test_dilation_adds_ink_and_erosion_removes_it():
+  x = _strokes()
+  ink = {name: _ink(augment.stressed(x, name)) for name in ('thin', 'thick', 'thicker')}
+  assert np.all(ink['thin'] < _ink(x)) and np.all(ink['thin'] > 0)
+  assert np.all(_ink(x) < ink['thick']) and np.all(ink['thick'] < ink['thicker'])
+  # 2 px strokes: 1 px thicker is 1.5 times the ink, thinner half of it (ends aside).
+  np.testing.assert_allclose(ink['thick'] / _ink(x), 1.5, atol=0.1)
+  np.testing.assert_allclose(ink['thin'] / _ink(x), 0.5, atol=0.1)
+  # thick grows down and right by one pixel; thicker by one pixel on every side (moved back,
+  # a centred 3x3 dilation): its ink box is the digit's, one pixel wider all round.
+  for i, image in enumerate(x):
+    box = _box(image)
+    assert _box(np.asarray(augment.stressed(x, 'thick'))[i]) == (box[0], box[1] + 1, box[2],
+                                                                 box[3] + 1)
+    assert _box(np.asarray(augment.stressed(x, 'thicker'))[i]) == (box[0] - 1, box[1] + 1,
+                                                                   box[2] - 1, box[3] + 1)
+
+
+def _box(image):
+  """(top, bottom, left, right) of an image's ink (pixels > 0)."""
+  ink = np.argwhere(np.asarray(image[..., 0]) > 0)
+  return (*(int(v) for v in (ink[:, 0].min(), ink[:, 0].max(), ink[:, 1].min(), ink[:, 1].max())),)
+
+
+def test_slant_and_rotation_tilt_an_upright_stroke_the_way_their_names_say():
+  one = _strokes()[2:]  # columns 13-14, rows 4-23
+  top, bottom = slice(4, 9), slice(19, 24)
+  tilt = lambda name: (_mean_column(np.asarray(augment.stressed(one, name))[0], top)
+                       - _mean_column(np.asarray(augment.stressed(one, name))[0], bottom))
+  assert _mean_column(one[0], top) == _mean_column(one[0], bottom) == 13.5
+  # Sheared 0.3: rows 15 apart end 4.5 px apart; the top to the right is italic.
+  assert tilt('slant_right') == pytest.approx(4.5, abs=1.0)
+  assert tilt('slant_left') == pytest.approx(-4.5, abs=1.0)
+  # Counter-clockwise as seen on screen (rows down): the top goes left. 20 degrees over the
+  # 15 rows between the bands' centres: 15 tan(20) = 5.5 px.
+  assert tilt('rotate_ccw') == pytest.approx(-5.5, abs=1.5)
+  assert tilt('rotate_cw') == pytest.approx(5.5, abs=1.5)
+
+
+def test_off_centre_moves_whole_pixels_toward_the_most_room():
+  x = _blank(4)
+  x[0, 12:16, 2:6] = 200      # near the left edge: 22 px of room on the right -> 6 right
+  x[1, 12:16, 19:23] = 200    # near the right edge: 19 px on the left -> 6 left
+  x[2, 5:23, 5:23] = 200      # 5 px of room on every side: the first side (right), 5 px
+  x[3, 3:25, 3:25] = 200      # 3 px of room everywhere: at least 4 px, so a column leaves
+  y = np.asarray(augment.stressed(x, 'off_centre'))
+  assert np.array_equal(y[0, :, 6:], x[0, :, :-6]) and not y[0, :, :6].any()
+  assert np.array_equal(y[1, :, :-6], x[1, :, 6:]) and not y[1, :, -6:].any()
+  assert np.array_equal(y[2, :, 5:], x[2, :, :-5]) and _ink(y[2:3]) == _ink(x[2:3])
+  assert np.array_equal(y[3, :, 4:], x[3, :, :-4])
+  assert _ink(y[3:4]) == _ink(x[3:4]) - 22 * 200  # the one column past the frame
+  # Wider than tall: the most room is above and below (13 px each; the tie goes down).
+  bar = _blank()
+  bar[0, 13:15, 6:22] = 255
+  assert np.array_equal(np.asarray(augment.stressed(bar, 'off_centre'))[0, 19:21], bar[0, 13:15])
+
+
+def test_small_and_large_shrink_and_grow_the_digit_about_the_centre():
+  x = _blank()
+  x[0, 6:22, 6:22] = 255  # a 16x16 square about the centre
+  width = lambda name: np.ptp(np.argwhere(np.asarray(augment.stressed(x, name))[0, ..., 0] > 127)
+                              [:, 1]) + 1
+  assert width('small') == 12 and width('large') in (19, 20)
+  # Bilinear sampling keeps the ink per area: scaled by s, the ink is s^2 times.
+  area = lambda name: _ink(augment.stressed(x.astype(np.float32), name)) / _ink(x)
+  assert area('small') == pytest.approx(0.75 ** 2, abs=0.01)
+  assert area('large') == pytest.approx(1.2 ** 2, abs=0.02)
+  np.testing.assert_allclose(_centre(np.asarray(augment.stressed(x, 'small'))[0]), 13.5, atol=0.1)
+
+
+def test_unknown_stress_names_are_refused_naming_the_known_ones():
+  with pytest.raises(KeyError, match='thicker'):
+    augment.stressed(_digits(2), 'bold')
+  assert modes.check_stresses(None) == modes.check_stresses('all') == list(augment.STRESSES)
+  assert modes.check_stresses(' thin, thick ') == ['thick', 'thin']  # STRESSES' order
+  for bad in ('thick,bold', ',', 'clean'):
+    with pytest.raises(UserError) as e:
+      modes.check_stresses(bad)
+    assert '\n' not in str(e.value) and 'off_centre' in str(e.value)
+  assert "'bold'" in _message(lambda: modes.check_stresses('thick,bold'))
+
+
+def _message(call) -> str:
+  with pytest.raises(UserError) as e:
+    call()
+  return str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The figures, and the table of several workdirs
+
+
+@pytest.fixture(scope='module')
+def runs(idx_dir, tfds_dir, tmp_path_factory):
+  """Two synthetic runs of one epoch (seeds 0 and 1), shared by the module."""
+  found = []
+  for seed in (0, 1):
+    config = small_config(idx_dir, tfds_dir, seed=seed)
+    workdir = str(tmp_path_factory.mktemp(f'robust_run{seed}'))
+    found.append((config, workdir, digitjax.train(config, workdir)))
+  return found
+
+
+def test_run_stress_reports_each_stress_beside_the_plain_test_figure(runs):
+  config, workdir, results = runs[0]
+  r = modes.run_stress(config, workdir, checkpoint='latest')
+  assert list(r['test_accuracy']) == [modes.CLEAN] + list(augment.STRESSES)
+  assert list(r['stresses']) == list(augment.STRESSES) and r['test_examples'] == 100
+  # 'clean' is the test figure the run reported, exactly.
+  assert r['test_accuracy']['clean'] == results['test_accuracy']
+  assert r['test_loss']['clean'] == results['test_loss']
+  assert all(0.0 <= a <= 1.0 for a in r['test_accuracy'].values())
+  assert all(np.isfinite(l) for l in r['test_loss'].values())
+  # The synthetic digits' label is where their blob is: moved 4 px, most are misread.
+  assert results['test_accuracy'] > 0.8
+  assert r['test_accuracy']['off_centre'] < results['test_accuracy'] - 0.3
+  assert r['test_loss']['off_centre'] > r['test_loss']['clean']
+  again = modes.run_stress(config, workdir, 'off_centre,thick', checkpoint='latest')
+  assert again['test_accuracy'] == {k: r['test_accuracy'][k] for k in ('clean', 'thick',
+                                                                      'off_centre')}
+
+
+def test_the_benchmark_compares_workdirs_in_one_table(runs, tmp_path, capsys):
+  (_, first, r0), (_, second, r1) = runs
+  out, picture = tmp_path / 'robustness.json', tmp_path / 'stresses.png'
+  assert robustness.main(['--workdir', first, second, '--checkpoint', 'latest', '--stress',
+                          'thin,off_centre', '--json', str(out), '--picture', str(picture)]) == 0
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('|')]
+  assert rows[0] == f'| stress | what | `{first}` | `{second}` |'
+  assert [row.split(' | ')[0] for row in rows[2:]] == [
+      '| clean', '| thin', '| off_centre', '| mean of the 2 stresses']
+  found = json.loads(out.read_text())
+  assert [f['workdir'] for f in found] == [first, second]
+  assert [f['test_accuracy']['clean'] for f in found] == [r0['test_accuracy'],
+                                                         r1['test_accuracy']]
+  assert rows[2].endswith(f'| {r0["test_accuracy"]:.4f} | {r1["test_accuracy"]:.4f} |')
+  mean = (found[1]['test_accuracy']['thin'] + found[1]['test_accuracy']['off_centre']) / 2
+  assert rows[-1].endswith(f'| **{mean:.4f}** |')
+  # The picture: 8 test images a row, as they are and under each of the 10 stresses.
+  from PIL import Image
+  with Image.open(picture) as image:
+    assert image.mode == 'L' and image.height > image.width
+
+
+def test_the_benchmark_refuses_bad_input_in_one_line(runs, tmp_path, capsys):
+  _, workdir, _ = runs[0]
+  unknown = robustness.main(['--workdir', workdir, '--stress', 'bold'])
+  assert unknown == 2
+  # A workdir that holds a run's results but no checkpoint, and one that holds nothing.
+  no_checkpoint = tmp_path / 'results_only'
+  no_checkpoint.mkdir()
+  shutil.copy(f'{workdir}/results.json', no_checkpoint / 'results.json')
+  assert robustness.main(['--workdir', str(no_checkpoint)]) == 2
+  assert robustness.main(['--workdir', str(tmp_path / 'empty')]) == 2
+  captured = capsys.readouterr()
+  lines = captured.err.strip().splitlines()
+  assert len(lines) == 3 and all(line.startswith('error: ') for line in lines), lines
+  assert "'bold' is unknown" in lines[0] and 'thicker' in lines[0]
+  assert 'no checkpoint' in lines[1] and 'holds no trained run' in lines[2]
+  assert '|' not in captured.out  # no table for bad input
