@@ -39,16 +39,20 @@ def parse(argv=None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
+def trained_config(workdir: str, data_dir: str | None):
+  """The config `workdir` was trained with, reading its data from `data_dir` if given."""
+  from digitjax import stored_config
+  config = stored_config.load(workdir)
+  if data_dir:
+    config.data.manual_dir = os.path.abspath(data_dir)
+  return config
+
+
 def measure(args) -> list[dict]:
   """run_stress of each workdir, with the config it was trained with."""
-  from digitjax import modes, stored_config
-  found = []
-  for workdir in args.workdir:
-    config = stored_config.load(workdir)
-    if args.data:
-      config.data.manual_dir = os.path.abspath(args.data)
-    found.append(modes.run_stress(config, workdir, args.stress, args.checkpoint, tta=args.tta))
-  return found
+  from digitjax import modes
+  return [modes.run_stress(trained_config(workdir, args.data), workdir, args.stress,
+                           args.checkpoint, tta=args.tta) for workdir in args.workdir]
 
 
 def table(found: list[dict]) -> str:
@@ -94,13 +98,11 @@ def draw(path: str, images, count: int = 8) -> None:
 
 def main(argv=None) -> int:
   args = parse(argv)
-  from digitjax import data, errors, stored_config
+  from digitjax import data, errors
   try:
     found = measure(args)
     if args.picture:
-      config = stored_config.load(args.workdir[0])
-      if args.data:
-        config.data.manual_dir = os.path.abspath(args.data)
+      config = trained_config(args.workdir[0], args.data)
       draw(args.picture, data.load_splits(config).test['image'])
   except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)

@@ -161,9 +161,7 @@ def view(images_BxHxWxC, view_):
   three (traced: one program for every view); integer shifts move pixels exactly (bilinear
   sampling at whole pixels)."""
   angle, dy, dx = view_
-  b = images_BxHxWxC.shape[0]
-  return affine(images_BxHxWxC, jnp.full((b,), jnp.deg2rad(angle), jnp.float32),
-                jnp.ones((b,), jnp.float32), jnp.tile(jnp.array([[dy, dx]], jnp.float32), (b, 1)))
+  return _affine_all(images_BxHxWxC, angle, shift=(dy, dx))
 
 
 # ---------------------------------------------------------------------------------------------
