@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import logging
 import os
+import tempfile
 import time
 import zlib
 
@@ -174,13 +175,31 @@ def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = 
 
   if dataset not in SUPPORTED_DATASETS:
     raise UserError(f'dataset={dataset!r} is not supported; use one of {SUPPORTED_DATASETS}')
-  builder = tfds.builder(dataset, data_dir=data_dir)
-  if builder.is_prepared():
-    return builder
-  with _preparing(str(builder.data_dir_root), dataset):
-    if not tfds.builder(dataset, data_dir=data_dir).is_prepared():  # another run may have
-      _prepare(builder, dataset, data_dir, manual_dir, verify_checksums)
-  return tfds.builder(dataset, data_dir=data_dir)
+  with _tfds_tempdir():
+    builder = tfds.builder(dataset, data_dir=data_dir)
+    if builder.is_prepared():
+      return builder
+    with _preparing(str(builder.data_dir_root), dataset):
+      if not tfds.builder(dataset, data_dir=data_dir).is_prepared():  # another run may have
+        _prepare(builder, dataset, data_dir, manual_dir, verify_checksums)
+    return tfds.builder(dataset, data_dir=data_dir)
+
+
+@contextlib.contextmanager
+def _tfds_tempdir():
+  """Points tempfile at a private folder, removed on exit, while tfds builders are made.
+
+  tfds makes an empty tempfile.mkdtemp('tfds') for every builder of a dataset it has not
+  prepared yet (DatasetInfo.initialize_from_bucket) and never removes it: without this, each
+  first run and each test that prepares data left one or more empty folders in /tmp.
+  """
+  previous = tempfile.tempdir
+  with tempfile.TemporaryDirectory(prefix='digitjax-tfds-') as private:
+    tempfile.tempdir = private
+    try:
+      yield
+    finally:
+      tempfile.tempdir = previous
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 import gzip
 import shutil
 import socket
+import tempfile
 
 import numpy as np
 import pytest
@@ -43,6 +44,18 @@ def test_fashion_mnist_name_prepares_too(tmp_path, no_network):
   builder = data.prepare('fashion_mnist', str(tmp_path / 'tfds'), str(src), False)
   assert (tmp_path / 'tfds' / 'fashion_mnist').is_dir()
   assert len(data.read_split(builder, 'test')['label']) == 20
+
+
+def test_preparation_leaves_no_stray_temp_folders(tmp_path, monkeypatch):
+  # tfds makes an empty mkdtemp('tfds') for each builder of an unprepared dataset; prepare
+  # gives it a private folder and removes it, so the system's temp folder is left as it was.
+  system_tmp = tmp_path / 'system_tmp'
+  system_tmp.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(system_tmp))
+  src = write_dataset(tmp_path / 'idx', n_train=40, n_test=20)
+  data.prepare('mnist', str(tmp_path / 'tfds'), str(src), verify_checksums=False)
+  assert sorted(p.name for p in system_tmp.iterdir()) == []
+  assert tempfile.gettempdir() == str(system_tmp)  # restored for everything else
 
 
 def _corrupt(src, name, how):
