@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import time
 import zlib
@@ -194,12 +195,17 @@ def _tfds_tempdir():
   first run and each test that prepares data left one or more empty folders in /tmp.
   """
   previous = tempfile.tempdir
-  with tempfile.TemporaryDirectory(prefix='digitjax-tfds-') as private:
-    tempfile.tempdir = private
-    try:
-      yield
-    finally:
-      tempfile.tempdir = previous
+  try:
+    private = tempfile.mkdtemp(prefix='digitjax-tfds-')
+  except OSError:  # no writable temp folder: tfds's own mkdtemp would fail or not be reached
+    yield
+    return
+  tempfile.tempdir = private
+  try:
+    yield
+  finally:
+    tempfile.tempdir = previous
+    shutil.rmtree(private, ignore_errors=True)
 
 
 @contextlib.contextmanager

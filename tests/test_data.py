@@ -56,6 +56,10 @@ def test_preparation_leaves_no_stray_temp_folders(tmp_path, monkeypatch):
   data.prepare('mnist', str(tmp_path / 'tfds'), str(src), verify_checksums=False)
   assert sorted(p.name for p in system_tmp.iterdir()) == []
   assert tempfile.gettempdir() == str(system_tmp)  # restored for everything else
+  # A temp folder that cannot be made is no reason to refuse a dataset that is prepared.
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'gone'))
+  builder = data.prepare('mnist', str(tmp_path / 'tfds'), str(src), verify_checksums=False)
+  assert builder.is_prepared() and not (tmp_path / 'gone').exists()
 
 
 def _corrupt(src, name, how):
