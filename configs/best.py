@@ -24,8 +24,8 @@ was used to choose).
       --config.data.manual_dir=../shared/data/mnist
   python launch.py --workdir=runs/best --mode=eval --checkpoint=latest --tta=5
 
-configs/best_ensemble.py trains seeds 0-5 of it and seeds 0-2 of it at 50 epochs in bfloat16 as
-one population and delivers their mean.
+configs/best_ensemble.py trains seeds 0-2 of it for 50 epochs in bfloat16 as one population and
+delivers their mean (chosen on validation: docs/results.md "Session 6").
 """
 from configs import augment
 
