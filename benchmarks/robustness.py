@@ -1,18 +1,20 @@
-"""Test accuracy of trained workdirs on synthetic shifts of distribution, side by side.
+"""Accuracy of trained workdirs on synthetic shifts of distribution, side by side.
 
   python benchmarks/robustness.py --workdir runs/default runs/augment
   python benchmarks/robustness.py --workdir runs/best --tta 5 --json robustness.json
   python benchmarks/robustness.py --workdir runs/default --stress thick,thin,off_centre
+  python benchmarks/robustness.py --workdir runs/a runs/b --split validation
 
 Each workdir's model (what it delivers, as --mode=eval uses it: --checkpoint best unless told,
-its EMA if it kept one, a population's selection) is evaluated on the 10,000 test images as they
-are ('clean') and under each stress of digitjax/augment.py's STRESSES (thicker and thinner
+its EMA if it kept one, a population's selection) is evaluated on the 10,000 test images (or
+--split validation's held-out images: robustness judged without the test split) as they are
+('clean') and under each stress of digitjax/augment.py's STRESSES (thicker and thinner
 strokes, slant, off-centre, rotation, smaller and larger): fixed transforms, no random numbers,
 so every run sees the same images. Prints a Markdown table, one row per stress and one column
 per workdir, then the mean over the stresses; --json writes every figure (accuracy and loss)
-to a file; --picture draws the first test images under each stress. Writes nothing into the
-workdirs. A problem a user can fix (a workdir without a checkpoint, an unknown stress) is one
-line `error: ...` on stderr and exit status 2.
+to a file; --picture draws the first images of the split under each stress. Writes nothing into
+the workdirs. A problem a user can fix (a workdir without a checkpoint, an unknown stress or
+split) is one line `error: ...` on stderr and exit status 2.
 """
 import argparse
 import json
@@ -29,13 +31,15 @@ def parse(argv=None) -> argparse.Namespace:
                       'each')
   parser.add_argument('--stress', default='all', help='all, or names separated by commas')
   parser.add_argument('--checkpoint', default='best', help="'best', 'latest' or a step")
+  parser.add_argument('--split', default='test', help="'test', or 'validation' to choose "
+                      "without looking at the test split")
   parser.add_argument('--tta', type=int, default=1, help='test-time augmentation views, as '
                       'launch.py --tta')
   parser.add_argument('--data', default=None, help="the MNIST IDX folder (default: each "
                       "workdir's config.data.manual_dir)")
   parser.add_argument('--json', default=None, help='write the figures here')
-  parser.add_argument('--picture', default=None, help='draw the first test images under each '
-                      'stress into this PNG')
+  parser.add_argument('--picture', default=None, help='draw the first images of the split '
+                      'under each stress into this PNG')
   return parser.parse_args(argv)
 
 
@@ -51,23 +55,25 @@ def trained_config(workdir: str, data_dir: str | None):
 def measure(args) -> list[dict]:
   """run_stress of each workdir, with the config it was trained with."""
   from digitjax import modes
-  return [modes.run_stress(trained_config(workdir, args.data), workdir, args.stress,
-                           args.checkpoint, tta=args.tta) for workdir in args.workdir]
+  request = modes.Request('eval', args.checkpoint, args.split, tta=args.tta)
+  return [modes.run_stress(trained_config(workdir, args.data), workdir, args.stress, request)
+          for workdir in args.workdir]
 
 
 def table(found: list[dict]) -> str:
   """One row per stress (clean first, the mean over the stresses last), one column per
-  workdir: test accuracy."""
+  workdir: accuracy on the split they were measured on."""
   from digitjax import modes
-  stresses = found[0]['stresses']
+  stresses, split = found[0]['stresses'], found[0]['split']
+  accuracy = f'{modes.SPLITS[split]}_accuracy'
   lines = ['| stress | what | ' + ' | '.join(f'`{r["workdir"]}`' for r in found) + ' |',
            '| --- | --- |' + ' --- |' * len(found)]
   for name in [modes.CLEAN] + list(stresses):
-    what = stresses.get(name, 'the test split as it is')
+    what = stresses.get(name, f'the {split} split as it is')
     lines.append(f'| {name} | {what} | ' + ' | '.join(
-        f'{r["test_accuracy"][name]:.4f}' for r in found) + ' |')
+        f'{r[accuracy][name]:.4f}' for r in found) + ' |')
   if stresses:
-    mean = lambda r: sum(r['test_accuracy'][n] for n in stresses) / len(stresses)
+    mean = lambda r: sum(r[accuracy][n] for n in stresses) / len(stresses)
     lines.append(f'| mean of the {len(stresses)} stresses | | ' + ' | '.join(
         f'**{mean(r):.4f}**' for r in found) + ' |')
   return '\n'.join(lines)
@@ -98,12 +104,13 @@ def draw(path: str, images, count: int = 8) -> None:
 
 def main(argv=None) -> int:
   args = parse(argv)
-  from digitjax import data, errors
+  from digitjax import data, errors, modes
   try:
     found = measure(args)
     if args.picture:
       config = trained_config(args.workdir[0], args.data)
-      draw(args.picture, data.load_splits(config).test['image'])
+      splits = data.load_splits(config)
+      draw(args.picture, getattr(splits, modes.SPLITS[args.split])['image'])
   except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     return 2

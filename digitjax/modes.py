@@ -1,5 +1,5 @@
 """The modes that put a trained workdir to use without training: eval, predict, report, export;
-and run_stress, the test figures under fixed shifts of distribution (benchmarks/robustness.py).
+and run_stress, a split's figures under fixed shifts of distribution (benchmarks/robustness.py).
 
 Each works on a single run, on one member of a population (`member`: its index or name), or on
 what a population delivers (its selection: the best member, or the mean probabilities of
@@ -135,20 +135,31 @@ class Restored:
 # eval
 
 
+def check_split(split: str) -> None:
+  if split not in SPLITS:
+    raise UserError(f'--split={split!r} is unknown: use one of {", ".join(SPLITS)}')
+
+
+def split_examples(goal: Target, split: str) -> tuple[str, dict]:
+  """SPLITS' prefix of `split` and its images and labels; an empty split is a UserError."""
+  prefix = SPLITS[split]
+  config = goal.members[0].config
+  examples = getattr(data.load_splits(config), prefix)
+  if not len(examples['label']):
+    raise UserError(f'the {split} split is empty (config.validation_fraction='
+                    f'{config.validation_fraction}); evaluate another --split')
+  return prefix, examples
+
+
 def run_eval(config, workdir: str, checkpoint: str = 'best', split: str = 'test',
              member: str | None = None, tta: int = 1) -> dict:
   """Evaluates a checkpoint on a split; prints the numbers and writes eval.json. `tta` > 1:
   each member's mean probabilities over that many views (inference.tta_views)."""
-  if split not in SPLITS:
-    raise UserError(f'--split={split!r} is unknown: use one of {", ".join(SPLITS)}')
+  check_split(split)
   inference.check_tta(tta)
   goal = target(config, workdir, member)
   restored = Restored(goal, checkpoint, 'eval')
-  prefix = SPLITS[split]
-  examples = getattr(data.load_splits(goal.members[0].config), prefix)
-  if not len(examples['label']):
-    raise UserError(f'the {split} split is empty (config.validation_fraction='
-                    f'{config.validation_fraction}); evaluate another --split')
+  prefix, examples = split_examples(goal, split)
   member_logits = restored.member_logits(examples['image'], tta)
   logits = inference.combine_logits(member_logits)
   metrics = inference.classification_metrics(logits, examples['label'])
@@ -177,10 +188,10 @@ def run_eval(config, workdir: str, checkpoint: str = 'best', split: str = 'test'
 
 
 # ---------------------------------------------------------------------------------------------
-# stress: the test split under fixed shifts of distribution (augment.STRESSES)
+# stress: a split under fixed shifts of distribution (augment.STRESSES)
 
 
-CLEAN = 'clean'  # the test split as it is, the reference of every stress
+CLEAN = 'clean'  # the split as it is, the reference of every stress
 
 
 def check_stresses(names: str | None) -> list[str]:
@@ -196,32 +207,40 @@ def check_stresses(names: str | None) -> list[str]:
   return [n for n in augment.STRESSES if n in given]
 
 
-def run_stress(config, workdir: str, stresses: str | None = None, checkpoint: str = 'best',
-               member: str | None = None, tta: int = 1) -> dict:
-  """Test accuracy and loss of what `workdir` delivers (or `member`), at `checkpoint`, on the
-  test split as it is (CLEAN) and under each stress (check_stresses' names), with `tta` views
-  as eval; the stressed images are uint8 like the split's. Prints one line a stress, writes
+def run_stress(config, workdir: str, stresses: str | None = None,
+               request: 'Request | None' = None) -> dict:
+  """Accuracy and loss of what `workdir` delivers (or the request's member), at its checkpoint
+  (default 'best'), on its split as it is (CLEAN) and under each stress (check_stresses'
+  names), with its views as eval; the stressed images are uint8 like the split's. The figures
+  are named as eval names them (test_accuracy, val_accuracy, ...). Stresses on the validation
+  split judge robustness without looking at the test split. Prints one line a stress, writes
   nothing."""
+  r = request or Request('eval')
+  checkpoint, split, tta = r.checkpoint or DEFAULT_CHECKPOINT['eval'], r.split, r.tta
+  check_split(split)
   names = check_stresses(stresses)
   inference.check_tta(tta)
-  goal = target(config, workdir, member)
+  goal = target(config, workdir, r.member)
   restored = Restored(goal, checkpoint, 'eval')
-  test = data.load_splits(goal.members[0].config).test
+  prefix, examples = split_examples(goal, split)
   accuracy, loss = {}, {}
   log(f'Checkpoint step {restored.step} ({checkpoint}){goal.what}'
       f'{f" with test-time augmentation ({tta} views)" if tta > 1 else ""}, '
-      f'{len(test["label"])} test images:')
+      f'{len(examples["label"])} {split} images:')
   for name in [CLEAN] + names:
-    images = test['image'] if name == CLEAN else np.asarray(augment.stressed(test['image'], name))
+    images = (examples['image'] if name == CLEAN
+              else np.asarray(augment.stressed(examples['image'], name)))
     metrics = inference.classification_metrics(
-        inference.combine_logits(restored.member_logits(images, tta)), test['label'])
+        inference.combine_logits(restored.member_logits(images, tta)), examples['label'])
     accuracy[name], loss[name] = metrics['accuracy'], metrics['loss']
-    log(f'  {name}: test_accuracy {metrics["accuracy"]:.4f} - test_loss {metrics["loss"]:.4f}')
-  return {'workdir': workdir, 'checkpoint': checkpoint, 'checkpoint_step': restored.step,
+    log(f'  {name}: {prefix}_accuracy {metrics["accuracy"]:.4f} - {prefix}_loss '
+        f'{metrics["loss"]:.4f}')
+  return {'workdir': workdir, 'split': split, 'checkpoint': checkpoint,
+          'checkpoint_step': restored.step,
           **({'members': [m.name for m in goal.members]} if goal.population else {}),
           **({'tta_views': inference.tta_views(tta)} if tta > 1 else {}),
-          'test_examples': len(test['label']), 'test_accuracy': accuracy, 'test_loss': loss,
-          'stresses': {n: augment.STRESSES[n].description for n in names}}
+          f'{prefix}_examples': len(examples['label']), f'{prefix}_accuracy': accuracy,
+          f'{prefix}_loss': loss, 'stresses': {n: augment.STRESSES[n].description for n in names}}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,11 +10,13 @@ import pytest
 
 import digitjax
 from conftest import ROOT, small_config, synthetic_digits
-from digitjax import augment, modes
+from digitjax import augment, data, modes
 from digitjax.errors import UserError
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 import robustness  # noqa: E402  (benchmarks/robustness.py)
+
+LATEST = modes.Request('eval', 'latest')
 
 
 def _digits(n=12):
@@ -180,7 +182,7 @@ def runs(idx_dir, tfds_dir, tmp_path_factory):
 
 def test_run_stress_reports_each_stress_beside_the_plain_test_figure(runs):
   config, workdir, results = runs[0]
-  r = modes.run_stress(config, workdir, checkpoint='latest')
+  r = modes.run_stress(config, workdir, request=LATEST)
   assert list(r['test_accuracy']) == [modes.CLEAN] + list(augment.STRESSES)
   assert list(r['stresses']) == list(augment.STRESSES) and r['test_examples'] == 100
   # 'clean' is the test figure the run reported, exactly.
@@ -192,9 +194,32 @@ def test_run_stress_reports_each_stress_beside_the_plain_test_figure(runs):
   assert results['test_accuracy'] > 0.8
   assert r['test_accuracy']['off_centre'] < results['test_accuracy'] - 0.3
   assert r['test_loss']['off_centre'] > r['test_loss']['clean']
-  again = modes.run_stress(config, workdir, 'off_centre,thick', checkpoint='latest')
+  again = modes.run_stress(config, workdir, 'off_centre,thick', LATEST)
   assert again['test_accuracy'] == {k: r['test_accuracy'][k] for k in ('clean', 'thick',
                                                                       'off_centre')}
+
+
+def test_run_stress_on_the_validation_split_never_reads_the_test_figures(runs, capsys):
+  config, workdir, results = runs[0]
+  r = modes.run_stress(config, workdir, 'thin,off_centre',
+                       modes.Request('eval', 'latest', 'validation'))
+  assert r['split'] == 'validation' and not any(k.startswith('test_') for k in r)
+  # 'clean' is the validation figure the run reported, on its held-out images.
+  assert r['val_accuracy']['clean'] == results['val_accuracy']
+  assert r['val_loss']['clean'] == results['val_loss']
+  assert r['val_examples'] == len(data.load_splits(config).val['label']) > 0
+  assert r['val_accuracy']['off_centre'] < r['val_accuracy']['clean']
+  assert "--split='val' is unknown" in _message(
+      lambda: modes.run_stress(config, workdir, request=modes.Request('eval', 'latest', 'val')))
+  # The benchmark's table names the split and shows the same figures.
+  assert robustness.main(['--workdir', workdir, '--checkpoint', 'latest', '--stress', 'thin',
+                          '--split', 'validation']) == 0
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('|')]
+  assert rows[2] == (f'| clean | the validation split as it is | '
+                     f'{r["val_accuracy"]["clean"]:.4f} |')
+  assert rows[3].endswith(f'| {r["val_accuracy"]["thin"]:.4f} |')
+  assert robustness.main(['--workdir', workdir, '--split', 'val']) == 2
+  assert "error: --split='val' is unknown" in capsys.readouterr().err
 
 
 def test_the_benchmark_compares_workdirs_in_one_table(runs, tmp_path, capsys):
