@@ -11,8 +11,9 @@ its EMA if it kept one, a population's selection) is evaluated on the 10,000 tes
 ('clean') and under each stress of digitjax/augment.py's STRESSES (thicker and thinner
 strokes, slant, off-centre, rotation, smaller and larger): fixed transforms, no random numbers,
 so every run sees the same images. Prints a Markdown table, one row per stress and one column
-per workdir, then the mean over the stresses; --json writes every figure (accuracy and loss)
-to a file; --picture draws the first images of the split under each stress. Writes nothing into
+per workdir, then the mean over the stresses and the score (clean + that mean) / 2; --json
+writes every figure (accuracy and loss) to a file; --picture draws the first images of the
+split under each stress. --member measures one member of each population. Writes nothing into
 the workdirs. A problem a user can fix (a workdir without a checkpoint, an unknown stress or
 split) is one line `error: ...` on stderr and exit status 2.
 """
@@ -33,6 +34,8 @@ def parse(argv=None) -> argparse.Namespace:
   parser.add_argument('--checkpoint', default='best', help="'best', 'latest' or a step")
   parser.add_argument('--split', default='test', help="'test', or 'validation' to choose "
                       "without looking at the test split")
+  parser.add_argument('--member', default=None, help="a population's member (index or name) "
+                      "instead of what it delivers, in every workdir")
   parser.add_argument('--tta', type=int, default=1, help='test-time augmentation views, as '
                       'launch.py --tta')
   parser.add_argument('--data', default=None, help="the MNIST IDX folder (default: each "
@@ -55,14 +58,15 @@ def trained_config(workdir: str, data_dir: str | None):
 def measure(args) -> list[dict]:
   """run_stress of each workdir, with the config it was trained with."""
   from digitjax import modes
-  request = modes.Request('eval', args.checkpoint, args.split, tta=args.tta)
+  request = modes.Request('eval', args.checkpoint, args.split, member=args.member, tta=args.tta)
   return [modes.run_stress(trained_config(workdir, args.data), workdir, args.stress, request)
           for workdir in args.workdir]
 
 
 def table(found: list[dict]) -> str:
-  """One row per stress (clean first, the mean over the stresses last), one column per
-  workdir: accuracy on the split they were measured on."""
+  """One row per stress (clean first), then the mean over the stresses and the score that
+  weighs both halves alike (docs/results.md "Session 7"), one column per workdir: accuracy on
+  the split they were measured on."""
   from digitjax import modes
   stresses, split = found[0]['stresses'], found[0]['split']
   accuracy = f'{modes.SPLITS[split]}_accuracy'
@@ -76,6 +80,8 @@ def table(found: list[dict]) -> str:
     mean = lambda r: sum(r[accuracy][n] for n in stresses) / len(stresses)
     lines.append(f'| mean of the {len(stresses)} stresses | | ' + ' | '.join(
         f'**{mean(r):.4f}**' for r in found) + ' |')
+    lines.append('| score | (clean + the mean of the stresses) / 2 | ' + ' | '.join(
+        f'{(r[accuracy][modes.CLEAN] + mean(r)) / 2:.4f}' for r in found) + ' |')
   return '\n'.join(lines)
 
 

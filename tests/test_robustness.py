@@ -220,6 +220,9 @@ def test_run_stress_on_the_validation_split_never_reads_the_test_figures(runs, c
   assert rows[3].endswith(f'| {r["val_accuracy"]["thin"]:.4f} |')
   assert robustness.main(['--workdir', workdir, '--split', 'val']) == 2
   assert "error: --split='val' is unknown" in capsys.readouterr().err
+  # --member names a population's member; this run has none.
+  assert robustness.main(['--workdir', workdir, '--member', '0']) == 2
+  assert 'has no members; leave --member out' in capsys.readouterr().err
 
 
 def test_the_benchmark_compares_workdirs_in_one_table(runs, tmp_path, capsys):
@@ -230,14 +233,15 @@ def test_the_benchmark_compares_workdirs_in_one_table(runs, tmp_path, capsys):
   rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('|')]
   assert rows[0] == f'| stress | what | `{first}` | `{second}` |'
   assert [row.split(' | ')[0] for row in rows[2:]] == [
-      '| clean', '| thin', '| off_centre', '| mean of the 2 stresses']
+      '| clean', '| thin', '| off_centre', '| mean of the 2 stresses', '| score']
   found = json.loads(out.read_text())
   assert [f['workdir'] for f in found] == [first, second]
   assert [f['test_accuracy']['clean'] for f in found] == [r0['test_accuracy'],
                                                          r1['test_accuracy']]
   assert rows[2].endswith(f'| {r0["test_accuracy"]:.4f} | {r1["test_accuracy"]:.4f} |')
   mean = (found[1]['test_accuracy']['thin'] + found[1]['test_accuracy']['off_centre']) / 2
-  assert rows[-1].endswith(f'| **{mean:.4f}** |')
+  assert rows[-2].endswith(f'| **{mean:.4f}** |')
+  assert rows[-1].endswith(f'| {(found[1]["test_accuracy"]["clean"] + mean) / 2:.4f} |')
   # The picture: 8 test images a row, as they are and under each of the 10 stresses.
   from PIL import Image
   with Image.open(picture) as image:
