@@ -41,4 +41,7 @@ def get_config():
   config.model.batch_norm = True
   config.model.dropout_rate = 0.2
   config.num_epochs = 25.0             # validation loss still falling at 15 (0.0122 -> 0.0103)
+  # Strokes thickened or thinned by one pixel, each with probability 0.25: chosen by session 7's
+  # rule, clean and stressed validation alike (score 0.9938 against 0.9928, seeds 0-2).
+  config.augment.stroke = 0.25
   return config
