@@ -8,7 +8,7 @@ and the ensemble's. The test split is read once, at the end.
 
 Chosen on validation only, by session 7's rule (docs/results.md): half clean validation
 accuracy, half the mean validation accuracy under the 10 stresses of benchmarks/robustness.py,
-among six candidates (session 5's six 25-epoch members, session 6's three 50-epoch bfloat16
+among five candidates (session 5's six 25-epoch members, session 6's three 50-epoch bfloat16
 members, those nine, the three stroke-change members, and these six), each plain and with 5
 views. These six with 5 views scored highest: 0.9946 (clean 0.9967, stresses 0.9925); the three
 50-epoch members that session 6 chose on clean validation alone scored 0.9937.
