@@ -1,8 +1,8 @@
 """Data parallelism across processes: jax.distributed + gloo on 127.0.0.1, real launch.py runs.
 
 One process per device is the multi-device layout tested here: several fake CPU devices in one
-process deadlock in XLA's in-process all-reduce with jax 0.10.2 (docs/distributed.md, "Running on many
-devices and hosts").
+process deadlock in XLA's in-process all-reduce with jax 0.10.2 (docs/distributed.md, "Running
+on many devices and hosts").
 """
 import json
 import os
@@ -111,7 +111,8 @@ def test_two_processes_train_like_one_for_560_steps(data, one_process, tmp_path,
   diff = max_diff(restored_params(idx_dir, tfds_dir, one_process, 560),
                   restored_params(idx_dir, tfds_dir, two, 560))
   print(f'max |params(1 process) - params(2 processes)| after 560 steps: {diff:.2e}')
-  assert diff < 1e-6  # 1.8e-7 measured (docs/distributed.md): the same mathematics, the sum split in two
+  # 1.8e-7 measured (docs/distributed.md): the same mathematics, the sum split in two
+  assert diff < 1e-6
   acc = [json.loads((w / 'results.json').read_text())['test_accuracy'] for w in (one_process, two)]
   assert round(acc[0], 3) == round(acc[1], 3)
 
