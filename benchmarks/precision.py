@@ -63,7 +63,7 @@ def make_runner(config, arrays, mesh):
     # Consecutive chunks of the epoch, from its start again when it ends.
     if (first[0] + chunk) * config.batch_size > TRAIN_IMAGES:
       first[0] = 0
-    out = feed._run(state, sums, feed.arrays, perm, np.int32(first[0]), np.int32(chunk), {})
+    out = feed._run(state, sums, feed.arrays, perm, (np.int32(first[0]), np.int32(chunk)), {})
     first[0] += chunk
     return jax.block_until_ready(out)
 

@@ -17,7 +17,6 @@ sharded over the mesh's 'members' axis.
 """
 from __future__ import annotations
 
-import functools
 import time
 
 import jax
@@ -77,7 +76,7 @@ class DeviceInput:
     apart = bool(members) and mesh.shape['members'] > 1
     sharding = (P(None, 'data') if apart else parallel.member_sharding(mesh, batch=True)
                 if members else parallel.batch_sharding(mesh))
-    program = functools.partial(scan_steps, step_fn, self.chunk, batch_size, sharding)
+    program = chunk_program(step_fn, self.chunk, batch_size, sharding)
     if apart:
       program = _members_apart(program, mesh)
     self._jitted = jax.jit(program, donate_argnums=(0, 1))
@@ -92,7 +91,7 @@ class DeviceInput:
     perm = jax.ShapeDtypeStruct(((self.members,) if self.members else ()) + (n,), jnp.int32,
                                 sharding=self.perm_sharding())
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(self.mesh))
-    return state, sums, self.arrays, perm, scalar, scalar, numbers
+    return state, sums, self.arrays, perm, (scalar, scalar), numbers
 
   def lower(self, state, sums, numbers):
     return self._jitted.lower(*self.abstract_args(state, sums, numbers))
@@ -108,7 +107,7 @@ class DeviceInput:
     step = first_step
     while step < end_step:
       n = min(self.chunk, end_step - step)
-      state, sums = self._run(state, sums, self.arrays, perm, np.int32(step), np.int32(n),
+      state, sums = self._run(state, sums, self.arrays, perm, (np.int32(step), np.int32(n)),
                               numbers)
       step += n
       yield state, sums, step
@@ -122,24 +121,30 @@ def _members_apart(program, mesh):
   step (benchmarks/tpu_compile.py)."""
   member = P('members')
   return jax.shard_map(program, mesh=mesh,
-                       in_specs=(member, member, P(), member, P(), P(), member),
+                       in_specs=(member, member, P(), member, P(), member),
                        out_specs=(member, member), axis_names=frozenset({'members'}),
                        check_vma=False)
 
 
-def scan_steps(step_fn, chunk, batch_size, sharding, state, sums, arrays, perm, first_step,
-               num_steps, numbers):
-  """Runs steps first_step .. first_step+num_steps-1 of an epoch; the rest of the chunk is skipped.
+def chunk_program(step_fn, chunk: int, batch_size: int, sharding):
+  """The program of one call: scan_steps(state, sums, arrays, perm, (first_step, num_steps),
+  numbers) runs steps first_step .. first_step+num_steps-1 of an epoch; the rest of the chunk
+  is skipped.
 
   A fixed chunk length with a skipped tail keeps one compiled program for every chunk of every
   epoch, and chunks always start at the same steps, so a resumed run repeats the same programs.
   """
-  def body(carry, i):
-    # The order runs along perm's last axis: a group's (K, N) perm gives (K, B) indices.
-    idx = lax.dynamic_slice_in_dim(perm, (first_step + i) * batch_size, batch_size, perm.ndim - 1)
-    batch = jax.lax.with_sharding_constraint({k: v[idx] for k, v in arrays.items()}, sharding)
-    carry = lax.cond(i < num_steps, lambda c: step_fn(*c, batch, numbers), lambda c: c, carry)
-    return carry, None
+  def scan_steps(state, sums, arrays, perm, span, numbers):
+    first_step, num_steps = span
 
-  (state, sums), _ = lax.scan(body, (state, sums), jnp.arange(chunk))
-  return state, sums
+    def body(carry, i):
+      # The order runs along perm's last axis: a group's (K, N) perm gives (K, B) indices.
+      idx = lax.dynamic_slice_in_dim(perm, (first_step + i) * batch_size, batch_size,
+                                     perm.ndim - 1)
+      batch = jax.lax.with_sharding_constraint({k: v[idx] for k, v in arrays.items()}, sharding)
+      carry = lax.cond(i < num_steps, lambda c: step_fn(*c, batch, numbers), lambda c: c, carry)
+      return carry, None
+
+    (state, sums), _ = lax.scan(body, (state, sums), jnp.arange(chunk))
+    return state, sums
+  return scan_steps

@@ -51,8 +51,6 @@ ALLOWED = {
     'model.im2col_conv': 'parameters',
     'model.winograd_conv': 'parameters',
     'model._im2col_covers': 'parameters',
-    # The jitted scan over a chunk of steps: its static arguments are its parameters.
-    'pipeline.scan_steps': 'parameters',
 }
 
 
