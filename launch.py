@@ -31,7 +31,8 @@ flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'report', 'expor
                   'export: write a TensorFlow SavedModel and an ONNX model.')
 flags.DEFINE_string('checkpoint', None, "eval/predict/report/export: 'best', 'latest' or a step "
                     "(default: best; report: latest, the state results.json describes).")
-flags.DEFINE_enum('split', 'test', ['train', 'validation', 'test'], 'eval: the split to evaluate.')
+flags.DEFINE_enum('split', 'test', ['train', 'validation', 'test', 'uci_digits'],
+                  'eval: the split to evaluate (uci_digits: 1,797 digits of other writers).')
 flags.DEFINE_string('inputs', None, 'predict: image files, folders of them, .npy/.npz arrays, '
                     'separated by commas (a path that exists as given is taken whole, commas '
                     'and all).')

@@ -4,11 +4,12 @@
   python benchmarks/robustness.py --workdir runs/best --tta 5 --json robustness.json
   python benchmarks/robustness.py --workdir runs/default --stress thick,thin,off_centre
   python benchmarks/robustness.py --workdir runs/a runs/b --split validation
+  python benchmarks/robustness.py --workdir runs/best --split uci_digits --stress thin --tta 5
 
 Each workdir's model (what it delivers, as --mode=eval uses it: --checkpoint best unless told,
 its EMA if it kept one, a population's selection) is evaluated on the 10,000 test images (or
---split validation's held-out images: robustness judged without the test split) as they are
-('clean') and under each stress of digitjax/augment.py's STRESSES (thicker and thinner
+--split validation's held-out images: robustness judged without the test split; or --split
+uci_digits: 1,797 digits of 13 writers who are not MNIST's, data.uci_digits) as they are ('clean') and under each stress of digitjax/augment.py's STRESSES (thicker and thinner
 strokes, slant, off-centre, rotation, smaller and larger): fixed transforms, no random numbers,
 so every run sees the same images. Prints a Markdown table, one row per stress and one column
 per workdir, then the mean over the stresses and the score (clean + that mean) / 2; --json
@@ -32,8 +33,8 @@ def parse(argv=None) -> argparse.Namespace:
                       'each')
   parser.add_argument('--stress', default='all', help='all, or names separated by commas')
   parser.add_argument('--checkpoint', default='best', help="'best', 'latest' or a step")
-  parser.add_argument('--split', default='test', help="'test', or 'validation' to choose "
-                      "without looking at the test split")
+  parser.add_argument('--split', default='test', help="'test'; 'validation' to choose "
+                      "without looking at the test split; 'uci_digits', other writers' digits")
   parser.add_argument('--member', default=None, help="a population's member (index or name) "
                       "instead of what it delivers, in every workdir")
   parser.add_argument('--tta', type=int, default=1, help='test-time augmentation views, as '
@@ -110,13 +111,12 @@ def draw(path: str, images, count: int = 8) -> None:
 
 def main(argv=None) -> int:
   args = parse(argv)
-  from digitjax import data, errors, modes
+  from digitjax import errors, modes
   try:
     found = measure(args)
     if args.picture:
       config = trained_config(args.workdir[0], args.data)
-      splits = data.load_splits(config)
-      draw(args.picture, getattr(splits, modes.SPLITS[args.split])['image'])
+      draw(args.picture, modes.split_arrays(config, args.split)['image'])
   except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     return 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import gzip
 import hashlib
 import logging
@@ -383,6 +384,37 @@ def first_images(manual_dir: str, splits: Splits, n: int = 9) -> dict[str, dict[
 
 # ---------------------------------------------------------------------------------------------
 # Example order
+
+
+# Digits by other writers than MNIST's: a witness of how a model reads someone else's hand.
+UCI_DIGITS = 'uci_digits'
+
+
+@functools.lru_cache(maxsize=1)
+def _uci_digits() -> tuple[np.ndarray, np.ndarray]:
+  try:
+    from sklearn.datasets import load_digits
+  except ImportError as e:
+    raise UserError(f'the {UCI_DIGITS} split is read from the copy scikit-learn installs with '
+                    f'itself ({e}): pip install scikit-learn') from None
+  from digitjax import images
+  found = load_digits()  # reads the package's own file: no download
+  pixels = np.stack([images.to_mnist(ink / 16.0) for ink in found.images])[..., None]
+  return pixels, found.target.astype(np.int32)
+
+
+def uci_digits(dataset: str) -> dict[str, np.ndarray]:
+  """1,797 handwritten digits of 13 writers who are not MNIST's: the test part of UCI's
+  Optical Recognition of Handwritten Digits (Alpaydin and Kaynak, 1998), as scikit-learn ships
+  it. Each is an 8x8 grid counting the ink (0-16) in 4x4 blocks of a 32x32 bitmap that NIST's
+  form software cut out; predict's own `images.to_mnist` brings it to MNIST form, as it would a
+  user's picture. Only a model of `dataset` 'mnist' reads digits; image (N,28,28,1) uint8 and
+  label (N,) int32, as read_split gives a split. A witness, never used to choose."""
+  if dataset != 'mnist':
+    raise UserError(f'the {UCI_DIGITS} split holds handwritten digits, and this run learned '
+                    f'{dataset}: evaluate --split=test or validation')
+  pixels, labels = _uci_digits()
+  return {'image': pixels.copy(), 'label': labels.copy()}
 
 
 def epoch_permutation(seed: int, epoch: int, n: int):

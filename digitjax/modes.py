@@ -30,7 +30,8 @@ from digitjax.members import Member, Outcome
 from digitjax.metrics import log
 
 # --split value -> the Splits field and the metric prefix results.json uses for it.
-SPLITS = {'train': 'train', 'validation': 'val', 'test': 'test'}
+# eval's --split -> the prefix of its figures; uci_digits: other writers' digits (data.uci_digits)
+SPLITS = {'train': 'train', 'validation': 'val', 'test': 'test', data.UCI_DIGITS: data.UCI_DIGITS}
 # report redraws what training drew at its end: the final state, which results.json describes.
 DEFAULT_CHECKPOINT = {'eval': 'best', 'predict': 'best', 'report': 'latest', 'export': 'best'}
 
@@ -140,11 +141,18 @@ def check_split(split: str) -> None:
     raise UserError(f'--split={split!r} is unknown: use one of {", ".join(SPLITS)}')
 
 
+def split_arrays(config, split: str) -> dict[str, np.ndarray]:
+  """The images and labels of eval's `split` for a model trained with `config`."""
+  check_split(split)
+  if split == data.UCI_DIGITS:
+    return data.uci_digits(config.dataset)
+  return getattr(data.load_splits(config), SPLITS[split])
+
+
 def split_examples(goal: Target, split: str) -> tuple[str, dict]:
   """SPLITS' prefix of `split` and its images and labels; an empty split is a UserError."""
-  prefix = SPLITS[split]
   config = goal.members[0].config
-  examples = getattr(data.load_splits(config), prefix)
+  prefix, examples = SPLITS[split], split_arrays(config, split)
   if not len(examples['label']):
     raise UserError(f'the {split} split is empty (config.validation_fraction='
                     f'{config.validation_fraction}); evaluate another --split')

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import digitjax
-from conftest import ROOT, small_config, synthetic_digits
+from conftest import ROOT, launch_args, small_config, synthetic_digits
 from digitjax import augment, data, modes
 from digitjax.errors import UserError
 
@@ -264,3 +264,79 @@ def test_the_benchmark_refuses_bad_input_in_one_line(runs, tmp_path, capsys):
   assert "'bold' is unknown" in lines[0] and 'thicker' in lines[0]
   assert 'no checkpoint' in lines[1] and 'holds no trained run' in lines[2]
   assert '|' not in captured.out  # no table for bad input
+
+
+# ---------------------------------------------------------------------------------------------
+# Other writers' digits: the uci_digits split (data.uci_digits)
+
+
+def test_uci_digits_are_other_writers_digits_in_mnist_form():
+  u = data.uci_digits('mnist')
+  x, y = u['image'], u['label']
+  assert x.shape == (1797, 28, 28, 1) and x.dtype == np.uint8 and y.dtype == np.int32
+  assert set(np.unique(y)) == set(range(10)) and np.bincount(y).min() >= 170
+  # MNIST form, as predict makes a user's picture: the ink fills a 20 px box on its longer side,
+  # peaks at full white, and its centre of mass is at (14, 14) to within the whole-pixel shift.
+  for image in x:
+    rows, cols = np.nonzero(image[..., 0])
+    assert max(np.ptp(rows), np.ptp(cols)) + 1 == 20 and image.max() == 255
+    assert np.all(np.abs(_centre(image) - 14.0) <= 0.51)
+  # The labels go with their images: 1s are the narrowest digits, 0s hold no ink in the middle.
+  wide = np.array([np.ptp(np.nonzero((i[..., 0] > 127).any(0))[0]) + 1 for i in x])
+  middle = x[:, 12:16, 12:16, 0].mean((1, 2))
+  means = lambda v: np.array([v[y == k].mean() for k in range(10)])
+  assert np.argmin(means(wide)) == 1 and np.argmin(means(middle)) == 0
+  assert means(middle)[0] < 0.5 * np.sort(means(middle))[1]
+  # Each call hands out its own arrays: a caller that writes into them changes no one else's.
+  x[:] = 0
+  assert np.array_equal(data.uci_digits('mnist')['label'], y)
+  assert data.uci_digits('mnist')['image'].max() == 255
+
+
+def test_uci_digits_refuse_a_model_of_other_things_and_say_what_they_need(monkeypatch):
+  message = _message(lambda: data.uci_digits('fashion_mnist'))
+  assert '\n' not in message and 'learned fashion_mnist' in message and '--split=test' in message
+  monkeypatch.setitem(sys.modules, 'sklearn.datasets', None)  # as if scikit-learn were absent
+  data._uci_digits.cache_clear()
+  try:
+    message = _message(lambda: data.uci_digits('mnist'))
+  finally:
+    data._uci_digits.cache_clear()
+  assert '\n' not in message and 'pip install scikit-learn' in message
+
+
+def test_eval_and_the_benchmark_read_other_writers_digits(runs, tmp_path, capsys):
+  config, workdir, results = runs[0]
+  r = modes.run_eval(config, workdir, 'latest', data.UCI_DIGITS)
+  assert r['split'] == 'uci_digits' and r['uci_digits_examples'] == 1797
+  assert not any(k.startswith(('test_', 'val_')) for k in r)
+  assert json.loads(open(f'{workdir}/eval.json').read())['uci_digits_accuracy'] == (
+      r['uci_digits_accuracy'])
+  # predict on the same images (an array in MNIST form) agrees with eval's figure.
+  u = data.uci_digits('mnist')
+  np.save(tmp_path / 'uci.npy', u['image'][..., 0])
+  assert modes.run_predict(config, workdir, [str(tmp_path / 'uci.npy')],
+                           str(tmp_path / 'p.csv'), 'latest') == 0
+  predicted = np.loadtxt(tmp_path / 'p.csv', delimiter=',', skiprows=1, usecols=1, dtype=int)
+  assert np.mean(predicted == u['label']) == pytest.approx(r['uci_digits_accuracy'], abs=1e-12)
+  # The synthetic run's digits are blobs, not strokes: it reads real digits no better than
+  # chance, far below its own test figure.
+  assert r['uci_digits_accuracy'] < 0.5 < results['test_accuracy']
+  capsys.readouterr()
+  picture = tmp_path / 'uci.png'
+  assert robustness.main(['--workdir', workdir, '--checkpoint', 'latest', '--stress', 'thin',
+                          '--split', 'uci_digits', '--picture', str(picture)]) == 0
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('|')]
+  assert rows[2] == f'| clean | the uci_digits split as it is | {r["uci_digits_accuracy"]:.4f} |'
+  assert picture.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_launch_evaluates_other_writers_digits(runs, processes):
+  config, workdir, _ = runs[1]
+  expected = modes.run_eval(config, workdir, 'latest', data.UCI_DIGITS)['uci_digits_accuracy']
+  done = processes.run(launch_args(f'--workdir={workdir}', '--mode=eval', '--checkpoint=latest',
+                                   '--split=uci_digits', '--config.plots=False'))
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert f'uci_digits_accuracy {expected:.4f}' in done.stdout + done.stderr
+  assert '(1797 images)' in done.stdout + done.stderr
