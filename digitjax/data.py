@@ -398,7 +398,11 @@ def _uci_digits() -> tuple[np.ndarray, np.ndarray]:
     raise UserError(f'the {UCI_DIGITS} split is read from the copy scikit-learn installs with '
                     f'itself ({e}): pip install scikit-learn') from None
   from digitjax import images
-  found = load_digits()  # reads the package's own file: no download
+  try:
+    found = load_digits()  # reads the package's own file: no download
+  except (OSError, EOFError, ValueError, zlib.error) as e:
+    raise UserError(f"scikit-learn's copy of the UCI digits cannot be read "
+                    f"({' '.join(str(e).split())[:120]}): reinstall scikit-learn") from None
   pixels = np.stack([images.to_mnist(ink / 16.0) for ink in found.images])[..., None]
   return pixels, found.target.astype(np.int32)
 

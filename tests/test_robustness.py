@@ -303,6 +303,26 @@ def test_uci_digits_refuse_a_model_of_other_things_and_say_what_they_need(monkey
   finally:
     data._uci_digits.cache_clear()
   assert '\n' not in message and 'pip install scikit-learn' in message
+  monkeypatch.undo()
+
+
+def test_damaged_uci_digits_are_one_line_that_says_reinstall(monkeypatch, tmp_path):
+  import gzip
+  import sklearn.datasets
+  damaged = tmp_path / 'digits.csv.gz'
+  rows = np.random.default_rng(0).integers(0, 17, (500, 65))
+  text = '\n'.join(','.join(map(str, row)) for row in rows).encode()
+  whole = gzip.compress(text)
+  damaged.write_bytes(whole[:len(whole) // 2])  # cut off mid-stream
+  def load_damaged():  # reads the damaged file as load_digits reads its own
+    return np.loadtxt(gzip.open(damaged), delimiter=',')
+  monkeypatch.setattr(sklearn.datasets, 'load_digits', load_damaged)
+  data._uci_digits.cache_clear()
+  try:
+    message = _message(lambda: data.uci_digits('mnist'))
+  finally:
+    data._uci_digits.cache_clear()
+  assert '\n' not in message and 'reinstall scikit-learn' in message
 
 
 def test_eval_and_the_benchmark_read_other_writers_digits(runs, tmp_path, capsys):
