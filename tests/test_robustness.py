@@ -297,13 +297,17 @@ def test_uci_digits_refuse_a_model_of_other_things_and_say_what_they_need(monkey
   message = _message(lambda: data.uci_digits('fashion_mnist'))
   assert '\n' not in message and 'learned fashion_mnist' in message and '--split=test' in message
   monkeypatch.setitem(sys.modules, 'sklearn.datasets', None)  # as if scikit-learn were absent
+  message = _uci_message()
+  assert '\n' not in message and 'pip install scikit-learn' in message
+
+
+def _uci_message() -> str:
+  """The UserError of reading the UCI digits afresh (not from the cache of an earlier read)."""
   data._uci_digits.cache_clear()
   try:
-    message = _message(lambda: data.uci_digits('mnist'))
+    return _message(lambda: data.uci_digits('mnist'))
   finally:
     data._uci_digits.cache_clear()
-  assert '\n' not in message and 'pip install scikit-learn' in message
-  monkeypatch.undo()
 
 
 def test_damaged_uci_digits_are_one_line_that_says_reinstall(monkeypatch, tmp_path):
@@ -317,11 +321,7 @@ def test_damaged_uci_digits_are_one_line_that_says_reinstall(monkeypatch, tmp_pa
   def load_damaged():  # reads the damaged file as load_digits reads its own
     return np.loadtxt(gzip.open(damaged), delimiter=',')
   monkeypatch.setattr(sklearn.datasets, 'load_digits', load_damaged)
-  data._uci_digits.cache_clear()
-  try:
-    message = _message(lambda: data.uci_digits('mnist'))
-  finally:
-    data._uci_digits.cache_clear()
+  message = _uci_message()
   assert '\n' not in message and 'reinstall scikit-learn' in message
 
 
