@@ -383,10 +383,9 @@ def first_images(manual_dir: str, splits: Splits, n: int = 9) -> dict[str, dict[
 
 
 # ---------------------------------------------------------------------------------------------
-# Example order
+# Other writers' digits: a witness of how a model reads someone else's hand
 
 
-# Digits by other writers than MNIST's: a witness of how a model reads someone else's hand.
 UCI_DIGITS = 'uci_digits'
 
 
@@ -419,6 +418,10 @@ def uci_digits(dataset: str) -> dict[str, np.ndarray]:
                     f'{dataset}: evaluate --split=test or validation')
   pixels, labels = _uci_digits()
   return {'image': pixels.copy(), 'label': labels.copy()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Example order
 
 
 def epoch_permutation(seed: int, epoch: int, n: int):

@@ -29,8 +29,8 @@ from digitjax.errors import UserError
 from digitjax.members import Member, Outcome
 from digitjax.metrics import log
 
-# --split value -> the Splits field and the metric prefix results.json uses for it.
-# eval's --split -> the prefix of its figures; uci_digits: other writers' digits (data.uci_digits)
+# --split value -> the Splits field and the metric prefix results.json uses for it; uci_digits:
+# other writers' digits (data.uci_digits), never part of a run's Splits.
 SPLITS = {'train': 'train', 'validation': 'val', 'test': 'test', data.UCI_DIGITS: data.UCI_DIGITS}
 # report redraws what training drew at its end: the final state, which results.json describes.
 DEFAULT_CHECKPOINT = {'eval': 'best', 'predict': 'best', 'report': 'latest', 'export': 'best'}
