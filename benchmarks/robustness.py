@@ -5,18 +5,22 @@
   python benchmarks/robustness.py --workdir runs/default --stress thick,thin,off_centre
   python benchmarks/robustness.py --workdir runs/a runs/b --split validation
   python benchmarks/robustness.py --workdir runs/best --split uci_digits --stress thin --tta 5
+  python benchmarks/robustness.py --workdir runs/a runs/b --combine --split validation --tta 5
 
 Each workdir's model (what it delivers, as --mode=eval uses it: --checkpoint best unless told,
 its EMA if it kept one, a population's selection) is evaluated on the 10,000 test images (or
 --split validation's held-out images: robustness judged without the test split; or --split
-uci_digits: 1,797 digits of 13 writers who are not MNIST's, data.uci_digits) as they are ('clean') and under each stress of digitjax/augment.py's STRESSES (thicker and thinner
-strokes, slant, off-centre, rotation, smaller and larger): fixed transforms, no random numbers,
-so every run sees the same images. Prints a Markdown table, one row per stress and one column
-per workdir, then the mean over the stresses and the score (clean + that mean) / 2; --json
-writes every figure (accuracy and loss) to a file; --picture draws the first images of the
-split under each stress. --member measures one member of each population. Writes nothing into
-the workdirs. A problem a user can fix (a workdir without a checkpoint, an unknown stress or
-split) is one line `error: ...` on stderr and exit status 2.
+uci_digits: 1,797 digits of 13 writers who are not MNIST's, data.uci_digits) as they are
+('clean') and under each stress of digitjax/augment.py's STRESSES (thicker and thinner strokes,
+slant, off-centre, rotation, smaller and larger): fixed transforms, no random numbers, so every
+run sees the same images. Prints a Markdown table, one row per stress and one column per
+workdir, then the mean over the stresses and the score (clean + that mean) / 2; --json writes
+every figure (accuracy and loss) to a file; --picture draws the first images of the split under
+each stress. --member measures one member of each population; --combine measures the members
+of every workdir as one ensemble, one column (docs/results.md "Session 7" chose among such
+ensembles). Writes nothing into the workdirs. A problem a user can fix (a workdir without a
+checkpoint, an unknown stress or split, workdirs of other holdouts combined) is one line
+`error: ...` on stderr and exit status 2.
 """
 import argparse
 import json
@@ -37,6 +41,8 @@ def parse(argv=None) -> argparse.Namespace:
                       "without looking at the test split; 'uci_digits', other writers' digits")
   parser.add_argument('--member', default=None, help="a population's member (index or name) "
                       "instead of what it delivers, in every workdir")
+  parser.add_argument('--combine', action='store_true', help="one column: every workdir's "
+                      "members as one ensemble (mean probabilities; they must share a holdout)")
   parser.add_argument('--tta', type=int, default=1, help='test-time augmentation views, as '
                       'launch.py --tta')
   parser.add_argument('--data', default=None, help="the MNIST IDX folder (default: each "
@@ -57,11 +63,15 @@ def trained_config(workdir: str, data_dir: str | None):
 
 
 def measure(args) -> list[dict]:
-  """run_stress of each workdir, with the config it was trained with."""
+  """run_stress of each workdir, with the config it was trained with; --combine: of all their
+  members as one ensemble."""
   from digitjax import modes
   request = modes.Request('eval', args.checkpoint, args.split, member=args.member, tta=args.tta)
-  return [modes.run_stress(trained_config(workdir, args.data), workdir, args.stress, request)
-          for workdir in args.workdir]
+  pairs = [(trained_config(workdir, args.data), workdir) for workdir in args.workdir]
+  if args.combine:
+    (config, workdir), *also = pairs
+    return [modes.run_stress(config, workdir, args.stress, request, tuple(also))]
+  return [modes.run_stress(config, workdir, args.stress, request) for config, workdir in pairs]
 
 
 def table(found: list[dict]) -> str:

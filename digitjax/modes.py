@@ -216,39 +216,61 @@ def check_stresses(names: str | None) -> list[str]:
 
 
 def run_stress(config, workdir: str, stresses: str | None = None,
-               request: 'Request | None' = None) -> dict:
+               request: 'Request | None' = None, also: tuple = ()) -> dict:
   """Accuracy and loss of what `workdir` delivers (or the request's member), at its checkpoint
   (default 'best'), on its split as it is (CLEAN) and under each stress (check_stresses'
   names), with its views as eval; the stressed images are uint8 like the split's. The figures
   are named as eval names them (test_accuracy, val_accuracy, ...). Stresses on the validation
-  split judge robustness without looking at the test split. Prints one line a stress, writes
-  nothing."""
+  split judge robustness without looking at the test split. `also`: more (config, workdir)
+  pairs whose members (what each delivers, or the request's member of each) join this one's
+  as one ensemble, their mean probabilities; all must hold out the same images of the split.
+  Prints one line a stress, writes nothing."""
   r = request or Request('eval')
   checkpoint, split, tta = r.checkpoint or DEFAULT_CHECKPOINT['eval'], r.split, r.tta
   check_split(split)
   names = check_stresses(stresses)
   inference.check_tta(tta)
-  goal = target(config, workdir, r.member)
-  restored = Restored(goal, checkpoint, 'eval')
-  prefix, examples = split_examples(goal, split)
+  workdirs = [workdir] + [w for _, w in also]
+  goals = [target(c, w, r.member) for c, w in [(config, workdir), *also]]
+  restored = [Restored(goal, checkpoint, 'eval') for goal in goals]
+  prefix, examples = _shared_examples(goals, workdirs, split)
   accuracy, loss = {}, {}
-  log(f'Checkpoint step {restored.step} ({checkpoint}){goal.what}'
+  steps = restored[0].step if len(goals) == 1 else [x.step for x in restored]
+  what = goals[0].what if len(goals) == 1 else (
+      f': {sum(len(g.members) for g in goals)} members of {len(goals)} workdirs as one ensemble')
+  log(f'Checkpoint step {steps} ({checkpoint}){what}'
       f'{f" with test-time augmentation ({tta} views)" if tta > 1 else ""}, '
       f'{len(examples["label"])} {split} images:')
   for name in [CLEAN] + names:
     images = (examples['image'] if name == CLEAN
               else np.asarray(augment.stressed(examples['image'], name)))
-    metrics = inference.classification_metrics(
-        inference.combine_logits(restored.member_logits(images, tta)), examples['label'])
+    logits = [one for x in restored for one in x.member_logits(images, tta)]
+    metrics = inference.classification_metrics(inference.combine_logits(logits),
+                                               examples['label'])
     accuracy[name], loss[name] = metrics['accuracy'], metrics['loss']
     log(f'  {name}: {prefix}_accuracy {metrics["accuracy"]:.4f} - {prefix}_loss '
         f'{metrics["loss"]:.4f}')
-  return {'workdir': workdir, 'split': split, 'checkpoint': checkpoint,
-          'checkpoint_step': restored.step,
-          **({'members': [m.name for m in goal.members]} if goal.population else {}),
+  members = [f'{w}:{m.name}' if len(goals) > 1 else m.name
+             for w, g in zip(workdirs, goals) for m in g.members]
+  return {'workdir': ' + '.join(workdirs), 'split': split, 'checkpoint': checkpoint,
+          'checkpoint_step': steps,
+          **({'members': members} if len(goals) > 1 or goals[0].population else {}),
           **({'tta_views': inference.tta_views(tta)} if tta > 1 else {}),
           f'{prefix}_examples': len(examples['label']), f'{prefix}_accuracy': accuracy,
           f'{prefix}_loss': loss, 'stresses': {n: augment.STRESSES[n].description for n in names}}
+
+
+def _shared_examples(goals: list[Target], workdirs: list[str], split: str) -> tuple[str, dict]:
+  """split_examples of the first goal, once every other goal is found to hold out the same
+  images with the same labels (an ensemble is measured on images none of its members saw)."""
+  prefix, examples = split_examples(goals[0], split)
+  for goal, workdir in zip(goals[1:], workdirs[1:]):
+    _, other = split_examples(goal, split)
+    if not all(np.array_equal(other[k], examples[k]) for k in ('label', 'image')):
+      raise UserError(f'{workdir} holds out other {split} images than {workdirs[0]} '
+                      f'(config.seed or data.split_seed differ), so they cannot be measured as '
+                      f'one ensemble; combine runs that share a holdout')
+  return prefix, examples
 
 
 # ---------------------------------------------------------------------------------------------

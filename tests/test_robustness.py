@@ -10,7 +10,7 @@ import pytest
 
 import digitjax
 from conftest import ROOT, launch_args, small_config, synthetic_digits
-from digitjax import augment, data, modes
+from digitjax import augment, data, inference, modes
 from digitjax.errors import UserError
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
@@ -360,3 +360,33 @@ def test_launch_evaluates_other_writers_digits(runs, processes):
   assert done.returncode == 0, done.stderr[-2000:]
   assert f'uci_digits_accuracy {expected:.4f}' in done.stdout + done.stderr
   assert '(1797 images)' in done.stdout + done.stderr
+
+
+def test_workdirs_combined_are_measured_as_one_ensemble_of_their_members(runs, capsys):
+  (c0, first, r0), (c1, second, r1) = runs
+  r = modes.run_stress(c0, first, 'thin', LATEST, also=((c1, second),))
+  assert r['workdir'] == f'{first} + {second}' and len(r['members']) == 2
+  assert r['members'][0].startswith(f'{first}:') and r['members'][1].startswith(f'{second}:')
+  # The mean probabilities of the two runs' members, as eval combines a population's.
+  test = data.load_splits(c0).test
+  logits = [one for c, w in ((c0, first), (c1, second))
+            for one in modes.Restored(modes.target(c, w), 'latest', 'eval').member_logits(
+                test['image'])]
+  expected = inference.classification_metrics(inference.combine_logits(logits), test['label'])
+  assert r['test_accuracy']['clean'] == expected['accuracy']
+  assert r['test_loss']['clean'] == pytest.approx(expected['loss'], rel=1e-6)
+  assert r['test_loss']['clean'] not in (r0['test_loss'], r1['test_loss'])
+  # A run combined with itself is that run.
+  alone = modes.run_stress(c0, first, 'thin', LATEST, also=((c0, first),))
+  assert alone['test_accuracy'] == modes.run_stress(c0, first, 'thin', LATEST)['test_accuracy']
+  # The benchmark: one column; runs of other holdouts refused on the validation split.
+  capsys.readouterr()
+  assert robustness.main(['--workdir', first, second, '--combine', '--checkpoint', 'latest',
+                          '--stress', 'thin']) == 0
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('|')]
+  assert rows[0] == f'| stress | what | `{first} + {second}` |'
+  assert rows[2].endswith(f'| {expected["accuracy"]:.4f} |')
+  assert robustness.main(['--workdir', first, second, '--combine', '--checkpoint', 'latest',
+                          '--split', 'validation']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'holds out other validation images' in err[0], err
