@@ -268,8 +268,8 @@ def _shared_examples(goals: list[Target], workdirs: list[str], split: str) -> tu
     _, other = split_examples(goal, split)
     if not all(np.array_equal(other[k], examples[k]) for k in ('label', 'image')):
       raise UserError(f'{workdir} holds out other {split} images than {workdirs[0]} '
-                      f'(config.seed or data.split_seed differ), so they cannot be measured as '
-                      f'one ensemble; combine runs that share a holdout')
+                      f'(their config.dataset, seed or data.split_seed differ), so they cannot be '
+                      f'measured as one ensemble; combine runs that share a holdout')
   return prefix, examples
 
 
