@@ -339,8 +339,8 @@ def test_eval_and_the_benchmark_read_other_writers_digits(runs, tmp_path, capsys
                            str(tmp_path / 'p.csv'), 'latest') == 0
   predicted = np.loadtxt(tmp_path / 'p.csv', delimiter=',', skiprows=1, usecols=1, dtype=int)
   assert np.mean(predicted == u['label']) == pytest.approx(r['uci_digits_accuracy'], abs=1e-12)
-  # The synthetic run's digits are blobs, not strokes: it reads real digits no better than
-  # chance, far below its own test figure.
+  # The synthetic run learned blobs, not strokes: real digits it reads far below its own test
+  # figure (a split mixed up with its test split would not be).
   assert r['uci_digits_accuracy'] < 0.5 < results['test_accuracy']
   capsys.readouterr()
   picture = tmp_path / 'uci.png'
