@@ -232,8 +232,8 @@ def run_stress(config, workdir: str, stresses: str | None = None,
   inference.check_tta(tta)
   workdirs = [workdir] + [w for _, w in also]
   goals = [target(c, w, r.member) for c, w in [(config, workdir), *also]]
+  prefix, examples = _shared_examples(goals, workdirs, split)  # refused before any restore
   restored = [Restored(goal, checkpoint, 'eval') for goal in goals]
-  prefix, examples = _shared_examples(goals, workdirs, split)
   accuracy, loss = {}, {}
   steps = restored[0].step if len(goals) == 1 else [x.step for x in restored]
   what = goals[0].what if len(goals) == 1 else (
