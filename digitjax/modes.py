@@ -230,8 +230,9 @@ def run_stress(config, workdir: str, stresses: str | None = None,
   check_split(split)
   names = check_stresses(stresses)
   inference.check_tta(tta)
-  workdirs = [workdir] + [w for _, w in also]
-  goals = [target(c, w, r.member) for c, w in [(config, workdir), *also]]
+  pairs = [(config, workdir), *also]
+  workdirs = [w for _, w in pairs]
+  goals = [target(c, w, r.member) for c, w in pairs]
   prefix, examples = _shared_examples(goals, workdirs, split)  # refused before any restore
   restored = [Restored(goal, checkpoint, 'eval') for goal in goals]
   accuracy, loss = {}, {}
