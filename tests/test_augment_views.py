@@ -116,8 +116,8 @@ def test_random_stroke_picks_per_image_and_zero_probability_is_the_identity():
 # In the step
 
 
-@pytest.mark.parametrize('field,value', [('augment.elastic_alpha', 34.0),
-                                         ('augment.stroke', 0.3)])
+@pytest.mark.parametrize('field,value', [  # elastic's own fast tests: shape, smoothness, key
+    pytest.param('augment.elastic_alpha', 34.0, marks=pytest.mark.slow), ('augment.stroke', 0.3)])
 def test_each_augmentation_keeps_labels_and_shapes_and_follows_the_key(config, field, value):
   state, spec, hp = steps.create(config, jax.random.key(0))
   configlib.set_field(config, field, value)

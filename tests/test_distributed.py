@@ -18,9 +18,7 @@ import pytest
 from conftest import ROOT, small_config, write_dataset
 from digitjax import checkpoint as ckpt_lib, inference, parallel
 
-# Under `pytest -n 2` these tests run one after another on one worker: each starts two
-# processes and a coordinator on a free port, and two at once would only compete.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('two_processes')]
+pytestmark = pytest.mark.slow
 TIMEOUT = 300
 
 

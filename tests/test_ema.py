@@ -253,7 +253,7 @@ def test_an_ema_config_on_a_checkpoint_without_one_is_named(idx_dir, tfds_dir, t
 # Populations
 
 
-@pytest.mark.parametrize('execution', ['map', 'vmap'])
+@pytest.mark.parametrize('execution', [pytest.param('map', marks=pytest.mark.slow), 'vmap'])
 def test_population_members_keep_their_own_ema(idx_dir, tfds_dir, tmp_path, execution):
   config = small_config(idx_dir, tfds_dir, num_epochs=5 / 22, ema_decay=0.9, grad_chunks=1,
                         **{'sweep.grid': 'learning_rate=0.02,0.01', 'sweep.execution': execution})

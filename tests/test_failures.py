@@ -505,6 +505,7 @@ def test_a_signal_at_every_phase_then_the_same_command_equals_a_clean_run(
       os.listdir(tmp_path / 'clean' / 'plots'))
 
 
+@pytest.mark.slow
 def test_signals_after_the_results_are_complete_end_in_the_normal_exit(idx_dir, tfds_dir,
                                                                        tmp_path, processes):
   # The last phase: the results are written, the interpreter and JAX's threads shut down. A

@@ -617,6 +617,7 @@ WILD = {**HALVING, 'search.ready_steps': 15,
         'search.space': 'learning_rate=loguniform(0.003,30);momentum=uniform(0.5,0.95)'}
 
 
+@pytest.mark.slow
 def test_a_diverged_trial_counts_the_same_after_a_resume(data, tmp_path):
   """A run resumed after a slot diverged ends as the uninterrupted run: its study (and the
   history optuna proposes from) holds the diverged trial in both, or in neither."""
