@@ -26,6 +26,22 @@ class _DropNotices(logging.Filter):
                 str(record.msg).startswith(_NOTICES))
 
 
+def tensorboardx():
+  """The tensorboardX package, imported without PyTorch. Where torch is installed, tensorboardX
+  imports it at once only to name torch.Tensor in its type hints (it converts a torch tensor
+  by its type's name, importing torch then): 2 s of every run's start-up and ~300 MB that
+  digitjax, which writes plain floats, never uses. A torch already imported stays as it is."""
+  hide = 'torch' not in sys.modules
+  if hide:
+    sys.modules['torch'] = None  # `import torch` raises ImportError while this holds
+  try:
+    import tensorboardX
+  finally:
+    if hide and 'torch' in sys.modules and sys.modules['torch'] is None:
+      del sys.modules['torch']
+  return tensorboardX
+
+
 def verbose() -> bool:
   """Whether the user asked for other libraries' messages (launch.py's -v 0 or more)."""
   from absl import logging as absl_logging
@@ -79,8 +95,7 @@ class MetricWriter:
       return
     self._log = workdir_lib.JsonLines(files.metrics, after_step)
     try:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(files.tensorboard, flush_secs=10)
+      self._tb = tensorboardx().SummaryWriter(files.tensorboard, flush_secs=10)
     except ImportError:  # optional: JSON lines still carry everything
       logging.warning('tensorboardX is not installed; TensorBoard files are not written')
 
@@ -151,12 +166,11 @@ HPARAMS_SUFFIX = '.hparams'  # the event files write_hparams writes (and replace
 def _hparams_writer(logdir: str):
   """A tensorboardX writer of one event file in exactly `logdir` (no timestamped subfolder),
   after removing the event files an earlier write_hparams left there."""
-  from tensorboardX import FileWriter
   os.makedirs(logdir, exist_ok=True)
   for name in os.listdir(logdir):
     if 'tfevents' in name and name.endswith(HPARAMS_SUFFIX):
       os.unlink(os.path.join(logdir, name))
-  return FileWriter(logdir, filename_suffix=HPARAMS_SUFFIX)
+  return tensorboardx().FileWriter(logdir, filename_suffix=HPARAMS_SUFFIX)
 
 
 def _finite_number(value) -> bool:
@@ -177,7 +191,7 @@ def write_hparams(root: str, space_fields: list[str], runs: list[dict],
   steps rewrites the rows instead of doubling them; other files are left alone. Names are
   used as given: one path component each (workdir.safe_name makes one).
   """
-  from tensorboardX import summary
+  summary = tensorboardx().summary
   names = [run['name'] for run in runs]
   bad = [n for n in names if not n or os.sep in n or n in ('.', '..')]
   if bad or len(set(names)) != len(names):

@@ -123,6 +123,37 @@ def test_a_metrics_file_replaced_by_a_link_is_reported_as_such_and_nothing_is_lo
   assert 'metrics.jsonl.damaged' in message[0] and 'cut off' not in message[0]
 
 
+def test_tensorboard_files_are_written_without_importing_torch(tmp_path):
+  # Where torch is installed, tensorboardX imports it at its own import (2 s of a run's
+  # start-up). A stand-in torch marks its import: digitjax's writers leave it unimported, and a
+  # user's `import torch` afterwards still gets it.
+  import subprocess
+  import sys
+  (tmp_path / 'site' / 'torch').mkdir(parents=True)
+  mark = tmp_path / 'torch-imported'
+  (tmp_path / 'site' / 'torch' / '__init__.py').write_text(
+      f'open({str(mark)!r}, "w").close()\nTensor = object\n')
+  code = f"""if True:
+    import os, sys
+    from digitjax import metrics, workdir
+    writer = metrics.MetricWriter(workdir.RunFiles.of({str(tmp_path / 'run')!r}), enabled=True)
+    writer.write(1, {{'epoch': 1, 'val_accuracy': 0.5}})
+    writer.close()
+    metrics.write_hparams({str(tmp_path / 'hp')!r}, ['learning_rate'],
+                          [{{'name': 'slot0', 'hparams': {{'learning_rate': 0.1}},
+                            'metrics': {{'val_accuracy': [(1, 0.5)]}}}}], ['val_accuracy'])
+    print('torch' in sys.modules, os.path.exists({str(mark)!r}))
+    import torch
+    print(os.path.exists({str(mark)!r}))"""
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(tmp_path / 'site'), str(ROOT)])}
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == ['False', 'False', 'True'], proc.stdout
+  assert any('tfevents' in name for name in os.listdir(tmp_path / 'run' / 'tensorboard'))
+  assert any('tfevents' in name for name in os.listdir(tmp_path / 'hp' / 'slot0'))
+
+
 def test_foreign_lines_are_kept_aside_and_a_torn_last_line_is_only_cut_off(tmp_path, caplog):
   from digitjax import workdir as workdir_lib
   path = tmp_path / 'metrics.jsonl'
