@@ -29,8 +29,9 @@ class _DropNotices(logging.Filter):
 def tensorboardx():
   """The tensorboardX package, imported without PyTorch. Where torch is installed, tensorboardX
   imports it at once only to name torch.Tensor in its type hints (it converts a torch tensor
-  by its type's name, importing torch then): 2 s of every run's start-up and ~300 MB that
-  digitjax, which writes plain floats, never uses. A torch already imported stays as it is."""
+  by its type's name, importing torch then): 2 s of every run's start-up and ~180 MB that
+  digitjax, which writes plain floats, never uses. A torch already imported stays as it is;
+  one imported later (by the user, or by tensorboardX for a torch tensor) is the real one."""
   hide = 'torch' not in sys.modules
   if hide:
     sys.modules['torch'] = None  # `import torch` raises ImportError while this holds
