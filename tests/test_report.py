@@ -123,11 +123,10 @@ def test_a_metrics_file_replaced_by_a_link_is_reported_as_such_and_nothing_is_lo
   assert 'metrics.jsonl.damaged' in message[0] and 'cut off' not in message[0]
 
 
-def test_tensorboard_files_are_written_without_importing_torch(tmp_path):
+def test_tensorboard_files_are_written_without_importing_torch(tmp_path, processes):
   # Where torch is installed, tensorboardX imports it at its own import (2 s of a run's
   # start-up). A stand-in torch marks its import: digitjax's writers leave it unimported, and a
   # user's `import torch` afterwards still gets it.
-  import subprocess
   import sys
   (tmp_path / 'site' / 'torch').mkdir(parents=True)
   mark = tmp_path / 'torch-imported'
@@ -146,8 +145,7 @@ def test_tensorboard_files_are_written_without_importing_torch(tmp_path):
     import torch
     print(os.path.exists({str(mark)!r}))"""
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(tmp_path / 'site'), str(ROOT)])}
-  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
-                        timeout=300)
+  proc = processes.run([sys.executable, '-c', code], env=env)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split() == ['False', 'False', 'True'], proc.stdout
   assert any('tfevents' in name for name in os.listdir(tmp_path / 'run' / 'tensorboard'))
